@@ -1,0 +1,293 @@
+"""Configuration: one TOML file, environment-variable overrides, validated at start-up.
+
+The file (example: ``deploy/pdm-edge.toml``) is read with :mod:`tomllib` and validated with
+pydantic models that forbid unknown keys and coerce nothing (strict mode), so a typo or a
+wrong type is caught at start-up as one :class:`~pdm_edge.errors.ConfigError` naming the key,
+never later as a traceback.
+
+Environment overrides: ``PDM_EDGE__SECTION__KEY=value`` sets ``[section] key``; the double
+underscore separates levels and names are case-insensitive (``PDM_EDGE__MQTT__BROKER=
+10.0.0.5:1883``). The value is read as a TOML value when it parses as one (``30``, ``true``,
+``"x"``) and as a plain string otherwise. Per-sensor tables, whose names contain ``/``, cannot be
+overridden this way. ``PDM_EDGE_CONFIG`` names the file when ``--config`` is not given.
+
+Per-sensor settings live in ``[sensors."site/machine/sensor"]`` tables: kind (vibration or
+acoustic), sample rate (Hz), unit, window and hop (s).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pdm_edge.errors import ConfigError
+from pdm_edge.types import SensorKind, Unit
+
+ENV_PREFIX = "PDM_EDGE__"
+ENV_CONFIG_PATH = "PDM_EDGE_CONFIG"
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+"""Site, machine, sensor and appliance names: the characters allowed in a topic level."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def parse_host_port(value: str, default_port: int = 1883) -> tuple[str, int]:
+    """Split ``"host:port"`` (or ``"host"``, or ``"[v6addr]:port"``) into its parts.
+
+    Raises:
+        ValueError: for an empty host or a port outside 1..65535.
+    """
+    value = value.strip()
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif value.count(":") == 1:
+        host, port_s = value.split(":")
+    else:
+        host, port_s = value, ""
+    if not host:
+        raise ValueError(f"no host in {value!r}; expected HOST:PORT")
+    try:
+        port = int(port_s) if port_s else default_port
+    except ValueError:
+        raise ValueError(f"port in {value!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 1..65535")
+    return host, port
+
+
+class MqttConfig(_Strict):
+    """How pdm-edge reaches the MQTT broker."""
+
+    broker: str
+    """``HOST:PORT`` of the broker (required)."""
+    protocol: Literal["5", "3.1.1"] = "5"
+    """MQTT protocol version. The embedded demo broker speaks 3.1.1 only."""
+    username: str | None = None
+    password: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    """CA bundle for TLS; the system trust store when unset. Verification is always on."""
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0)
+    """How long the broker keeps the appliance's persistent session (queued QoS 1 chunks)
+    while it is offline (MQTT 5; on 3.1.1 the broker's own setting applies)."""
+    reconnect_min_s: float = Field(1.0, gt=0)
+    reconnect_max_s: float = Field(60.0, gt=0)
+    qos: Literal[0, 1] = 1
+    """QoS of the waveform subscription."""
+
+    @field_validator("broker")
+    @classmethod
+    def _broker(cls, v: str) -> str:
+        parse_host_port(v)
+        return v
+
+    @property
+    def host(self) -> str:
+        return parse_host_port(self.broker)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_host_port(self.broker)[1]
+
+
+class DefaultSensorConfig(_Strict):
+    """Window settings for streams accepted without their own ``[sensors]`` table."""
+
+    window_s: float = Field(1.0, gt=0)
+    hop_s: float = Field(0.5, gt=0)
+
+
+class IngestConfig(_Strict):
+    """Limits and policies of the ingestion stage."""
+
+    queue_size: int = Field(2000, ge=1)
+    """Bounded queue of decoded chunks between the MQTT callback and the windowing worker."""
+    window_queue_size: int = Field(2000, ge=1)
+    """Bounded queue of windows handed to the next stage."""
+    enqueue_timeout_s: float = Field(5.0, gt=0)
+    """How long the MQTT callback waits on a full chunk queue (back-pressure to the broker)
+    before the chunk is dead-lettered as ``queue_full``. Keep it below ``keepalive_s``."""
+    max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_samples_per_chunk: int = Field(1_048_576, ge=1)
+    max_time_jitter_s: float = Field(0.002, ge=0)
+    """A chunk whose timestamp differs from the one implied by the previous chunk and the sample
+    rate by more than this (or by more than one sample period, whichever is larger) is a gap."""
+    unknown_streams: Literal["reject", "accept"] = "reject"
+    """``reject``: chunks of a stream without a ``[sensors]`` table are dead-lettered as
+    ``unknown_stream``. ``accept`` (commissioning): they are windowed with ``[ingest.default_sensor]``
+    at the sample rate the chunk declares; a later change of that rate resets the stream."""
+    default_sensor: DefaultSensorConfig = Field(default_factory=DefaultSensorConfig)
+    max_streams: int = Field(1024, ge=1)
+    """Most streams accepted without configuration (bounds memory against topic floods)."""
+    deadletter: bool = True
+    """Publish rejected payloads to ``pdm/v1/_deadletter/{reason}`` (they are counted either way)."""
+
+
+class SensorConfig(_Strict):
+    """One sensor stream: ``[sensors."site/machine/sensor"]``."""
+
+    kind: SensorKind
+    sample_rate_hz: float = Field(gt=0, le=1_000_000)
+    unit: Unit
+    window_s: float = Field(1.0, gt=0, le=60)
+    hop_s: float = Field(0.5, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _whole_samples(self) -> SensorConfig:
+        for name in ("window_s", "hop_s"):
+            n = getattr(self, name) * self.sample_rate_hz
+            if abs(n - round(n)) > 1e-6 * max(1.0, n) or round(n) < 1:
+                raise ValueError(f"{name} * sample_rate_hz = {n:g} is not a whole number of samples")
+        return self
+
+    @property
+    def window_samples(self) -> int:
+        return round(self.window_s * self.sample_rate_hz)
+
+    @property
+    def hop_samples(self) -> int:
+        return round(self.hop_s * self.sample_rate_hz)
+
+    @property
+    def rate(self) -> Fraction:
+        """The sample rate as an exact fraction (Hz), for exact timestamp arithmetic."""
+        return Fraction(self.sample_rate_hz)
+
+
+class AppConfig(_Strict):
+    """The whole appliance configuration (the TOML file's top level)."""
+
+    appliance_id: str = "pdm-edge"
+    """Names the appliance: MQTT client ids and ``pdm/v1/_appliance/{id}/status``."""
+    site: str = "site"
+    """Default site for the command-line publishers."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    mqtt: MqttConfig
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    sensors: dict[str, SensorConfig] = Field(default_factory=dict)
+
+    @field_validator("appliance_id", "site")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} must match [A-Za-z0-9_-]+")
+        return v
+
+    @field_validator("sensors")
+    @classmethod
+    def _stream_keys(cls, v: dict[str, SensorConfig]) -> dict[str, SensorConfig]:
+        for key in v:
+            parts = key.split("/")
+            if len(parts) != 3 or not all(NAME_RE.match(p) for p in parts):
+                raise ValueError(f"sensor key {key!r} must be \"site/machine/sensor\" with names [A-Za-z0-9_-]+")
+        return v
+
+    def sensor(self, site: str, machine: str, sensor: str) -> SensorConfig | None:
+        """The configured settings of one stream, or ``None`` when it has no table."""
+        return self.sensors.get(f"{site}/{machine}/{sensor}")
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for name, raw in environ.items():
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(path), f"cannot override inside non-table key (from ${name})")
+            node = child
+        node[path[-1]] = _parse_env_value(raw)
+    return data
+
+
+def _format_errors(err: ValidationError) -> ConfigError:
+    first = None
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and e["type"].endswith("_type"):
+                msg += f" (got {type(e['input']).__name__} {e['input']!r})"
+        lines.append(f"{key}: {msg}")
+        if first is None:
+            first = (key, msg)
+    assert first is not None
+    extra = f" (and {len(lines) - 1} more: {'; '.join(lines[1:])})" if len(lines) > 1 else ""
+    return ConfigError(first[0], first[1] + extra)
+
+
+def config_from_dict(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AppConfig:
+    """Validate a configuration mapping (as parsed from TOML), after environment overrides.
+
+    Args:
+        data: the parsed TOML document.
+        environ: environment to read ``PDM_EDGE__*`` overrides from (``os.environ`` if None).
+
+    Raises:
+        ConfigError: naming the first offending key (unknown key, wrong type, missing broker).
+    """
+    merged = _apply_env(_deep_copy(data), os.environ if environ is None else environ)
+    try:
+        return AppConfig.model_validate(merged)
+    except ValidationError as err:
+        raise _format_errors(err) from None
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> AppConfig:
+    """Read, override and validate the configuration file.
+
+    Args:
+        path: the TOML file; when None, ``$PDM_EDGE_CONFIG``; when that is unset too, the
+            configuration is built from environment overrides alone.
+        environ: environment for overrides (``os.environ`` if None).
+
+    Raises:
+        ConfigError: unreadable file (key ``""``), TOML syntax error, or invalid content.
+    """
+    env = os.environ if environ is None else environ
+    if path is None:
+        path = env.get(ENV_CONFIG_PATH) or None
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            with p.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError("", f"configuration file not found: {p}") from None
+        except OSError as exc:
+            raise ConfigError("", f"cannot read configuration file {p}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("", f"{p} is not valid TOML: {exc}") from None
+    return config_from_dict(data, env)

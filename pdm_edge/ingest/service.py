@@ -1,0 +1,373 @@
+"""The ingestion stage: MQTT subscription -> decode/validate -> ring buffer per stream -> windows.
+
+Threads and queues (DESIGN.md section 1)::
+
+    paho network thread                    windowing worker                  next stage
+    on_message: decode + validate  --->  [chunk queue, bounded]  --->  StreamWindower.push
+                 | rejected                                                   |
+                 v                                                            v
+    pdm/v1/_deadletter/{reason}                                   [window queue, bounded]
+
+- The paho callback only decodes, validates and enqueues. When the chunk queue is full it
+  waits up to ``ingest.enqueue_timeout_s`` (while it waits paho does not acknowledge the QoS 1
+  message, so the broker holds back: back-pressure), then dead-letters the chunk as
+  ``queue_full``. When the window queue is full the worker waits, which fills the chunk queue:
+  the slowest stage sets the pace and nothing is dropped silently.
+- Every rejected payload is counted per reason and, unless ``ingest.deadletter = false``,
+  published to ``pdm/v1/_deadletter/{reason}`` (QoS 1) with the reason and its first bytes.
+- The client keeps a persistent session (see :mod:`pdm_edge.mqtt`): subscriptions are
+  renewed on every (re)connect and QoS 1 chunks queued by the broker while the appliance was
+  away are delivered when it returns. Redelivered duplicates are dropped by sequence number,
+  so each published chunk is windowed exactly once.
+- ``pdm/v1/_appliance/{id}/status`` is ``online`` (retained) while connected; the broker
+  publishes the retained last will ``offline`` when the appliance disappears, and a clean
+  stop publishes it itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from pdm_edge import mqtt as mqtt_util
+from pdm_edge.config import AppConfig
+from pdm_edge.errors import PayloadError
+from pdm_edge.ingest.chunk import (
+    DEADLETTER_TOPIC,
+    WAVEFORM_TOPIC_FILTER,
+    Chunk,
+    deadletter_payload,
+    decode_chunk,
+)
+from pdm_edge.ingest.windowing import EVENTS, StreamSettings, StreamWindower
+from pdm_edge.types import STANDARD_GRAVITY_M_S2, Window
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+_UNIT_FACTORS = {("m/s2", "g"): 1.0 / STANDARD_GRAVITY_M_S2, ("g", "m/s2"): STANDARD_GRAVITY_M_S2}
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamStats:
+    """Counters of one stream since the ingestor started."""
+
+    chunks: int
+    samples: int
+    windows: int
+    last_chunk_ns: int | None
+    """Timestamp of the newest sample received (ns), ``None`` before the first chunk."""
+    events: Mapping[str, int]
+    """Counts of ``duplicate``, ``gap_seq``, ``gap_time``, ``restart``, ``rate_change``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestStats:
+    """A consistent snapshot of the ingestion counters (for the CLI, health view, metrics)."""
+
+    received: int
+    """MQTT messages seen on the waveform topics."""
+    accepted: int
+    """Chunks that passed validation and entered the chunk queue."""
+    windowed: int
+    """Chunks the windowing worker has finished with (their windows are in the window queue)."""
+    windows: int
+    deadletters: Mapping[str, int]
+    events: Mapping[str, int]
+    streams: Mapping[str, StreamStats]
+    chunk_queue_depth: int
+    chunk_queue_high_water: int
+    window_queue_depth: int
+    connected: bool
+    connects: int
+    disconnects: int
+
+    @property
+    def deadlettered(self) -> int:
+        return sum(self.deadletters.values())
+
+
+def _infer_kind(unit: str) -> str:
+    return "acoustic" if unit in ("Pa", "FS") else "vibration"
+
+
+class Ingestor:
+    """The ingestion stage as a running service.
+
+    Usage::
+
+        ing = Ingestor(config)
+        ing.start()
+        ing.wait_ready(10)          # subscribed
+        window = ing.windows.get()  # pdm_edge.types.Window
+        ing.stop()
+
+    Args:
+        config: the validated appliance configuration.
+        windows: the output queue of :class:`~pdm_edge.types.Window`; a bounded queue of
+            ``ingest.window_queue_size`` is created when None.
+        client_id: MQTT client id; ``"{appliance_id}-ingest"`` by default. It must stay the same
+            across restarts for the persistent session to survive them.
+    """
+
+    def __init__(self, config: AppConfig, windows: queue.Queue[Window] | None = None, client_id: str | None = None) -> None:
+        self.config = config
+        self.icfg = config.ingest
+        self.windows: queue.Queue[Window] = windows if windows is not None else queue.Queue(self.icfg.window_queue_size)
+        self.client_id = client_id or f"{config.appliance_id}-ingest"
+        self.status_topic = mqtt_util.APPLIANCE_STATUS_TOPIC.format(id=config.appliance_id)
+        self._chunks: queue.Queue[Any] = queue.Queue(self.icfg.queue_size)
+        self._windowers: dict[str, StreamWindower] = {}  # owned by the worker thread
+        self._unconfigured: set[str] = set()  # owned by the MQTT thread
+        self._lock = threading.Lock()
+        self._received = 0
+        self._accepted = 0
+        self._windowed = 0
+        self._n_windows = 0
+        self._deadletters: collections.Counter[str] = collections.Counter()
+        self._events: collections.Counter[str] = collections.Counter()
+        self._streams: dict[str, dict[str, Any]] = {}
+        self._high_water = 0
+        self._connects = 0
+        self._disconnects = 0
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._abort = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the windowing worker and begin connecting (in the background, with retries)."""
+        if self._client is not None:
+            raise RuntimeError("Ingestor already started")
+        self._worker = threading.Thread(target=self._work, name="ingest-window", daemon=True)
+        self._worker.start()
+        client = mqtt_util.make_client(self.config.mqtt, self.client_id, persistent=True)
+        client.will_set(self.status_topic, "offline", qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._client = client
+        mqtt_util.connect(client, self.config.mqtt, persistent=True)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until connected and subscribed; ``False`` on timeout."""
+        return self._subscribed.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop cleanly: publish ``offline``, disconnect, window every chunk already queued.
+
+        Windows still go to :attr:`windows`; if nobody takes them within ``timeout`` seconds
+        the rest are dropped (and logged) so that stopping cannot hang.
+        """
+        client, self._client = self._client, None
+        if client is not None:
+            if self._connected.is_set():
+                info = client.publish(self.status_topic, "offline", qos=1, retain=True)
+                try:
+                    info.wait_for_publish(timeout=2.0)
+                except (RuntimeError, ValueError):
+                    pass
+            client.disconnect()
+            client.loop_stop()
+        if self._worker is not None:
+            self._chunks.put(_STOP)
+            self._worker.join(timeout)
+            if self._worker.is_alive():
+                log.warning("window queue still full after %.1f s; dropping the rest", timeout)
+                self._abort.set()
+                self._worker.join(2.0)
+            self._worker = None
+
+    def __enter__(self) -> Ingestor:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- MQTT callbacks (paho network thread: decode and enqueue only) ---------------------
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s refused the connection: %s", self.config.mqtt.broker, reason_code)
+            return
+        with self._lock:
+            self._connects += 1
+        self._connected.set()
+        log.info("connected to %s (session present: %s)", self.config.mqtt.broker, getattr(flags, "session_present", None))
+        client.subscribe(WAVEFORM_TOPIC_FILTER, qos=self.config.mqtt.qos)
+        client.publish(self.status_topic, "online", qos=1, retain=True)
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("subscription to %s refused: %s", WAVEFORM_TOPIC_FILTER, reason_codes)
+            return
+        self._subscribed.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._connected.clear()
+        self._subscribed.clear()
+        with self._lock:
+            self._disconnects += 1
+        if self._client is not None:
+            log.warning("disconnected from %s (%s); reconnecting with back-off", self.config.mqtt.broker, reason_code)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self._received += 1
+        payload = msg.payload
+        try:
+            chunk = self._validate(decode_chunk(
+                msg.topic, payload,
+                max_payload_bytes=self.icfg.max_payload_bytes,
+                max_samples=self.icfg.max_samples_per_chunk,
+            ))
+        except PayloadError as err:
+            self._deadletter(client, msg.topic, payload, err)
+            return
+        except Exception as exc:  # a bug must not stop ingestion: count it and keep going
+            log.exception("unexpected error decoding a payload on %s", msg.topic)
+            self._deadletter(client, msg.topic, payload, PayloadError("internal_error", repr(exc)[:200]))
+            return
+        try:
+            self._chunks.put(chunk, timeout=self.icfg.enqueue_timeout_s)
+        except queue.Full:
+            self._deadletter(client, msg.topic, payload, PayloadError(
+                "queue_full", f"chunk queue full for {self.icfg.enqueue_timeout_s} s"))
+            return
+        with self._lock:
+            self._accepted += 1
+            depth = self._chunks.qsize()
+            if depth > self._high_water:
+                self._high_water = depth
+
+    def _validate(self, chunk: Chunk) -> Chunk:
+        """Checks that need the configuration: known stream, sample rate, unit."""
+        sc = self.config.sensor(chunk.site, chunk.machine, chunk.sensor)
+        if sc is None:
+            if self.icfg.unknown_streams == "reject":
+                raise PayloadError("unknown_stream", f"no [sensors.\"{chunk.stream}\"] table in the configuration")
+            if chunk.stream not in self._unconfigured:
+                if len(self._unconfigured) >= self.icfg.max_streams:
+                    raise PayloadError("stream_limit", f"already {len(self._unconfigured)} unconfigured streams (ingest.max_streams)")
+                self._unconfigured.add(chunk.stream)
+            return chunk
+        if chunk.sample_rate_hz != sc.sample_rate_hz:
+            raise PayloadError("sample_rate_mismatch", f"fs {chunk.sample_rate_hz:g} Hz, configured {sc.sample_rate_hz:g} Hz")
+        if chunk.unit != sc.unit:
+            factor = _UNIT_FACTORS.get((chunk.unit, sc.unit))
+            if factor is None:
+                raise PayloadError("unit_mismatch", f"unit {chunk.unit!r}, configured {sc.unit!r}")
+            chunk = dataclasses.replace(chunk, unit=sc.unit, samples=(chunk.samples * np.float32(factor)).astype(np.float32))
+        return chunk
+
+    def _deadletter(self, client: mqtt.Client, topic: str, payload: bytes, err: PayloadError) -> None:
+        with self._lock:
+            self._deadletters[err.reason] += 1
+            n = self._deadletters[err.reason]
+        if n <= 10 or n % 1000 == 0:
+            log.warning("dead-letter #%d %s on %s: %s", n, err.reason, topic[:200], err.detail)
+        if self.icfg.deadletter:
+            client.publish(DEADLETTER_TOPIC.format(reason=err.reason), deadletter_payload(topic, payload, err), qos=1)
+
+    # -- windowing worker ------------------------------------------------------------------
+    def _settings_for(self, chunk: Chunk) -> StreamSettings:
+        sc = self.config.sensor(chunk.site, chunk.machine, chunk.sensor)
+        if sc is not None:
+            return StreamSettings(sc.kind, sc.sample_rate_hz, sc.unit, sc.window_samples, sc.hop_samples, self.icfg.max_time_jitter_s)
+        d = self.icfg.default_sensor
+        return StreamSettings(
+            _infer_kind(chunk.unit),  # type: ignore[arg-type]
+            chunk.sample_rate_hz,
+            chunk.unit,
+            max(1, round(d.window_s * chunk.sample_rate_hz)),
+            max(1, round(d.hop_s * chunk.sample_rate_hz)),
+            self.icfg.max_time_jitter_s,
+        )
+
+    def _work(self) -> None:
+        while True:
+            item = self._chunks.get()
+            if item is _STOP:
+                return
+            chunk: Chunk = item
+            windower = self._windowers.get(chunk.stream)
+            if windower is None:
+                windower = StreamWindower(chunk.site, chunk.machine, chunk.sensor, self._settings_for(chunk))
+                self._windowers[chunk.stream] = windower
+            try:
+                result = windower.push(chunk)
+            except Exception:  # never let one stream's bug stop the others
+                log.exception("windowing failed for %s; resetting the stream", chunk.stream)
+                self._windowers.pop(chunk.stream, None)
+                continue
+            with self._lock:
+                st = self._streams.setdefault(chunk.stream, {"chunks": 0, "samples": 0, "windows": 0, "last": None, "events": collections.Counter()})
+                if result.event is not None:
+                    self._events[result.event] += 1
+                    st["events"][result.event] += 1
+                if result.event != "duplicate":
+                    st["chunks"] += 1
+                    st["samples"] += chunk.samples.size
+                    st["last"] = windower.end_ns
+                st["windows"] += len(result.windows)
+            if result.event is not None:
+                log.info("%s: %s at seq %d", chunk.stream, result.event, chunk.seq)
+            for w in result.windows:
+                self._emit(w)
+            with self._lock:
+                self._windowed += 1
+
+    def _emit(self, window: Window) -> None:
+        while not self._abort.is_set():
+            try:
+                self.windows.put(window, timeout=0.5)
+            except queue.Full:
+                continue
+            with self._lock:
+                self._n_windows += 1
+            return
+
+    # -- observation -----------------------------------------------------------------------
+    def stats(self) -> IngestStats:
+        """A consistent snapshot of every counter."""
+        with self._lock:
+            return IngestStats(
+                received=self._received,
+                accepted=self._accepted,
+                windowed=self._windowed,
+                windows=self._n_windows,
+                deadletters=dict(self._deadletters),
+                events={e: self._events.get(e, 0) for e in EVENTS},
+                streams={
+                    k: StreamStats(v["chunks"], v["samples"], v["windows"], v["last"], dict(v["events"]))
+                    for k, v in self._streams.items()
+                },
+                chunk_queue_depth=self._chunks.qsize(),
+                chunk_queue_high_water=self._high_water,
+                window_queue_depth=self.windows.qsize(),
+                connected=self._connected.is_set(),
+                connects=self._connects,
+                disconnects=self._disconnects,
+            )
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until every accepted chunk has been windowed and emitted (for tests, tools)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._windowed >= self._accepted and self._chunks.qsize() == 0:
+                    return True
+            time.sleep(0.01)
+        return False
