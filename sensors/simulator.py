@@ -269,7 +269,32 @@ def _power_gain(b: np.ndarray, a: np.ndarray, n: int) -> float:
     return float(np.sum(h * h))
 
 
-class VibrationSimulator:
+class _StreamClock:
+    """What both simulators share: the sample counter and the fault's severity over time."""
+
+    sample_rate_hz: float
+    fault: FaultSpec | AcousticFaultSpec | None
+    _n: int
+
+    @property
+    def n_generated(self) -> int:
+        """Number of samples generated so far."""
+        return self._n
+
+    @property
+    def t_s(self) -> float:
+        """Time in seconds of the next sample to be generated (= seconds generated so far)."""
+        return self._n / self.sample_rate_hz
+
+    def severity_at(self, t_s: float | np.ndarray) -> float | np.ndarray:
+        """Fault amplitude at time(s) ``t_s`` (s): impact amplitude in g for vibration, Pa for
+        acoustic; 0 everywhere without a fault."""
+        if self.fault is None:
+            return _scalar_or_array(np.zeros(np.shape(t_s)), t_s)
+        return self.fault.severity_at(t_s)
+
+
+class VibrationSimulator(_StreamClock):
     """Synthetic bearing-housing accelerometer: shaft harmonics, a resonance, noise, a bearing fault.
 
     See the module docstring for the model (McFadden & Smith 1984; Randall & Antoni 2011).
@@ -395,22 +420,6 @@ class VibrationSimulator:
         f = self.defect_frequencies
         return {"outer": f.bpfo_hz, "inner": f.bpfi_hz, "ball": 2.0 * f.bsf_hz}[self.fault.kind]
 
-    @property
-    def n_generated(self) -> int:
-        """Number of samples generated so far."""
-        return self._n
-
-    @property
-    def t_s(self) -> float:
-        """Time in seconds of the next sample to be generated (= seconds generated so far)."""
-        return self._n / self.sample_rate_hz
-
-    def severity_at(self, t_s: float | np.ndarray) -> float | np.ndarray:
-        """Fault impact amplitude in g at time(s) ``t_s`` (s); 0 everywhere for a healthy bearing."""
-        if self.fault is None:
-            return _scalar_or_array(np.zeros(np.shape(t_s)), t_s)
-        return self.fault.severity_at(t_s)
-
     def _load_zone(self, t_s: np.ndarray) -> np.ndarray:
         """Amplitude modulation of the impacts by the load zone (Stribeck), in [0, 1]."""
         assert self.fault is not None
@@ -474,7 +483,7 @@ class VibrationSimulator:
         }
 
 
-class AcousticSimulator:
+class AcousticSimulator(_StreamClock):
     """Synthetic microphone near a fan or pump: blade-pass tones, broadband noise, a fault.
 
     See the module docstring for the model.
@@ -566,22 +575,6 @@ class AcousticSimulator:
     def blade_pass_hz(self) -> float:
         """Blade-pass frequency ``blade_count * rotation_hz`` in Hz."""
         return self.blade_count * self.rotation_hz
-
-    @property
-    def n_generated(self) -> int:
-        """Number of samples generated so far."""
-        return self._n
-
-    @property
-    def t_s(self) -> float:
-        """Time in seconds of the next sample to be generated (= seconds generated so far)."""
-        return self._n / self.sample_rate_hz
-
-    def severity_at(self, t_s: float | np.ndarray) -> float | np.ndarray:
-        """Fault amplitude in Pa at time(s) ``t_s`` (s); 0 everywhere without a fault."""
-        if self.fault is None:
-            return _scalar_or_array(np.zeros(np.shape(t_s)), t_s)
-        return self.fault.severity_at(t_s)
 
     def generate(self, n_samples: int) -> np.ndarray:
         """Generate the next ``n_samples`` samples of sound pressure.
