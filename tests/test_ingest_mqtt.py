@@ -328,3 +328,31 @@ def test_appliance_status_online_offline_and_last_will(mosquitto, tmp_path):
     finally:
         proc.kill()
         status.close()
+
+
+def test_unexpected_decode_error_is_deadlettered_and_ingestion_continues(mosquitto, monkeypatch):
+    """A bug in decoding cannot be produced by a payload, so a patched decoder (a mock, standing in
+    for that bug) raises on one payload; the chunk is dead-lettered as internal_error and the
+    stream goes on."""
+    import pdm_edge.ingest.service as service
+
+    real = service.decode_chunk
+
+    def buggy(topic, payload, **kw):
+        if b'"seq":1,' in payload:
+            raise ZeroDivisionError("simulated bug")
+        return real(topic, payload, **kw)
+
+    monkeypatch.setattr(service, "decode_chunk", buggy)
+    cfg = _config(mosquitto.address)
+    x = np.arange(2560 * 3, dtype=np.float32)
+    with Ingestor(cfg) as ing:
+        assert ing.wait_ready(10)
+        with ChunkPublisher(cfg.mqtt, "p", "m", "acc", sample_rate_hz=FS, unit="g") as pub:
+            publish_timed(pub, iter_chunks([(T0, x)], FS, 0.1), speed=float("inf"))
+        wins = _drain(ing, 2)
+        assert _wait_until(lambda: ing.stats().received == 3)
+        st = ing.stats()
+    assert st.deadletters == {"internal_error": 1}
+    assert [w.index for w in wins] == [0, 0]  # seq 1 missing: a gap, the stream restarted at seq 2
+    assert st.events["gap_seq"] == 1
