@@ -77,6 +77,8 @@ MAX_PUBLISHER_PROCS = 4
 DRAIN_LIMIT_S = 2.0
 LATE_LIMIT_S = 0.05  # publisher p99 lateness beyond this: the load generator fell behind
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+N_CPUS = os.cpu_count() or 1
+OTHER_LOAD_WARN_PCT = 10.0  # other processes using more than this % of the machine distort a trial
 
 log = logging.getLogger("ingest_throughput")
 
@@ -224,6 +226,8 @@ class CpuProbe:
         busy = b["machine"][0] - a["machine"][0]
         total = b["machine"][1] - a["machine"][1]
         out["machine"] = 100.0 * busy / total if total else float("nan")
+        ours = out.get("self", 0.0) + sum(v for k, v in out.items() if k.startswith("proc:") and not math.isnan(v))
+        out["other"] = max(0.0, out["machine"] - ours / N_CPUS)  # % of all cores used by anything else
         return out
 
 
@@ -350,6 +354,14 @@ def _thirds(samples: list[float]) -> tuple[float, float]:
     return float(np.mean(samples[:k])), float(np.mean(samples[-k:]))
 
 
+def _check_alive(broker: Any, procs: list[Any]) -> None:
+    if broker.proc is None or broker.proc.poll() is not None:
+        raise RuntimeError("mosquitto exited during the trial")
+    dead = [p for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+    if dead:
+        raise RuntimeError(f"publisher process {dead[0].pid} exited with {dead[0].exitcode}")
+
+
 def run_trial(n: int, duration_s: float, mosquitto_cls: Any, ctx: Any, procs_override: int | None) -> dict[str, Any]:
     from pdm_edge.ingest.service import Ingestor
 
@@ -399,10 +411,12 @@ def run_trial(n: int, duration_s: float, mosquitto_cls: Any, ctx: Any, procs_ove
             n_ready = 0
             while n_ready < len(procs):
                 try:
-                    msg = ready_q.get(timeout=max(0.1, deadline - time.monotonic()))
+                    ready_q.get(timeout=0.5)
+                    n_ready += 1
                 except queue.Empty:
-                    raise RuntimeError("publisher processes did not connect in time") from None
-                n_ready += 1
+                    _check_alive(broker, procs)
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("publisher processes did not connect in time") from None
             try:
                 err = results_q.get_nowait()  # a publisher that failed before 'ready'
                 raise RuntimeError(f"publisher failed: {err}")
@@ -429,6 +443,7 @@ def run_trial(n: int, duration_s: float, mosquitto_cls: Any, ctx: Any, procs_ove
                 if now >= t_end:
                     break
                 if now >= next_sample:
+                    _check_alive(broker, procs)
                     st = ing.stats()
                     pub = sum(c.value for c in counters)
                     depth.append(st.chunk_queue_depth)
@@ -438,12 +453,15 @@ def run_trial(n: int, duration_s: float, mosquitto_cls: Any, ctx: Any, procs_ove
             cpu1 = probe.snap()
             st_end = ing.stats()
 
-            results = []
-            for _ in procs:
+            results: list[dict[str, Any]] = []
+            deadline = time.monotonic() + 30
+            while len(results) < len(procs):
                 try:
-                    results.append(results_q.get(timeout=30))
+                    results.append(results_q.get(timeout=0.5))
                 except queue.Empty:
-                    raise RuntimeError("a publisher process did not report") from None
+                    _check_alive(broker, procs)
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("a publisher process did not report") from None
             errors = [r["error"] for r in results if "error" in r]
             if errors:
                 raise RuntimeError(f"publisher failed: {errors[0]}")
@@ -518,6 +536,7 @@ def run_trial(n: int, duration_s: float, mosquitto_cls: Any, ctx: Any, procs_ove
                 "cpu_broker_pct": cpu["proc:broker"],
                 "cpu_publishers_pct": cpu["proc:publishers"],
                 "cpu_machine_pct": cpu["machine"],
+                "cpu_other_pct": cpu["other"],
                 "publisher_late_p99_ms": late_p99,
                 "publisher_cpu_us_per_chunk": sum(r["cpu_s"] for r in results) / max(1, published) * 1e6,
                 "sustained": not reasons,
@@ -527,7 +546,7 @@ def run_trial(n: int, duration_s: float, mosquitto_cls: Any, ctx: Any, procs_ove
             stop_evt.set()
             start_evt.set()
             for p in procs:
-                p.join(15)
+                p.join(5)
             for p in procs:
                 if p.is_alive():
                     p.terminate()
@@ -590,7 +609,9 @@ def search(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_us_per_chunk": best["cpu_us_per_chunk"],
             "channels_per_core_extrapolated": best["channels"] / share if share > 0 else None,
             "machine_cpu_pct": best["cpu_machine_pct"],
+            "other_load_pct": best["cpu_other_pct"],
         }
+    out["trials_with_other_load"] = [r["channels"] for r in trials if (r.get("cpu_other_pct") or 0) > OTHER_LOAD_WARN_PCT]
     return out
 
 
@@ -655,6 +676,8 @@ def print_report(doc: dict[str, Any]) -> None:
               f"{r['mean_us']:>9.1f} {r['mb_per_s']:>8.1f} {r['per_s']:>9.0f}")
     print("   (MB/s: payload bytes per median decode; for push, float32 sample bytes per mean push - a 1 s window "
           "is copied every 5th chunk)")
+    if doc["part1_other_load_pct"] > OTHER_LOAD_WARN_PCT:
+        print(f"   WARNING: other programs used {doc['part1_other_load_pct']:.0f}% of the machine during part 1.")
     c = doc["ceiling"]
     print(f"   decode float32 0.1 s + push = {c['us_per_chunk']:.1f} µs per chunk -> at most "
           f"{c['channels_per_core']:.0f} channels per core before any MQTT cost")
@@ -666,7 +689,7 @@ def print_report(doc: dict[str, Any]) -> None:
     print("   " + doc["load_note"])
     hdr = (f"   {'N':>5} {'offered/s':>9} {'windowed/s':>10} {'qdepth 1st->last':>17} {'q hi':>5} "
            f"{'backlog 1st->last':>18} {'drain s':>7} {'lat p50/p99 ms':>15} {'ingest%':>7} {'mqtt%':>6} "
-           f"{'worker%':>7} {'µs/chunk':>8} {'broker%':>7} {'pubs%':>6} {'machine%':>8}  result")
+           f"{'worker%':>7} {'µs/chunk':>8} {'broker%':>7} {'pubs%':>6} {'machine%':>8} {'other%':>6}  result")
     print(hdr)
     for r in s["trials"]:
         res = "sustained" if r["sustained"] else "NO: " + "; ".join(r["reasons"])
@@ -675,11 +698,11 @@ def print_report(doc: dict[str, Any]) -> None:
         print(f"   {r['channels']:>5} {_f(r['offered_per_s'], '.0f'):>9} {_f(r['windowed_per_s'], '.0f'):>10} "
               f"{_f(r['queue_depth_first_third']):>8}->{_f(r['queue_depth_last_third']):<8} {r['queue_high_water']:>5} "
               f"{_f(r['backlog_first_third']):>9}->{_f(r['backlog_last_third']):<8} {_f(r['drain_s'], '.2f'):>7} "
-              f"{_f(r['latency_p50_ms'], '.0f'):>7}/{_f(r['latency_p99_ms'], '.0f'):<7} "
+              f"{_f(r['latency_p50_ms']):>7}/{_f(r['latency_p99_ms']):<7} "
               f"{_f(r['cpu_ingest_process_pct']):>7} {_f(r['cpu_mqtt_thread_pct']):>6} "
               f"{_f(r['cpu_worker_thread_pct']):>7} {_f(r['cpu_us_per_chunk'], '.0f'):>8} "
-              f"{_f(r['cpu_broker_pct']):>7} {_f(r['cpu_publishers_pct']):>6} {_f(r['cpu_machine_pct']):>8}  {res}")
-    print("   (CPU % = of one core over the publishing interval; machine% = of all cores; latency = window end "
+              f"{_f(r['cpu_broker_pct']):>7} {_f(r['cpu_publishers_pct']):>6} {_f(r['cpu_machine_pct']):>8} {_f(r['cpu_other_pct']):>6}  {res}")
+    print("   (CPU % = of one core over the publishing interval; machine% = of all cores, other% = the part of it\n    not used by ingestor, broker or publishers (other programs, kernel); latency = window end "
           "(last sample's acquisition time) to the consumer taking the window; backlog = published - windowed)")
     print(f"\n   Largest sustained N: {s['max_sustained_channels']} channels"
           + (f" (first failure at {s['first_failure_channels']})" if s["first_failure_channels"] else f" ({s['search_ended']})"))
@@ -689,6 +712,10 @@ def print_report(doc: dict[str, Any]) -> None:
               f"(MQTT/decode thread {a['mqtt_thread_cpu_pct']:.0f}%, windowing worker {a['worker_thread_cpu_pct']:.0f}%), "
               f"{a['cpu_us_per_chunk']:.0f} µs CPU per chunk -> ~{_f(a['channels_per_core_extrapolated'], '.0f')} channels "
               f"per core by extrapolation (machine {a['machine_cpu_pct']:.0f}% busy).")
+    noisy = [r["channels"] for r in s["trials"] if (r.get("cpu_other_pct") or 0) > OTHER_LOAD_WARN_PCT]
+    if noisy:
+        print(f"   WARNING: other load above {OTHER_LOAD_WARN_PCT:.0f}% of the machine during N={', '.join(map(str, noisy))}; "
+              "those trials competed with other programs for the CPUs.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,14 +741,18 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
     t0 = time.monotonic()
     doc: dict[str, Any] = {"benchmark": "pdm-edge ingest throughput", "environment": _environment(),
                            "args": {k: v for k, v in vars(args).items()}}
     try:
         micro_s = 0.2 if args.quick else 1.5
         _progress(args, "part 1: decode / windowing cost per chunk ...")
+        probe = CpuProbe({}, {})
+        snap0 = probe.snap()
         doc["decode"] = bench_decode(micro_s)
         doc["push"] = bench_push(micro_s)
+        doc["part1_other_load_pct"] = CpuProbe.diff(snap0, probe.snap())["other"]
         f32 = next(r for r in doc["decode"] if r["encoding"] == "float32" and r["chunk_s"] == 0.1)
         us = f32["mean_us"] + doc["push"]["mean_us"]
         doc["ceiling"] = {"us_per_chunk": us, "channels_per_core": 1e6 / us / (1 / CHUNK_S)}
@@ -731,6 +762,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; everything stopped", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        return 1
     doc["elapsed_s"] = time.monotonic() - t0
     if args.json:
         print(json.dumps(_clean(doc), indent=2))

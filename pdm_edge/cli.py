@@ -377,6 +377,36 @@ def _topic_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "machine"
 
 
+# -- eval ------------------------------------------------------------------------------------
+@main.command("eval")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of the real recordings [default: $PDM_EDGE_DATASETS or ../shared/datasets].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Write ROC and score-over-life plots (PNG) here.")
+@click.option("--encoder", "encoder_path", type=click.Path(dir_okay=False), default=None, help="Encoder weights [default: models/encoder.pt].")
+@click.option("--datasets", default="cwru,dcase,femto", show_default=True, help="Comma-separated subset of cwru, dcase, femto.")
+@click.option("--subset", is_flag=True, help="A small subset of every split (a quick smoke test; figures are not comparable).")
+@click.option("--threads", type=int, default=None, help="torch threads [default: all cores].")
+@_handle_errors
+def eval_cmd(data_dir: str | None, out_dir: str | None, encoder_path: str | None, datasets: str, subset: bool, threads: int | None) -> None:
+    """Run the evaluation protocol (CWRU, DCASE valve, FEMTO) and print one JSON document."""
+    import torch
+
+    from pdm_edge.evaluation import run_eval, to_json
+    from pdm_edge.model import load_encoder
+    from sample_data.loaders import default_datasets_dir
+
+    if threads:
+        torch.set_num_threads(threads)
+    data = Path(data_dir) if data_dir else default_datasets_dir()
+    if not data.is_dir():
+        raise PdmEdgeError(f"dataset folder {data} not found (pass --data DIR)")
+    encoder, sha = load_encoder(encoder_path)
+    doc = run_eval(data, Path(out_dir) if out_dir else None, encoder, sha,
+                   datasets=tuple(d.strip() for d in datasets.split(",") if d.strip()), subset=subset,
+                   log=lambda m: click.echo(m, err=True))
+    click.echo(to_json(doc))
+
+
 # -- demo ------------------------------------------------------------------------------------
 @main.command()
 @click.option("--speed", default="4", show_default=True, help="Replay speed of the sample recording (max = as fast as possible).")

@@ -48,3 +48,11 @@ class RecordingError(PdmEdgeError):
 
 class BrokerError(PdmEdgeError):
     """The MQTT broker cannot be reached or refused the connection."""
+
+
+class ModelError(PdmEdgeError):
+    """A model or model version cannot be used: wrong encoder, bad file, mismatched stream."""
+
+
+class NotCalibratedError(ModelError):
+    """The machine has no baseline yet: too few normal windows, or calibration has not run."""

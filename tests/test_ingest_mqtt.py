@@ -203,6 +203,7 @@ def test_full_queues_backpressure_then_queue_full_deadletter(mosquitto):
             publish_timed(pub, iter_chunks([(T0, x)], FS, 0.1), speed=float("inf"))
         time.sleep(1.0)  # nobody reads windows: worker and chunk queue are stuck
         wins = _drain(ing, 20, timeout=5)
+        assert _wait_until(lambda: ing.stats().accepted + ing.stats().deadlettered == 20)
         assert ing.wait_idle(5)
         st = ing.stats()
     # every chunk is either windowed or dead-lettered as queue_full; nothing vanishes
@@ -228,6 +229,7 @@ def test_gap_and_sample_rate_change_for_unconfigured_stream(mosquitto):
         send(T0 + 9_100_000_000, 2000, 7, 200)      # new rate -> rate_change, 200 samples = 0.1 s
         send(T0 + 9_100_000_000, 2000, 7, 200)      # redelivery of the same chunk -> duplicate
         wins = _drain(ing, 5)
+        assert _wait_until(lambda: ing.stats().received == 6)
         assert ing.wait_idle(5)
         st = ing.stats()
     pub.loop_stop()

@@ -1,0 +1,116 @@
+"""Scoring throughput and latency on one core: features + frozen encoder + adapter + distance.
+
+Measures, for a calibrated scorer (shipped encoder, adapter trained on simulated normal data):
+
+- 1 s vibration windows at 25.6 kHz and 10 s acoustic clips at 16 kHz (scored as 1 s windows
+  with 0.5 s hop, 19 per clip, as the appliance and ``pdm-edge eval`` do);
+- batch 1 (one window at a time: latency p50 / p99) and batched (64 windows);
+- resident memory (RSS) of this process after loading the encoder and scoring.
+
+torch and the BLAS libraries are restricted to one thread, so the figures are per core.
+
+    .venv/bin/python benchmarks/score_throughput.py [--json] [--encoder PATH] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_v] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pdm_edge.model import load_encoder  # noqa: E402
+from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig  # noqa: E402
+from sensors.simulator import AcousticSimulator, VibrationSimulator  # noqa: E402
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _bench(scorer: Scorer, windows: np.ndarray, seconds: float) -> dict[str, float]:
+    # batch 1: latency per window
+    lat = []
+    t_end = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < t_end:
+        w = windows[i % len(windows)][None]
+        t0 = time.perf_counter()
+        scorer.score_many(w)
+        lat.append(time.perf_counter() - t0)
+        i += 1
+    lat_ms = np.array(lat) * 1e3
+    # batched
+    batch = windows[:64]
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        scorer.score_many(batch)
+        n += len(batch)
+    batched = n / (time.perf_counter() - t0)
+    return {"batch1_windows_per_s": float(1e3 / lat_ms.mean()), "batch1_p50_ms": float(np.percentile(lat_ms, 50)),
+            "batch1_p99_ms": float(np.percentile(lat_ms, 99)), "batch64_windows_per_s": float(batched)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--encoder", default=None)
+    ap.add_argument("--seconds", type=float, default=5.0, help="measuring time per case")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    rss0 = _rss_mb()
+    encoder, sha = load_encoder(a.encoder)
+    quick = TrainConfig(max_epochs=5)
+    results: dict[str, dict[str, float]] = {}
+
+    fs = 25600.0
+    sim = VibrationSimulator(sample_rate_hz=fs, seed=3)
+    vib = sim.generate(int(fs) * 200).reshape(200, int(fs))
+    s = Scorer(encoder, sha, ScorerConfig(kind="vibration", sample_rate_hz=fs, hop_s=0.5, train=quick)).learn_many(vib[:100])
+    s.calibrate()
+    results["vibration 1 s @ 25.6 kHz"] = _bench(s, vib[100:], a.seconds)
+
+    fs = 16000.0
+    asim = AcousticSimulator(sample_rate_hz=fs, seed=3)
+    clip = asim.generate(int(fs) * 200)
+    acu = np.stack([clip[i:i + 16000] for i in range(0, clip.size - 16000 + 1, 8000)])
+    s2 = Scorer(encoder, sha, ScorerConfig(kind="acoustic", sample_rate_hz=fs, hop_s=0.5, train=quick)).learn_many(acu[:100])
+    s2.calibrate()
+    r = _bench(s2, acu[100:], a.seconds)
+    r["clips_10s_per_s"] = r["batch64_windows_per_s"] / 19.0
+    results["acoustic 1 s windows @ 16 kHz (10 s clip = 19 windows)"] = r
+    doc = {"threads": 1, "encoder_sha256": sha, "results": results, "rss_mb_before_load": round(rss0, 1), "rss_mb": round(_rss_mb(), 1),
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
+    if a.json:
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(f"{'case':<55} {'b1 win/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'b64 win/s':>10}")
+    for name, r in results.items():
+        print(f"{name:<55} {r['batch1_windows_per_s']:9.1f} {r['batch1_p50_ms']:8.2f} {r['batch1_p99_ms']:8.2f} {r['batch64_windows_per_s']:10.1f}")
+    print(f"10 s acoustic clips per second (batched): {results[list(results)[1]]['clips_10s_per_s']:.1f}")
+    print(f"resident memory: {doc['rss_mb']} MB now, {doc['peak_rss_mb']} MB peak (one thread)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""Anomaly scoring of windows: features -> frozen encoder + adapter -> distance to normal.
+
+A :class:`Scorer` is one sensor stream's model. Its API follows river's (``learn_one`` /
+``learn_many`` on normal windows, ``score_one`` / ``score_many`` returning a float, higher =
+more anomalous), with one deliberate difference: learning from normal windows only *collects*
+them until :meth:`Scorer.calibrate` fits the machine's baseline, because training the adapter
+takes seconds, not microseconds. After calibration, ``learn_*`` also widens the baseline (the
+embedding statistics) without retraining the adapter.
+
+Calibration (the machine's baseline, from its own normal windows):
+
+1. Per-machine standardisation of the feature images (:class:`Standardizer`; one-sided for
+   vibration: only added energy counts, see :mod:`pdm_edge.model.standardize`).
+2. Split the windows in time order: the first 80 % train the adapter (LoRA + bottleneck head)
+   with the self-supervised masked-patch-reconstruction objective through the frozen decoder,
+   with early stopping on the last 20 % and a wall-time budget. Only adapter parameters have
+   gradients; the encoder stays bit-identical.
+3. Two raw anomaly measures per window: the Mahalanobis distance of its embedding to the normal
+   embeddings (Ledoit-Wolf shrinkage covariance, Ledoit & Wolf 2004), and its reconstruction
+   error over a fixed set of complementary masks (each patch hidden once).
+4. Held-out calibration scores: the last 20 % are scored against a baseline fitted on the first
+   80 %. Each measure is standardised by the held-out median and a robust spread (the
+   interquartile range / 1.349), and the score is their mean: about 0 for normal windows, in
+   units of normal spread.
+5. Threshold: a target false-alert rate per hour becomes a per-window exceedance probability
+   ``p`` through the k-of-n alert rule (independent windows: alerts/h ~= W * C(n, k) * p^k with
+   W windows per hour); the threshold is the Gaussian (1 - p) quantile of the held-out scores,
+   and never below their maximum.
+6. The final baseline is refitted on all calibration windows.
+
+Everything a score depends on is saved in a model version (:mod:`pdm_edge.model.version`), and
+reloading it reproduces the scores bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import special, stats
+
+from pdm_edge import features
+from pdm_edge.errors import ModelError, NotCalibratedError
+from pdm_edge.model.adapter import Adapter, AdapterConfig
+from pdm_edge.model.encoder import Encoder, kind_index, masked_error, random_mask
+from pdm_edge.model.standardize import Standardizer
+from pdm_edge.types import Window
+
+N_RECON_MASKS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How the adapter is trained on the device."""
+
+    max_epochs: int = 40
+    batch: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    mask_ratio: float = 0.5
+    patience: int = 5
+    """Epochs without improvement of the validation loss before stopping."""
+    max_seconds: float = 120.0
+    """Wall-time budget of one calibration."""
+    val_fraction: float = 0.2
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScorerConfig:
+    """Everything that defines a stream's scorer besides its learned state.
+
+    Attributes:
+        kind: ``"vibration"`` or ``"acoustic"``.
+        sample_rate_hz: the stream's sample rate, Hz.
+        hop_s: time between window starts, s (converts a rate per hour into per window).
+        features: feature settings (:class:`pdm_edge.features.FeatureSpec` as a dict); the
+            default for ``kind`` and ``sample_rate_hz`` when None.
+        adapter: LoRA rank, targets and head width.
+        train: adapter training settings.
+        components: raw measures averaged into the score: ``"mahalanobis"``, ``"reconstruction"``.
+        train_adapter: False skips step 2 (the frozen-encoder ablation).
+        target_false_alerts_per_h: false alerts per hour the threshold aims at.
+        alert_k, alert_n: an alert needs ``alert_k`` of the last ``alert_n`` windows above threshold.
+        min_windows: fewest normal windows :meth:`Scorer.calibrate` accepts.
+    """
+
+    kind: str
+    sample_rate_hz: float
+    hop_s: float
+    features: dict[str, Any] | None = None
+    adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    components: tuple[str, ...] = ("mahalanobis", "reconstruction")
+    train_adapter: bool = True
+    target_false_alerts_per_h: float = 0.1
+    alert_k: int = 3
+    alert_n: int = 5
+    min_windows: int = 20
+
+    def __post_init__(self) -> None:
+        kind_index(self.kind)
+        if not set(self.components) <= {"mahalanobis", "reconstruction"} or not self.components:
+            raise ValueError(f"components must be a non-empty subset of ('mahalanobis', 'reconstruction'), got {self.components}")
+        if not 1 <= self.alert_k <= self.alert_n:
+            raise ValueError("need 1 <= alert_k <= alert_n")
+        if self.min_windows < 10:
+            raise ValueError(f"min_windows must be >= 10 (a baseline and a held-out split need them), got {self.min_windows}")
+        if self.features is None:
+            object.__setattr__(self, "features", features.FeatureSpec.default(self.kind, self.sample_rate_hz).to_dict())
+        object.__setattr__(self, "components", tuple(self.components))
+
+    @property
+    def feature_spec(self) -> features.FeatureSpec:
+        return features.FeatureSpec.from_dict(self.features)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "sample_rate_hz": self.sample_rate_hz, "hop_s": self.hop_s, "features": dict(self.features or {}),
+            "adapter": self.adapter.to_dict(), "train": self.train.to_dict(), "components": list(self.components),
+            "train_adapter": self.train_adapter, "target_false_alerts_per_h": self.target_false_alerts_per_h,
+            "alert_k": self.alert_k, "alert_n": self.alert_n, "min_windows": self.min_windows,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScorerConfig:
+        d = dict(d)
+        d["adapter"] = AdapterConfig.from_dict(d["adapter"])
+        d["train"] = TrainConfig(**d["train"])
+        d["components"] = tuple(d["components"])
+        return cls(**d)
+
+
+def exceedance_probability(false_alerts_per_h: float, hop_s: float, k: int, n: int) -> float:
+    """Per-window probability ``p`` of exceeding the threshold that gives ``false_alerts_per_h``
+    under the k-of-n rule, assuming independent windows: ``W * C(n, k) * p**k = rate`` with
+    ``W = 3600 / hop_s`` windows per hour; clipped to [1e-9, 0.5]."""
+    w = 3600.0 / hop_s
+    p = (false_alerts_per_h / (w * special.comb(n, k))) ** (1.0 / k)
+    return float(min(0.5, max(1e-9, p)))
+
+
+def threshold_from_held_out(scores: np.ndarray, p: float) -> float:
+    """The Gaussian ``(1 - p)`` quantile of held-out normal scores, never below their maximum.
+
+    Args:
+        scores: ``(M,)`` scores of normal windows that the model was not fitted on, ``M >= 2``.
+        p: target per-window exceedance probability (:func:`exceedance_probability`).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    mu, sigma = float(np.mean(scores)), float(np.std(scores, ddof=1))
+    return float(max(mu + sigma * stats.norm.isf(p), np.max(scores)))
+
+
+def _robust_scale(x: np.ndarray) -> tuple[float, float]:
+    med = float(np.median(x))
+    q75, q25 = np.percentile(x, [75, 25])
+    return med, max(float(q75 - q25) / 1.349, 1e-6 * max(1.0, abs(med)), 1e-12)
+
+
+@dataclasses.dataclass
+class Baseline:
+    """Normal embeddings' mean and Ledoit-Wolf precision (inverse covariance)."""
+
+    mean: np.ndarray  # (D,) float64
+    precision: np.ndarray  # (D, D) float64
+
+    @classmethod
+    def fit(cls, emb: np.ndarray) -> Baseline:
+        from sklearn.covariance import LedoitWolf
+
+        lw = LedoitWolf().fit(np.asarray(emb, dtype=np.float64))
+        return cls(lw.location_.copy(), lw.precision_.copy())
+
+    def distance(self, emb: np.ndarray) -> np.ndarray:
+        d = np.asarray(emb, dtype=np.float64) - self.mean
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, self.precision, d), 0.0))
+
+
+class Scorer:
+    """One stream's anomaly scorer (see the module docstring for the method).
+
+    Args:
+        encoder: the frozen pretrained encoder (shared by all scorers; never modified).
+        encoder_sha256: sha256 of the encoder's weights file, recorded in the model version.
+        config: the stream's :class:`ScorerConfig`.
+    """
+
+    def __init__(self, encoder: Encoder, encoder_sha256: str, config: ScorerConfig) -> None:
+        self.encoder = encoder.eval()
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+        self.encoder_sha256 = encoder_sha256
+        self.config = config
+        self.spec = config.feature_spec
+        self.kind = kind_index(config.kind)
+        self.adapter = self._new_adapter()
+        self.standardizer: Standardizer | None = None
+        self.baseline: Baseline | None = None
+        self.component_stats: dict[str, tuple[float, float]] = {}
+        self.threshold: float | None = None
+        self.calibration: dict[str, Any] = {}
+        self._normal: list[np.ndarray] = []  # raw feature images of normal windows, (2, 64, 32)
+        self._baseline_emb: np.ndarray | None = None
+        self._recon_masks = self._complementary_masks()
+
+    def _new_adapter(self) -> Adapter:
+        """A fresh adapter, initialised from the configured seed without touching torch's global RNG."""
+        with torch.random.fork_rng():
+            torch.manual_seed(self.config.train.seed)
+            return Adapter(self.encoder, self.config.adapter)
+
+    # -- features --------------------------------------------------------------------------
+    def _samples(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
+        if isinstance(windows, np.ndarray):
+            return windows.reshape(1, -1) if windows.ndim == 1 else windows
+        if not windows:
+            return np.zeros((0, 1), np.float32)
+        for w in windows:
+            if w.sample_rate_hz != self.config.sample_rate_hz:
+                raise ModelError(f"{w.stream}: window at {w.sample_rate_hz:g} Hz, scorer configured for {self.config.sample_rate_hz:g} Hz")
+        return np.stack([w.samples for w in windows])
+
+    def features(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
+        """Feature images ``(B, 2, 64, 32)`` (before standardisation) of windows or raw samples ``(B, N)``."""
+        x = self._samples(windows)
+        if x.shape[0] == 0:
+            return np.zeros((0, *features.INPUT_SHAPE), np.float32)
+        return features.encoder_input(x, self.config.sample_rate_hz, self.config.kind, self.spec)
+
+    # -- river-like API --------------------------------------------------------------------
+    @property
+    def is_calibrated(self) -> bool:
+        return self.threshold is not None
+
+    @property
+    def n_normal(self) -> int:
+        return len(self._normal)
+
+    def learn_one(self, window: Window | np.ndarray) -> Scorer:
+        """Add one normal window (see :meth:`learn_many`)."""
+        return self.learn_many([window] if isinstance(window, Window) else np.asarray(window)[None])
+
+    def learn_many(self, windows: Sequence[Window] | np.ndarray) -> Scorer:
+        """Add normal windows to the machine's baseline.
+
+        Before calibration they are only collected. After calibration the embedding baseline is
+        refitted with them (the adapter is not retrained; use :meth:`calibrate` for that). A
+        scorer reloaded from a model version does not carry the baseline's embeddings (they
+        would make the file large), so there they are only collected until the next calibration.
+        """
+        f = self.features(windows)
+        self._normal.extend(f)
+        if self.is_calibrated and len(f) and self._baseline_emb is not None:
+            emb = self._embed(self.standardizer.transform(f))  # type: ignore[union-attr]
+            self._baseline_emb = np.concatenate([self._baseline_emb, emb]) if self._baseline_emb is not None else emb
+            self.baseline = Baseline.fit(self._baseline_emb)
+        return self
+
+    def score_one(self, window: Window | np.ndarray) -> float:
+        """Anomaly score of one window (see :meth:`score_many`)."""
+        return float(self.score_many([window] if isinstance(window, Window) else np.asarray(window)[None])[0])
+
+    def score_many(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
+        """Anomaly scores, shape ``(B,)`` float64; higher = more anomalous, about 0 for normal
+        windows, in units of the normal spread.
+
+        Raises:
+            NotCalibratedError: before :meth:`calibrate` has run: the machine says it has no
+                baseline instead of guessing.
+            ModelError: a window's sample rate differs from the configured one.
+            ValueError: non-finite or too short windows (from the features).
+        """
+        if not self.is_calibrated:
+            raise NotCalibratedError(f"not calibrated: {self.n_normal} normal window(s) collected, calibrate() first")
+        return self._score_features(self.features(windows))
+
+    # -- internals -------------------------------------------------------------------------
+    def _complementary_masks(self) -> torch.Tensor:
+        n = self.encoder.cfg.n_tokens
+        g = torch.Generator().manual_seed(1234)
+        perm = torch.randperm(n, generator=g)
+        masks = torch.zeros(N_RECON_MASKS, n, dtype=torch.bool)
+        for i, chunk in enumerate(perm.chunk(N_RECON_MASKS)):
+            masks[i, chunk] = True
+        return masks
+
+    def _tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.adapter.head(self.encoder.tokens(x, self.kind, mask, adapter=self.adapter))
+
+    @torch.no_grad()
+    def _embed(self, xs: np.ndarray, batch: int = 256) -> np.ndarray:
+        out = [self._tokens(torch.from_numpy(xs[i:i + batch])).mean(dim=1).numpy() for i in range(0, len(xs), batch)]
+        return np.concatenate(out) if out else np.zeros((0, self.encoder.cfg.dim), np.float32)
+
+    @torch.no_grad()
+    def _recon_error(self, xs: np.ndarray, batch: int = 256) -> np.ndarray:
+        out = []
+        for i in range(0, len(xs), batch):
+            x = torch.from_numpy(xs[i:i + batch])
+            target = self.encoder.patchify(x)
+            err = torch.zeros(len(x))
+            for m in self._recon_masks:
+                mask = m.expand(len(x), -1)
+                err += masked_error(self.encoder.reconstruct(self._tokens(x, mask)), target, mask)
+            out.append((err / len(self._recon_masks)).numpy())
+        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+
+    def _raw(self, xs: np.ndarray, baseline: Baseline) -> dict[str, np.ndarray]:
+        raw = {}
+        if "mahalanobis" in self.config.components:
+            raw["mahalanobis"] = baseline.distance(self._embed(xs))
+        if "reconstruction" in self.config.components:
+            raw["reconstruction"] = self._recon_error(xs)
+        return raw
+
+    def _combine(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+        z = [(raw[c] - self.component_stats[c][0]) / self.component_stats[c][1] for c in self.config.components]
+        return np.mean(z, axis=0)
+
+    def _score_features(self, f: np.ndarray) -> np.ndarray:
+        if len(f) == 0:
+            return np.zeros(0)
+        xs = self.standardizer.transform(f)  # type: ignore[union-attr]
+        return self._combine(self._raw(xs, self.baseline))  # type: ignore[arg-type]
+
+    # -- calibration -----------------------------------------------------------------------
+    def calibrate(self) -> dict[str, Any]:
+        """Fit the machine's baseline, adapter, score standardisation and threshold on the
+        normal windows collected so far (in time order).
+
+        Returns:
+            a summary: windows used, adapter epochs and losses, training seconds, held-out
+            score statistics, threshold and per-window exceedance probability.
+
+        Raises:
+            NotCalibratedError: fewer than ``config.min_windows`` normal windows.
+        """
+        n = len(self._normal)
+        if n < self.config.min_windows:
+            raise NotCalibratedError(f"calibration needs at least {self.config.min_windows} normal windows, have {n}")
+        t0 = time.monotonic()
+        raw_f = np.stack(self._normal)
+        self.standardizer = Standardizer.fit(raw_f, one_sided=self.config.kind == "vibration")
+        xs = self.standardizer.transform(raw_f)
+        n_val = max(2, int(round(n * self.config.train.val_fraction)))
+        tr, va = xs[: n - n_val], xs[n - n_val:]
+        self.adapter = self._new_adapter()
+        history: list[dict[str, float]] = []
+        if self.config.train_adapter:
+            history = self._train_adapter(tr, va)
+        base_tr = Baseline.fit(self._embed(tr))
+        held = self._raw(va, base_tr)
+        self.component_stats = {c: _robust_scale(v) for c, v in held.items()}
+        held_scores = self._combine(held)
+        p = exceedance_probability(self.config.target_false_alerts_per_h, self.config.hop_s, self.config.alert_k, self.config.alert_n)
+        self.threshold = threshold_from_held_out(held_scores, p)
+        mu, sigma = float(np.mean(held_scores)), float(np.std(held_scores, ddof=1))
+        self._baseline_emb = self._embed(xs)
+        self.baseline = Baseline.fit(self._baseline_emb)
+        self.calibration = {
+            "windows": n, "train_windows": len(tr), "held_out_windows": len(va),
+            "adapter_epochs": len(history), "adapter_history": history,
+            "train_seconds": round(time.monotonic() - t0, 3),
+            "held_out_score_mean": mu, "held_out_score_std": sigma, "held_out_score_max": float(np.max(held_scores)),
+            "exceedance_probability": p, "threshold": self.threshold,
+        }
+        return self.calibration
+
+    def _train_adapter(self, tr: np.ndarray, va: np.ndarray) -> list[dict[str, float]]:
+        tc = self.config.train
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        gen = torch.Generator().manual_seed(tc.seed)
+        rng = np.random.default_rng(tc.seed)
+        n_tok = self.encoder.cfg.n_tokens
+        xt, xv = torch.from_numpy(tr), torch.from_numpy(va)
+        val_masks = [random_mask(len(xv), n_tok, tc.mask_ratio, torch.Generator().manual_seed(tc.seed + 1 + i)) for i in range(2)]
+
+        def val_loss() -> float:
+            with torch.no_grad():
+                tgt = self.encoder.patchify(xv)
+                return float(np.mean([masked_error(self.encoder.reconstruct(self._tokens(xv, m)), tgt, m).mean() for m in val_masks]))
+
+        best, best_state, bad, history = val_loss(), copy.deepcopy(self.adapter.state_dict()), 0, []
+        history.append({"epoch": 0, "train_loss": float("nan"), "val_loss": best})
+        t0 = time.monotonic()
+        for ep in range(1, tc.max_epochs + 1):
+            perm = rng.permutation(len(xt))
+            tot = 0.0
+            for b in range(0, len(perm), tc.batch):
+                j = torch.from_numpy(perm[b:b + tc.batch])
+                x = xt[j]
+                mask = random_mask(len(j), n_tok, tc.mask_ratio, gen)
+                loss = masked_error(self.encoder.reconstruct(self._tokens(x, mask)), self.encoder.patchify(x), mask).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot += float(loss.detach()) * len(j)
+            vl = val_loss()
+            history.append({"epoch": ep, "train_loss": tot / len(xt), "val_loss": vl})
+            if vl < best - 1e-5:
+                best, best_state, bad = vl, copy.deepcopy(self.adapter.state_dict()), 0
+            else:
+                bad += 1
+            if bad >= tc.patience or time.monotonic() - t0 > tc.max_seconds:
+                break
+        self.adapter.load_state_dict(best_state)
+        return history
+
+    # -- state for model versions ------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Everything needed to rebuild this scorer's scores (tensors and plain values only)."""
+        if not self.is_calibrated:
+            raise NotCalibratedError("an uncalibrated scorer has no state to save")
+        return {
+            "config": self.config.to_dict(),
+            "encoder_sha256": self.encoder_sha256,
+            "adapter": {k: v.detach().clone() for k, v in self.adapter.state_dict().items()},
+            "standardizer": {"mean": torch.from_numpy(self.standardizer.mean), "std": torch.from_numpy(self.standardizer.std),  # type: ignore[union-attr]
+                             "one_sided": self.standardizer.one_sided},  # type: ignore[union-attr]
+            "baseline": {"mean": torch.from_numpy(self.baseline.mean), "precision": torch.from_numpy(self.baseline.precision)},  # type: ignore[union-attr]
+            "component_stats": {c: list(v) for c, v in self.component_stats.items()},
+            "threshold": self.threshold,
+            "calibration": {k: v for k, v in self.calibration.items() if k != "adapter_history"},
+        }
+
+    @classmethod
+    def from_state(cls, encoder: Encoder, encoder_sha256: str, state: dict[str, Any]) -> Scorer:
+        """Rebuild a scorer from :meth:`state`.
+
+        Raises:
+            ModelError: the state was made with a different encoder (sha256 mismatch).
+        """
+        if state["encoder_sha256"] != encoder_sha256:
+            raise ModelError(f"model version needs encoder {state['encoder_sha256'][:12]}..., loaded encoder is {encoder_sha256[:12]}...")
+        s = cls(encoder, encoder_sha256, ScorerConfig.from_dict(state["config"]))
+        s.adapter.load_state_dict(state["adapter"])
+        s.standardizer = Standardizer(state["standardizer"]["mean"].numpy(), state["standardizer"]["std"].numpy(),
+                                      bool(state["standardizer"]["one_sided"]))
+        s.baseline = Baseline(state["baseline"]["mean"].numpy(), state["baseline"]["precision"].numpy())
+        s.component_stats = {c: (float(v[0]), float(v[1])) for c, v in state["component_stats"].items()}
+        s.threshold = float(state["threshold"])
+        s.calibration = dict(state["calibration"])
+        return s
+
