@@ -358,3 +358,19 @@ def test_unexpected_decode_error_is_deadlettered_and_ingestion_continues(mosquit
     assert st.deadletters == {"internal_error": 1}
     assert [w.index for w in wins] == [0, 0]  # seq 1 missing: a gap, the stream restarted at seq 2
     assert st.events["gap_seq"] == 1
+
+
+def test_stop_does_not_hang_when_nobody_reads_windows(mosquitto):
+    """Both queues full and no consumer: stop() gives up after its timeout instead of hanging."""
+    cfg = _config(mosquitto.address, queue_size=2, window_queue_size=1, enqueue_timeout_s=0.5)
+    x = np.zeros(2560 * 10, np.float32)
+    ing = Ingestor(cfg)
+    ing.start()
+    assert ing.wait_ready(10)
+    with ChunkPublisher(cfg.mqtt, "p", "m", "acc", sample_rate_hz=FS, unit="g") as pub:
+        publish_timed(pub, iter_chunks([(T0, x)], FS, 0.1), speed=float("inf"))
+    assert _wait_until(lambda: ing.stats().chunk_queue_depth == 2)
+    t0 = time.monotonic()
+    ing.stop(timeout=1.0)
+    assert time.monotonic() - t0 < 10
+    assert ing.windows.qsize() == 1

@@ -182,12 +182,20 @@ class Ingestor:
             client.disconnect()
             client.loop_stop()
         if self._worker is not None:
-            self._chunks.put(_STOP)
-            self._worker.join(timeout)
+            deadline = time.monotonic() + timeout
+            while True:  # the chunk queue may be full while the worker waits on a full window queue
+                try:
+                    self._chunks.put(_STOP, timeout=0.1)
+                    break
+                except queue.Full:
+                    if time.monotonic() > deadline and not self._abort.is_set():
+                        log.warning("window queue still full after %.1f s; dropping the remaining windows", timeout)
+                        self._abort.set()
+            self._worker.join(max(0.0, deadline - time.monotonic()))
             if self._worker.is_alive():
-                log.warning("window queue still full after %.1f s; dropping the rest", timeout)
+                log.warning("window queue still full after %.1f s; dropping the remaining windows", timeout)
                 self._abort.set()
-                self._worker.join(2.0)
+                self._worker.join(5.0)
             self._worker = None
 
     def __enter__(self) -> Ingestor:
