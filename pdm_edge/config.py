@@ -165,6 +165,58 @@ class SensorConfig(_Strict):
         return Fraction(self.sample_rate_hz)
 
 
+class StoreConfig(_Strict):
+    """Where results go: ``[store]``. SQLite (embedded, default) or InfluxDB (v1 HTTP API)."""
+
+    backend: Literal["sqlite", "influxdb"] = "sqlite"
+    sqlite_path: str = "var/pdm-edge.sqlite"
+    """SQLite store file (backend = "sqlite"); relative paths are relative to the working directory."""
+    url: str | None = None
+    """InfluxDB base URL, e.g. ``http://127.0.0.1:8086`` (backend = "influxdb")."""
+    database: str = "pdm_edge"
+    """InfluxDB 1.x database; on 2.x / 3 the database name mapped to the bucket (DBRP)."""
+    retention_policy: str | None = None
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+    """InfluxDB 2.x / 3 API token (sent as ``Authorization: Token ...``); prefer an environment
+    override (``PDM_EDGE__STORE__TOKEN``) to writing it here."""
+    verify_tls: bool = True
+    ca_file: str | None = None
+    timeout_s: float = Field(10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _influx_needs_url(self) -> StoreConfig:
+        if self.backend == "influxdb" and not self.url:
+            raise ValueError("backend = \"influxdb\" needs url")
+        return self
+
+
+class SpoolConfig(_Strict):
+    """The durable local spool between the pipeline and the store: ``[spool]``."""
+
+    path: str = "var/spool.sqlite"
+    max_records: int = Field(5_000_000, ge=100)
+    """Bound of the spool; when it is reached the oldest *scores* are dropped first (alerts,
+    labels and model events are kept) and ``spool_dropped`` is counted."""
+    batch_size: int = Field(5000, ge=1)
+    backoff_min_s: float = Field(0.5, gt=0)
+    backoff_max_s: float = Field(30.0, gt=0)
+
+
+class AlertsConfig(_Strict):
+    """Alerts and status over MQTT: ``[alerts]``."""
+
+    publish_scores: bool = True
+    """Publish every score on ``pdm/v1/{site}/{machine}/{sensor}/score`` (QoS 0)."""
+    no_score_sites: list[str] = Field(default_factory=list)
+    """Sites for which scores are not published (alerts and status still are)."""
+    k: int = Field(3, ge=1)
+    n: int = Field(5, ge=1)
+    stale_after_s: float = Field(60.0, gt=0)
+    """A machine whose newest score is older than this is reported as stale."""
+
+
 class AppConfig(_Strict):
     """The whole appliance configuration (the TOML file's top level)."""
 
@@ -175,6 +227,9 @@ class AppConfig(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     mqtt: MqttConfig
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     sensors: dict[str, SensorConfig] = Field(default_factory=dict)
 
     @field_validator("appliance_id", "site")

@@ -56,3 +56,8 @@ class ModelError(PdmEdgeError):
 
 class NotCalibratedError(ModelError):
     """The machine has no baseline yet: too few normal windows, or calibration has not run."""
+
+
+class StoreError(PdmEdgeError):
+    """The store (InfluxDB or SQLite) cannot take or return records: unreachable, refused,
+    bad credentials, or a malformed answer. Writers retry; the message says which."""
