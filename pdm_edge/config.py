@@ -216,6 +216,12 @@ class AlertsConfig(_Strict):
     stale_after_s: float = Field(60.0, gt=0)
     """A machine whose newest score is older than this is reported as stale."""
 
+    @model_validator(mode="after")
+    def _k_of_n(self) -> AlertsConfig:
+        if self.k > self.n:
+            raise ValueError(f"k = {self.k} must not exceed n = {self.n} (an alert needs k of the last n windows)")
+        return self
+
 
 class AppConfig(_Strict):
     """The whole appliance configuration (the TOML file's top level)."""
