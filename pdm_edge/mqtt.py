@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
+from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -87,3 +89,53 @@ def connect(client: mqtt.Client, cfg: MqttConfig, *, persistent: bool = True) ->
         kwargs = {"clean_start": not persistent, "properties": props}
     client.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive_s, **kwargs)
     client.loop_start()
+
+
+class AckTracker:
+    """QoS 1 messages published but not yet acknowledged by the broker (PUBACK).
+
+    Feed it ``sent(mid)`` after each ``client.publish`` and ``acked(mid)`` from paho's
+    ``on_publish``. paho may acknowledge a message before ``publish()`` has even returned its
+    id, so an early acknowledgement is remembered. It never calls into paho, so the network
+    thread can always take its lock. ``cond`` may also guard the owner's own connection state,
+    so one wait covers "connected, and fewer than N unacknowledged".
+    """
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self._pending: set[int] = set()
+        self._early: set[int] = set()
+
+    def sent(self, mid: int) -> None:
+        with self.cond:
+            if mid in self._early:
+                self._early.discard(mid)
+            else:
+                self._pending.add(mid)
+            self.cond.notify_all()
+
+    def acked(self, mid: int) -> None:
+        with self.cond:
+            if mid in self._pending:
+                self._pending.discard(mid)
+            else:
+                self._early.add(mid)
+            self.cond.notify_all()
+
+    @property
+    def unacked(self) -> int:
+        with self.cond:
+            return len(self._pending)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Wait (s) until ``predicate()`` holds; it is evaluated with ``cond`` held."""
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
+
+    def pending_count(self) -> int:
+        """Unacknowledged messages; call with ``cond`` held (inside a ``wait_for`` predicate)."""
+        return len(self._pending)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything sent so far is acknowledged; ``False`` on timeout."""
+        return self.wait_for(lambda: not self._pending, timeout)

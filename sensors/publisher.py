@@ -68,11 +68,8 @@ class ChunkPublisher:
         self.max_unacked = max_unacked
         self.seq = first_seq
         self.published = 0
-        # QoS 1 bookkeeping by message id: paho calls on_publish when the PUBACK arrives, possibly
-        # before publish() has returned, so an early ack is remembered in _early_acks.
-        self._cond = threading.Condition()
-        self._pending: set[int] = set()
-        self._early_acks: set[int] = set()
+        self.acks = mqtt_util.AckTracker()
+        self._cond = self.acks.cond  # also guards the connection state below
         self._connected = False
         self._resending = False
         self.client = mqtt_util.make_client(mqtt_cfg, client_id or f"pub-{site}-{machine}-{sensor}", persistent=False)
@@ -88,7 +85,7 @@ class ChunkPublisher:
             self._connected = True
             # paho re-sends the unacknowledged chunks now; new ones wait until they are through,
             # or they could overtake them and arrive out of order
-            self._resending = bool(self._pending)
+            self._resending = bool(self.acks.pending_count())
             self._cond.notify_all()
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, reason_code: object, properties: object) -> None:
@@ -97,19 +94,14 @@ class ChunkPublisher:
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, reason_code: object, properties: object) -> None:
         with self._cond:
-            if mid in self._pending:
-                self._pending.discard(mid)
-            else:
-                self._early_acks.add(mid)
-            if not self._pending:
+            self.acks.acked(mid)
+            if not self.acks.pending_count():
                 self._resending = False
-            self._cond.notify_all()
 
     @property
     def unacked(self) -> int:
         """QoS 1 chunks published but not yet acknowledged by the broker."""
-        with self._cond:
-            return len(self._pending)
+        return self.acks.unacked
 
     def start(self, timeout: float = 10.0) -> ChunkPublisher:
         """Connect; raises :class:`BrokerError` when the broker is not reachable within ``timeout`` s."""
@@ -130,23 +122,17 @@ class ChunkPublisher:
         seq = self.seq
         payload = encode_chunk(samples, ts_ns=ts_ns, sample_rate_hz=self.sample_rate_hz, unit=self.unit, seq=seq, encoding=self.encoding)  # type: ignore[arg-type]
         if self.qos > 0:
-            with self._cond:
-                self._cond.wait_for(lambda: self._connected and not self._resending and len(self._pending) < self.max_unacked)
+            self.acks.wait_for(lambda: self._connected and not self._resending and self.acks.pending_count() < self.max_unacked)
         info = self.client.publish(self.topic, payload, qos=self.qos)
         if self.qos > 0:
-            with self._cond:
-                if info.mid in self._early_acks:
-                    self._early_acks.discard(info.mid)
-                else:
-                    self._pending.add(info.mid)
+            self.acks.sent(info.mid)
         self.seq += 1
         self.published += 1
         return seq
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every QoS 1 chunk is acknowledged by the broker; ``False`` on timeout."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._pending, timeout)
+        return self.acks.flush(timeout)
 
     def close(self, timeout: float | None = 30.0) -> bool:
         """Flush, then disconnect. Returns whether everything was acknowledged."""

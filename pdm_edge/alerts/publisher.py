@@ -440,14 +440,13 @@ class ResultPublisher:
         self._clock = clock
         self._no_score_sites = frozenset(alerts_cfg.no_score_sites)
         # Lock order: _lock may be held while calling into paho (statuses leave in order);
-        # the paho callbacks (network thread) take only _acked and _conn_lock, which are never
-        # held while calling into paho, so the network thread never waits for _lock.
+        # the paho callbacks (network thread) take only the AckTracker's lock and _conn_lock, which
+        # are never held while calling into paho, so the network thread never waits for _lock.
         self._lock = threading.RLock()  # tracker, status bookkeeping and counters
-        self._acked = threading.Condition()  # woken by every PUBACK (for flush)
+        self.acks = mqtt_util.AckTracker()
         self._conn_lock = threading.Lock()
         self._connects = 0
         self._disconnects = 0
-        self._pending: collections.deque[mqtt.MQTTMessageInfo] = collections.deque()
         self._last_status: dict[tuple[str, str], tuple[tuple, int]] = {}
         self._counts: collections.Counter[str] = collections.Counter()
         self._connected = threading.Event()
@@ -482,16 +481,7 @@ class ResultPublisher:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every QoS 1 message published so far is acknowledged (s); ``False`` on
         timeout (e.g. the broker is still away)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._acked:
-            while self._prune(count=True):
-                left = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
-                if left <= 0:
-                    return False
-                # paho marks a message published just after on_publish returns, so the
-                # notification may come a moment early: re-check at least every 50 ms
-                self._acked.wait(left)
-            return True
+        return self.acks.flush(timeout)
 
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the ticker, wait up to ``timeout`` s for unacknowledged QoS 1 messages, then
@@ -623,22 +613,9 @@ class ResultPublisher:
             self._count("qos1_dropped")
             log.warning("outgoing MQTT queue full: %s dropped", topic)
             return False
-        if info.rc == mqtt.MQTT_ERR_NO_CONN:
-            # paho kept the message and sends it after the reconnect (its NO_CONN branch keeps
-            # QoS > 0 messages); mark the info as queued so is_published() reports instead of raising
-            info.rc = mqtt.MQTT_ERR_SUCCESS
-        with self._acked:
-            self._pending.append(info)
-            self._prune(count=False)
+        # MQTT_ERR_NO_CONN: paho keeps a QoS 1 message and sends it after the reconnect
+        self.acks.sent(info.mid)
         return True
-
-    def _prune(self, *, count: bool) -> int:
-        """Drop acknowledged messages from the head of the pending queue (acknowledgements
-        come in order, nearly always); with ``count``, return how many are unacknowledged.
-        Call with ``_acked`` held."""
-        while self._pending and self._pending[0].is_published():
-            self._pending.popleft()
-        return sum(1 for i in self._pending if not i.is_published()) if count else len(self._pending)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -670,14 +647,12 @@ class ResultPublisher:
             log.warning("results publisher disconnected from %s (%s); QoS 1 messages are kept and re-sent", self.mqtt_cfg.broker, reason_code)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
-        with self._acked:
-            self._acked.notify_all()
+        self.acks.acked(mid)
 
     # -- observation -----------------------------------------------------------------------
     def stats(self) -> PublisherStats:
         """A snapshot of the counters."""
-        with self._acked:
-            unacked = self._prune(count=True)
+        unacked = self.acks.unacked
         with self._conn_lock:
             connects, disconnects = self._connects, self._disconnects
         with self._lock:
