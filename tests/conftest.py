@@ -153,3 +153,155 @@ def run_cli(*args: str, timeout: float = 120.0, env: dict[str, str] | None = Non
         capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
         env={**os.environ, **(env or {})},
     )
+
+
+# -- InfluxDB ----------------------------------------------------------------------------------
+# A real influxd from the Debian package ``influxdb`` (1.6.7), with a temporary config: meta,
+# data and WAL in the test's temp dir, HTTP and RPC bound to free loopback ports, no usage
+# reporting, no _internal monitor database. ``auth=True`` turns on [http] auth-enabled and
+# creates an admin user through /query (the first user may be created without credentials).
+
+INFLUXD_CANDIDATES = ("/usr/bin/influxd", "/usr/local/bin/influxd")
+
+
+def _find_influxd() -> str | None:
+    return shutil.which("influxd") or next((p for p in INFLUXD_CANDIDATES if os.path.exists(p)), None)
+
+
+class InfluxD:
+    """An influxd process owned by a test; ``stop()``/``start()`` simulate an outage."""
+
+    ADMIN_USER = "pdm_admin"
+    ADMIN_PASSWORD = "s3cret pass'word"
+
+    def __init__(self, workdir: Path, auth: bool = False) -> None:
+        exe = _find_influxd()
+        if exe is None:
+            pytest.fail("influxd not installed: run deploy/scripts/test.sh (apt package 'influxdb')")
+        self.exe = exe
+        self.auth = auth
+        self.workdir = workdir
+        self.port = _free_port()
+        self.rpc_port = _free_port()
+        while self.rpc_port == self.port:
+            self.rpc_port = _free_port()
+        self.conf = workdir / "influxdb.conf"
+        self.log = workdir / "influxd.log"
+        self.conf.write_text(
+            "reporting-disabled = true\n"
+            f'bind-address = "127.0.0.1:{self.rpc_port}"\n'
+            "[meta]\n"
+            f'  dir = "{workdir}/meta"\n'
+            "  logging-enabled = false\n"
+            "[data]\n"
+            f'  dir = "{workdir}/data"\n'
+            f'  wal-dir = "{workdir}/wal"\n'
+            '  index-version = "inmem"\n'
+            "  query-log-enabled = false\n"
+            "[monitor]\n"
+            "  store-enabled = false\n"
+            "[subscriber]\n"
+            "  enabled = false\n"
+            "[continuous_queries]\n"
+            "  enabled = false\n"
+            "[http]\n"
+            f'  bind-address = "127.0.0.1:{self.port}"\n'
+            f"  auth-enabled = {'true' if auth else 'false'}\n"
+            "  log-enabled = false\n"
+            "  pprof-enabled = false\n"
+            "[logging]\n"
+            '  level = "warn"\n'
+            "  suppress-logo = true\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._users_created = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 30.0) -> None:
+        import requests
+
+        logf = self.log.open("ab")
+        self.proc = subprocess.Popen([self.exe, "-config", str(self.conf)], stdout=logf, stderr=subprocess.STDOUT)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"influxd exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            try:
+                if requests.get(self.url + "/ping", timeout=0.5).status_code == 204:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"influxd did not answer /ping on {self.port} within {timeout} s")
+        if self.auth and not self._users_created:
+            self.query(f"CREATE USER {self.ADMIN_USER} WITH PASSWORD "
+                       f"'{self.ADMIN_PASSWORD.replace(chr(39), chr(92) + chr(39))}' WITH ALL PRIVILEGES", method="POST",
+                       auth=False)
+            self._users_created = True
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def query(self, q: str, db: str | None = None, method: str = "GET", auth: bool = True) -> dict[str, Any]:
+        """Run InfluxQL directly (admin credentials when auth is on); returns results[0]."""
+        import requests
+
+        params: dict[str, str] = {"q": q, "epoch": "ns"}
+        if db:
+            params["db"] = db
+        if self.auth and auth:
+            params.update(u=self.ADMIN_USER, p=self.ADMIN_PASSWORD)
+        resp = requests.request(method, self.url + "/query", params=params, timeout=10)
+        resp.raise_for_status()
+        result = resp.json()["results"][0]
+        if "error" in result:
+            raise RuntimeError(f"influxd query {q!r}: {result['error']}")
+        return result
+
+    def values(self, q: str, db: str) -> list[list[Any]]:
+        """All rows of all series of a SELECT."""
+        return [v for s in self.query(q, db).get("series", []) for v in s.get("values", [])]
+
+
+@pytest.fixture
+def influxd(tmp_path: Path) -> Iterator[InfluxD]:
+    """A running influxd (no auth) of the test's own, on free loopback ports; stopped after."""
+    (tmp_path / "influxd").mkdir()
+    srv = InfluxD(tmp_path / "influxd")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def influxd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxD]:
+    """One influxd (no auth) shared by the tests that only need a server (one database each)."""
+    srv = InfluxD(tmp_path_factory.mktemp("influxd"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def influxd_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxD]:
+    """An influxd with ``auth-enabled = true`` and the admin ``InfluxD.ADMIN_USER``."""
+    srv = InfluxD(tmp_path_factory.mktemp("influxd-auth"), auth=True)
+    srv.start()
+    yield srv
+    srv.stop()
