@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import re
 import time
 from pathlib import Path
 
@@ -211,16 +212,34 @@ def test_simulate(cfg_path, ingestor, kind, sensor, n_windows):
 
 
 # -- the README's main command ---------------------------------------------------------------
-def test_demo_runs_end_to_end_on_the_embedded_broker():
-    r = run_cli("demo", "--speed", "max", timeout=180)
+def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path):
+    r = run_cli("demo", "--speed", "max", "--state-dir", str(tmp_path / "demo"), timeout=240)
     _ok(r)
     out = r.stdout
     assert "embedded MQTT broker on 127.0.0.1:" in out
     assert "demo/pump-01/de-accel" in out
-    summary = dict(line.strip().rsplit(None, 1) for line in out.split("summary", 1)[1].splitlines()
-                   if line.strip() and "dead-lettered" not in line and "stream events" not in line)
+    summary = {}
+    for line in out.split("\nsummary\n", 1)[1].splitlines():
+        key, _, value = line.strip().partition("  ")
+        summary[key.strip()] = value.strip()
     assert summary["chunks published"] == summary["chunks received"] == summary["chunks windowed"] == "600"
     assert summary["windows"] == "119"
-    kurt = [float(line.rsplit("kurtosis", 1)[1]) for line in out.splitlines() if "kurtosis" in line]
+    kurt = [float(m) for m in re.findall(r"kurtosis\s+([-\d.]+)", out)]
     assert len(kurt) == 119
     assert np.mean(kurt[-10:]) > 3 * np.mean(kurt[:10]), "the growing outer-race fault shows in the kurtosis"
+    # calibrated on the first 20 s (39 windows), the 80 later windows scored and stored
+    assert "calibrated: 39 windows" in summary["calibration"]
+    assert summary["scores stored"].startswith("80 ")
+    # the fault (onset 30 s) raises an alert, and nothing is raised before it
+    m = re.match(r"(\d+), first from ([\d.]+) s into the recording", summary["alerts raised"])
+    assert m and int(m.group(1)) >= 1
+    assert 29.0 <= float(m.group(2)) <= 40.0
+    from pdm_edge.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(tmp_path / "demo" / "store.sqlite")
+    try:
+        assert len(store.query_scores("demo", "pump-01", 0, 2**62)) == 80
+        assert [a.state for a in store.query_alerts("demo", "pump-01", 0, 2**62)] == ["raised"]
+        assert [e.event for e in store.query_model_events("demo", "pump-01", 0, 2**62)] == ["calibrated"]
+    finally:
+        store.close()
