@@ -146,6 +146,16 @@ class Collector:
         self.client.loop_stop()
 
 
+def wait_until(cond, timeout: float = 20.0) -> bool:
+    """Poll ``cond()`` every 20 ms until it is true or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
 def run_cli(*args: str, timeout: float = 120.0, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``pdm-edge ARGS`` in a subprocess (the installed entry point's module)."""
     return subprocess.run(

@@ -21,7 +21,7 @@ from pdm_edge.alerts import AlertTracker, ResultPublisher, alert_id
 from pdm_edge.config import AlertsConfig, MqttConfig
 from pdm_edge.errors import ConfigError
 from pdm_edge.types import Score
-from tests.conftest import Collector
+from tests.conftest import Collector, wait_until
 
 T0 = 1_795_248_000_000_000_000  # 2026-11-21T08:00:00Z
 SEC = 1_000_000_000
@@ -50,15 +50,6 @@ def _end(i: int) -> int:
 
 def _mqtt_cfg(address: str, protocol: str = "5") -> MqttConfig:
     return MqttConfig(broker=address, protocol=protocol, reconnect_min_s=1.0, reconnect_max_s=2.0)
-
-
-def _wait_until(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 class Sub:
@@ -103,7 +94,7 @@ class Sub:
             return [m for m in self.messages if m["topic"].endswith(suffix)]
 
     def wait_on(self, suffix: str, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
-        _wait_until(lambda: len(self.on(suffix)) >= n, timeout)
+        wait_until(lambda: len(self.on(suffix)) >= n, timeout)
         return self.on(suffix)
 
     def close(self) -> None:
@@ -360,7 +351,7 @@ def test_broker_restart_between_raise_and_clear_still_delivers_the_clear(mosquit
         assert pub.flush(10)
 
         mosquitto.stop(signal.SIGTERM)
-        assert _wait_until(lambda: not pub.stats().connected, 10)
+        assert wait_until(lambda: not pub.stats().connected, 10)
         t = time.monotonic()
         cleared = pub.handle(_score(CLEAR_AT, SERIES[CLEAR_AT]), _end(CLEAR_AT))
         assert time.monotonic() - t < 0.5, "handle() must not wait for the broker"

@@ -20,7 +20,7 @@ from pdm_edge.config import config_from_dict
 from pdm_edge.ingest import Ingestor
 from pdm_edge.ingest.chunk import DEADLETTER_REASONS, encode_chunk, waveform_topic
 from sensors.publisher import ChunkPublisher, iter_chunks, publish_timed
-from tests.conftest import Collector
+from tests.conftest import Collector, wait_until
 
 FS = 25600.0
 T0 = 1_795_248_000_000_000_000
@@ -46,15 +46,6 @@ def _drain(ing: Ingestor, n: int, timeout: float = 20.0) -> list:
         except queue.Empty:
             pass
     return out
-
-
-def _wait_until(cond, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _raw_client(address: str) -> mqtt.Client:
@@ -184,7 +175,7 @@ def test_burst_of_1000_malformed_mixed_with_good_loses_no_good_chunk(mosquitto):
         for info in infos:
             info.wait_for_publish(10)
         wins = _drain(ing, 200, timeout=30)
-        assert _wait_until(lambda: ing.stats().received >= 1200), ing.stats()
+        assert wait_until(lambda: ing.stats().received >= 1200), ing.stats()
         assert ing.wait_idle(10)
         st = ing.stats()
         assert st.connected  # still up and connected after the burst
@@ -203,7 +194,7 @@ def test_full_queues_backpressure_then_queue_full_deadletter(mosquitto):
             publish_timed(pub, iter_chunks([(T0, x)], FS, 0.1), speed=float("inf"))
         time.sleep(1.0)  # nobody reads windows: worker and chunk queue are stuck
         wins = _drain(ing, 20, timeout=5)
-        assert _wait_until(lambda: ing.stats().accepted + ing.stats().deadlettered == 20)
+        assert wait_until(lambda: ing.stats().accepted + ing.stats().deadlettered == 20)
         assert ing.wait_idle(5)
         st = ing.stats()
     # every chunk is either windowed or dead-lettered as queue_full; nothing vanishes
@@ -229,7 +220,7 @@ def test_gap_and_sample_rate_change_for_unconfigured_stream(mosquitto):
         send(T0 + 9_100_000_000, 2000, 7, 200)      # new rate -> rate_change, 200 samples = 0.1 s
         send(T0 + 9_100_000_000, 2000, 7, 200)      # redelivery of the same chunk -> duplicate
         wins = _drain(ing, 5)
-        assert _wait_until(lambda: ing.stats().received == 6)
+        assert wait_until(lambda: ing.stats().received == 6)
         assert ing.wait_idle(5)
         st = ing.stats()
     pub.loop_stop()
@@ -353,7 +344,7 @@ def test_unexpected_decode_error_is_deadlettered_and_ingestion_continues(mosquit
         with ChunkPublisher(cfg.mqtt, "p", "m", "acc", sample_rate_hz=FS, unit="g") as pub:
             publish_timed(pub, iter_chunks([(T0, x)], FS, 0.1), speed=float("inf"))
         wins = _drain(ing, 2)
-        assert _wait_until(lambda: ing.stats().received == 3)
+        assert wait_until(lambda: ing.stats().received == 3)
         st = ing.stats()
     assert st.deadletters == {"internal_error": 1}
     assert [w.index for w in wins] == [0, 0]  # seq 1 missing: a gap, the stream restarted at seq 2
@@ -369,7 +360,7 @@ def test_stop_does_not_hang_when_nobody_reads_windows(mosquitto):
     assert ing.wait_ready(10)
     with ChunkPublisher(cfg.mqtt, "p", "m", "acc", sample_rate_hz=FS, unit="g") as pub:
         publish_timed(pub, iter_chunks([(T0, x)], FS, 0.1), speed=float("inf"))
-    assert _wait_until(lambda: ing.stats().chunk_queue_depth == 2)
+    assert wait_until(lambda: ing.stats().chunk_queue_depth == 2)
     t0 = time.monotonic()
     ing.stop(timeout=1.0)
     assert time.monotonic() - t0 < 10
