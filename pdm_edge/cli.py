@@ -532,13 +532,10 @@ def demo(speed: str, recording: str | None, calibration_s: float, state_dir: str
         events.append(f"{stream} {event}: {detail}")
         click.echo(f"--- {stream} {event}: {detail}")
         st_site, st_machine, _ = stream.split("/")
-        spool.put("model_event", [ModelEvent(st_site, st_machine, time.time_ns(), event, stage_version(stream), detail)])
+        spool.put("model_event", [ModelEvent(st_site, st_machine, time.time_ns(), event, stage.version(stream) or "", detail)])
 
     stage = ScoringStage(encoder, sha, calibration_s=calibration_s, train=TrainConfig(max_epochs=15, max_seconds=30.0),
                          hop_s=lambda w: 0.5, on_event=on_event)
-
-    def stage_version(stream: str) -> str:
-        return stage._streams[stream].version or ""  # noqa: SLF001 - demo-only read of the version id
 
     t0_ns: list[int] = []
 

@@ -73,6 +73,12 @@ class ScoringStage:
             s = self._streams.get(stream)
             return s.state if s else "unknown"
 
+    def version(self, stream: str) -> str | None:
+        """The model version id of a stream once its calibration has started, else ``None``."""
+        with self._lock:
+            st = self._streams.get(stream)
+            return st.version if st else None
+
     def handle(self, window: Window) -> list[tuple[Window, Score]]:
         """Feed one window; returns the (window, score) pairs now ready (none while the stream
         collects or calibrates; the backlog too once calibration has finished)."""
