@@ -223,6 +223,35 @@ class AlertsConfig(_Strict):
         return self
 
 
+class FeedbackConfig(_Strict):
+    """Technician labels and the windows they cover: ``[feedback]`` (see :mod:`pdm_edge.feedback`)."""
+
+    state_dir: str = "var"
+    """The appliance's state directory: the label book ``labels.sqlite`` and the labelled-window
+    buffer ``label_windows.sqlite`` live here (relative paths: to the working directory)."""
+    max_span_s: float = Field(7 * 24 * 3600.0, gt=0)
+    """Longest span a label may cover, seconds (a longer one is refused as a likely typo)."""
+    max_note_chars: int = Field(2000, ge=0)
+    """Longest note, in characters."""
+    max_author_chars: int = Field(200, ge=1)
+    """Longest author, in characters."""
+    buffer_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
+    """Bound of the labelled-window buffer (sum of the stored samples, bytes); beyond it windows
+    are evicted: unlabelled (held) first, then ``ignore``, then ``normal``, ``fault`` last,
+    oldest first within each class."""
+    buffer_max_age_s: float = Field(30 * 24 * 3600.0, gt=0)
+    """Windows of ``normal`` and ``ignore`` labels are dropped this long after they were stored;
+    ``fault`` windows are exempt (only the byte bound evicts them)."""
+    buffer_hold_max_age_s: float = Field(7 * 24 * 3600.0, gt=0)
+    """Unlabelled windows held for a possible label (e.g. an alert's span) are dropped this long
+    after they were stored unless a label claims them."""
+    recent_s: float = Field(120.0, gt=0, le=3600)
+    """Horizon of the in-memory ring of recent windows per stream, seconds of stream time: a label
+    that arrives within this time of the windows it covers can still capture them."""
+    recent_max_bytes_per_stream: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
+    """Memory bound of that ring per stream, bytes of samples (the older windows go first)."""
+
+
 class AppConfig(_Strict):
     """The whole appliance configuration (the TOML file's top level)."""
 
@@ -236,6 +265,7 @@ class AppConfig(_Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
     sensors: dict[str, SensorConfig] = Field(default_factory=dict)
 
     @field_validator("appliance_id", "site")

@@ -57,9 +57,11 @@ DEADLETTER_REASONS: dict[str, str] = {
     "stream_limit": "a new unconfigured stream beyond ingest.max_streams",
     "queue_full": "ingestion queue stayed full for enqueue_timeout_s (overload)",
     "internal_error": "an unexpected error while decoding (a bug; logged with its traceback)",
+    "bad_label": "a technician label on pdm/v1/{site}/{machine}/label failed validation (pdm_edge.feedback)",
 }
-"""Every reason a payload can be rejected for, with what it means. The reason is the last
-level of the dead-letter topic and the label of the dead-letter counter."""
+"""Every reason an incoming payload (waveform chunk or label) can be rejected for, with what it
+means. The reason is the last level of the dead-letter topic and the label of the dead-letter
+counter."""
 
 _DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2")}
 _KNOWN_FIELDS = frozenset({"ts", "fs", "unit", "seq", "dtype", "scale", "data", "values"})
