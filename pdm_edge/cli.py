@@ -709,5 +709,149 @@ def label_list(obj: _Ctx, site: str | None, machine: str | None, kind: str | Non
         click.echo(f"{len(labels)} label(s) in {path}")
 
 
+# ---------------------------------------------------------------------------------------------
+# models (the model registry)
+
+
+@main.group("models")
+def models_group() -> None:
+    """Model versions (the registry): list, show, promote, roll back, export and import.
+
+    Every trained adapter of a stream is a version: candidate, active (one per stream), rejected
+    (by the gate, with the reason) or retired. Export writes one package (zip: version file +
+    manifest with hashes and the encoder's sha256, optionally signed with Ed25519); import
+    verifies it and adds it as a candidate.
+    """
+
+
+def _registry_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--registry", "registry_dir", type=click.Path(file_okay=False), default="var/registry",
+                        show_default=True, help="Model registry directory.")(fn)
+
+
+def _version_line(v: Any) -> str:
+    reason = f"  ({v.reason})" if v.reason else ""
+    return (f"{v.id:<24} {v.stream:<28} {v.status:<9} {_fmt_ns(v.created_ns)}  parent {v.parent or '-':<20} "
+            f"{v.trigger:<19} {v.size_bytes / 1024:6.1f} KiB{reason}")
+
+
+@models_group.command("list")
+@_registry_option
+@click.option("--site", default=None, help="Only this site.")
+@click.option("--machine", default=None, help="Only this machine.")
+@click.option("--sensor", default=None, help="Only this sensor.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
+@_handle_errors
+def models_list(registry_dir: str, site: str | None, machine: str | None, sensor: str | None, as_json: bool) -> None:
+    """List model versions, by stream, oldest first."""
+    from pdm_edge.registry import Registry
+
+    with Registry(registry_dir, create=False) as reg:
+        versions = reg.list(site=site, machine=machine, sensor=sensor)
+    for v in versions:
+        click.echo(json.dumps(v.to_dict()) if as_json else _version_line(v))
+    if not as_json:
+        click.echo(f"{len(versions)} version(s) in {registry_dir}")
+
+
+@models_group.command("show")
+@click.argument("version_id")
+@_registry_option
+@_handle_errors
+def models_show(version_id: str, registry_dir: str) -> None:
+    """Print one version as JSON (metrics, training summary, hashes, status and reason)."""
+    from pdm_edge.registry import Registry
+
+    with Registry(registry_dir, create=False) as reg:
+        click.echo(json.dumps(reg.get(version_id).to_dict(), indent=2))
+
+
+@models_group.command("promote")
+@click.argument("version_id")
+@_registry_option
+@click.option("--reason", default="promoted from the command line", show_default=True)
+@click.option("--force", is_flag=True, help="Promote even a version the gate rejected.")
+@_handle_errors
+def models_promote(version_id: str, registry_dir: str, reason: str, force: bool) -> None:
+    """Make VERSION_ID its stream's active version (the previous one is retired).
+
+    A running `pdm-edge run` in this process swaps models on its own; another process picks the
+    change up from the registry."""
+    from pdm_edge.registry import Registry
+
+    with Registry(registry_dir, create=False) as reg:
+        v = reg.promote(version_id, reason, force=force)
+    click.echo(f"active: {_version_line(v)}")
+
+
+@models_group.command("rollback")
+@_registry_option
+@click.option("--site", required=True)
+@click.option("--machine", required=True)
+@click.option("--sensor", required=True)
+@_handle_errors
+def models_rollback(registry_dir: str, site: str, machine: str, sensor: str) -> None:
+    """Re-activate the stream's previous active version (the current one is retired)."""
+    from pdm_edge.registry import Registry
+
+    with Registry(registry_dir, create=False) as reg:
+        v = reg.rollback(site, machine, sensor)
+    click.echo(f"active: {_version_line(v)}")
+
+
+@models_group.command("export")
+@click.argument("version_id")
+@click.argument("path", type=click.Path(dir_okay=False))
+@_registry_option
+@click.option("--sign", "key_path", type=click.Path(dir_okay=False), default=None,
+              help="Ed25519 private key (PEM) to sign the manifest with.")
+@_handle_errors
+def models_export(version_id: str, path: str, registry_dir: str, key_path: str | None) -> None:
+    """Write VERSION_ID as one package (zip) at PATH."""
+    from pdm_edge.registry import Registry, load_private_key
+
+    key = load_private_key(key_path) if key_path else None
+    with Registry(registry_dir, create=False) as reg:
+        out = reg.export(version_id, path, signing_key=key)
+    click.echo(f"exported {version_id} to {out} ({out.stat().st_size} bytes, {'signed' if key else 'unsigned'})")
+
+
+@models_group.command("import")
+@click.argument("path", type=click.Path(dir_okay=False))
+@_registry_option
+@click.option("--trust", "trusted", multiple=True, type=click.Path(dir_okay=False),
+              help="Trusted Ed25519 public key (PEM); repeatable.")
+@click.option("--require-signature", is_flag=True, help="Refuse a package without a signature from a trusted key.")
+@click.option("--encoder", "encoder_path", type=click.Path(dir_okay=False), default=None,
+              help="The appliance's encoder weights [default: models/encoder.pt].")
+@click.option("--encoder-sha256", default=None, help="The encoder's sha256 (instead of reading --encoder).")
+@_handle_errors
+def models_import(path: str, registry_dir: str, trusted: tuple[str, ...], require_signature: bool,
+                  encoder_path: str | None, encoder_sha256: str | None) -> None:
+    """Verify the package at PATH (hashes, signature, encoder) and add it as a candidate."""
+    from pdm_edge.registry import Registry
+
+    if encoder_sha256 is None:
+        from pdm_edge.model import load_encoder
+
+        _, encoder_sha256 = load_encoder(encoder_path)
+    with Registry(registry_dir) as reg:
+        v = reg.import_package(path, encoder_sha256=encoder_sha256, trusted_public_keys=list(trusted),
+                               require_signature=require_signature)
+    click.echo(f"imported: {_version_line(v)}  [{v.origin}]")
+
+
+@models_group.command("keygen")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", default="signing_key", show_default=True, help="File name stem.")
+@_handle_errors
+def models_keygen(directory: str, name: str) -> None:
+    """Write a new Ed25519 key pair (NAME.pem, private, mode 0600; NAME.pub.pem) in DIRECTORY."""
+    from pdm_edge.registry import generate_keypair
+
+    priv, pub = generate_keypair(directory, name)
+    click.echo(f"private key {priv} (keep it off the appliance), public key {pub}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -54,6 +54,11 @@ class ModelError(PdmEdgeError):
     """A model or model version cannot be used: wrong encoder, bad file, mismatched stream."""
 
 
+class RegistryError(ModelError):
+    """The model registry refused an operation: unknown version, a status change that is not
+    allowed, or a package that failed verification (the message names the failed check)."""
+
+
 class NotCalibratedError(ModelError):
     """The machine has no baseline yet: too few normal windows, or calibration has not run."""
 

@@ -201,15 +201,17 @@ def _robust_scale(x: np.ndarray) -> tuple[float, float]:
 class Baseline:
     """Normal embeddings' mean and Ledoit-Wolf precision (inverse covariance)."""
 
-    mean: np.ndarray  # (D,) float64
-    precision: np.ndarray  # (D, D) float64
+    mean: np.ndarray  # (D,) float64 holding float32-representable values
+    precision: np.ndarray  # (D, D) float64 holding float32-representable values
 
     @classmethod
     def fit(cls, emb: np.ndarray) -> Baseline:
         from sklearn.covariance import LedoitWolf
 
         lw = LedoitWolf().fit(np.asarray(emb, dtype=np.float64))
-        return cls(lw.location_.copy(), lw.precision_.copy())
+        # rounded to float32 so that a model version stores them in half the bytes and a
+        # reloaded scorer computes exactly what the live one does
+        return cls(lw.location_.astype(np.float32).astype(np.float64), lw.precision_.astype(np.float32).astype(np.float64))
 
     def distance(self, emb: np.ndarray) -> np.ndarray:
         d = np.asarray(emb, dtype=np.float64) - self.mean
@@ -467,7 +469,8 @@ class Scorer:
             "adapter": {k: v.detach().clone() for k, v in self.adapter.state_dict().items()},
             "standardizer": {"mean": torch.from_numpy(self.standardizer.mean), "std": torch.from_numpy(self.standardizer.std),  # type: ignore[union-attr]
                              "one_sided": self.standardizer.one_sided},  # type: ignore[union-attr]
-            "baseline": {"mean": torch.from_numpy(self.baseline.mean), "precision": torch.from_numpy(self.baseline.precision)},  # type: ignore[union-attr]
+            "baseline": {"mean": torch.from_numpy(self.baseline.mean.astype(np.float32)),  # type: ignore[union-attr]
+                         "precision": torch.from_numpy(self.baseline.precision.astype(np.float32))},  # type: ignore[union-attr]
             "component_stats": {c: list(v) for c, v in self.component_stats.items()},
             "threshold": self.threshold,
             "calibration": {k: v for k, v in self.calibration.items() if k != "adapter_history"},
@@ -486,7 +489,7 @@ class Scorer:
         s.adapter.load_state_dict(state["adapter"])
         s.standardizer = Standardizer(state["standardizer"]["mean"].numpy(), state["standardizer"]["std"].numpy(),
                                       bool(state["standardizer"]["one_sided"]))
-        s.baseline = Baseline(state["baseline"]["mean"].numpy(), state["baseline"]["precision"].numpy())
+        s.baseline = Baseline(state["baseline"]["mean"].numpy().astype(np.float64), state["baseline"]["precision"].numpy().astype(np.float64))
         s.component_stats = {c: (float(v[0]), float(v[1])) for c, v in state["component_stats"].items()}
         s.threshold = float(state["threshold"])
         s.calibration = dict(state["calibration"])
