@@ -57,12 +57,7 @@ _SETTINGS_AS_ONE = [pytest.param(p.values, id=p.id) for p in COMPONENT_SETTINGS]
 # fixtures and helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _windows(sim: VibrationSimulator, count: int, first_index: int = 0, fs: float = FS) -> list[Window]:

@@ -37,12 +37,7 @@ STREAM = {"site": "site", "machine": "m1", "sensor": "de"}
 MAX_VERSION_BYTES = 256 * 1024
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _windows(sim: VibrationSimulator, count: int, first_index: int = 0) -> list[Window]:
