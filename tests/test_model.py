@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
