@@ -134,6 +134,28 @@ class IngestConfig(_Strict):
     """Publish rejected payloads to ``pdm/v1/_deadletter/{reason}`` (they are counted either way)."""
 
 
+class BearingConfig(_Strict):
+    """A rolling-element bearing's geometry: ``[sensors."..".bearing]`` (see :mod:`pdm_edge.bearing`)."""
+
+    n_elements: int = Field(ge=1)
+    element_diameter_mm: float = Field(gt=0)
+    pitch_diameter_mm: float = Field(gt=0)
+    contact_angle_deg: float = Field(0.0, ge=0, lt=90)
+    name: str = ""
+
+    @model_validator(mode="after")
+    def _geometry(self) -> BearingConfig:
+        self.geometry()  # raises ValueError with the reason
+        return self
+
+    def geometry(self) -> Any:
+        """The :class:`pdm_edge.bearing.BearingGeometry`."""
+        from pdm_edge.bearing import BearingGeometry
+
+        return BearingGeometry(self.n_elements, self.element_diameter_mm, self.pitch_diameter_mm,
+                               self.contact_angle_deg, self.name)
+
+
 class SensorConfig(_Strict):
     """One sensor stream: ``[sensors."site/machine/sensor"]``."""
 
@@ -142,6 +164,11 @@ class SensorConfig(_Strict):
     unit: Unit
     window_s: float = Field(1.0, gt=0, le=60)
     hop_s: float = Field(0.5, gt=0, le=600)
+    shaft_hz: float | None = Field(None, gt=0, le=1000)
+    """Shaft speed, Hz (rev/s), when it is constant and known: with ``bearing`` it places the
+    defect frequencies (BPFO/BPFI/BSF/FTF) on the dashboard's envelope spectrum."""
+    bearing: BearingConfig | None = None
+    """The monitored bearing's geometry (vibration sensors)."""
 
     @model_validator(mode="after")
     def _whole_samples(self) -> SensorConfig:
@@ -252,6 +279,67 @@ class FeedbackConfig(_Strict):
     """Memory bound of that ring per stream, bytes of samples (the older windows go first)."""
 
 
+class LearningConfig(_Strict):
+    """The on-device training loop: ``[learning]`` (see :mod:`pdm_edge.learning`)."""
+
+    calibration_s: float = Field(600.0, gt=0)
+    """Seconds of a new stream's windows taken as its normal baseline before the first
+    calibration (the appliance is commissioned on a healthy machine)."""
+    retrain_after_labels: int = Field(5, ge=1)
+    """A retrain is triggered when this many new labels (normal or fault) covering a stream's
+    windows have arrived since its last training."""
+    replay_normal_windows: int = Field(2000, ge=20)
+    """Size of the reservoir of normal windows per stream (the replay buffer)."""
+    gate_fraction: float = Field(0.2, gt=0, lt=0.5)
+    """Fraction of the replay buffer's normal windows held back for the gate."""
+    gate_margin: float = Field(0.01, ge=0, le=1)
+    """How much higher (absolute fraction of held-back normal windows) a candidate's false-alarm
+    rate may be than the active version's."""
+    max_train_seconds: float = Field(120.0, gt=0)
+    """Wall-time budget of one adapter training."""
+    lora_rank: int = Field(4, ge=1, le=64)
+    """Rank of the LoRA modules."""
+    target_false_alerts_per_h: float = Field(0.1, gt=0)
+    """False alerts per hour the threshold aims at."""
+    train_threads: int = Field(1, ge=1)
+    """torch threads of the trainer (it runs at low OS priority beside the scorer)."""
+    nice: int = Field(10, ge=0, le=19)
+    """OS niceness added to the training thread (Linux; ignored elsewhere)."""
+
+
+class RegistryConfig(_Strict):
+    """Model versions: ``[registry]`` (see :mod:`pdm_edge.registry`)."""
+
+    dir: str = "var/registry"
+    """The registry directory (index and version files); relative to the working directory."""
+    verify_key: str | None = None
+    """Ed25519 public key (PEM) that imported packages must be signed with; unsigned packages
+    are refused when it is set."""
+
+
+class ServiceConfig(_Strict):
+    """The running appliance (``pdm-edge run``): ``[service]``."""
+
+    http: str = "127.0.0.1:9108"
+    """HOST:PORT of the health endpoint (``/healthz``) and Prometheus metrics (``/metrics``)."""
+    torch_threads: int = Field(1, ge=1)
+    """torch intra-op threads of the scoring worker."""
+    score_batch: int = Field(64, ge=1)
+    """Most windows scored in one batch."""
+
+
+class DashboardConfig(_Strict):
+    """The Streamlit dashboard: ``[dashboard]``."""
+
+    address: str = "127.0.0.1"
+    port: int = Field(8501, ge=1, le=65535)
+    users_file: str | None = None
+    """TOML file of users with hashed passwords and roles (engineer / technician); without it
+    the dashboard is read-only and says so."""
+    refresh_s: float = Field(5.0, gt=0)
+    """How often the live views refresh, seconds."""
+
+
 class AppConfig(_Strict):
     """The whole appliance configuration (the TOML file's top level)."""
 
@@ -266,6 +354,10 @@ class AppConfig(_Strict):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    learning: LearningConfig = Field(default_factory=LearningConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
     sensors: dict[str, SensorConfig] = Field(default_factory=dict)
 
     @field_validator("appliance_id", "site")
