@@ -301,8 +301,6 @@ class LearningConfig(_Strict):
     """Rank of the LoRA modules."""
     target_false_alerts_per_h: float = Field(0.1, gt=0)
     """False alerts per hour the threshold aims at."""
-    train_threads: int = Field(1, ge=1)
-    """torch threads of the trainer (it runs at low OS priority beside the scorer)."""
     nice: int = Field(10, ge=0, le=19)
     """OS niceness added to the training thread (Linux; ignored elsewhere)."""
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,12 @@ from pdm_edge.model.standardize import Standardizer
 from pdm_edge.types import Window
 
 N_RECON_MASKS = 4
+MAX_FAULT_PROTOTYPES = 64
+"""Most known-fault embeddings a model version keeps (evenly subsampled in time order)."""
+
+
+class TrainingInterrupted(ModelError):
+    """Adapter training was asked to stop (service shutdown); its checkpoint was written."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +248,8 @@ class Scorer:
         self.threshold: float | None = None
         self.calibration: dict[str, Any] = {}
         self._normal: list[np.ndarray] = []  # raw feature images of normal windows, (2, 64, 32)
+        self._faults: list[np.ndarray] = []  # raw feature images of labelled fault windows
+        self.fault_prototypes: np.ndarray | None = None  # (F, D) embeddings of known faults
         self._baseline_emb: np.ndarray | None = None
         self._recon_masks = self._complementary_masks()
 
@@ -252,6 +260,10 @@ class Scorer:
             return Adapter(self.encoder, self.config.adapter)
 
     # -- features --------------------------------------------------------------------------
+    @staticmethod
+    def _is_feature_batch(x: Any) -> bool:
+        return isinstance(x, np.ndarray) and x.ndim == 4 and tuple(x.shape[1:]) == features.INPUT_SHAPE
+
     def _samples(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
         if isinstance(windows, np.ndarray):
             return windows.reshape(1, -1) if windows.ndim == 1 else windows
@@ -263,7 +275,10 @@ class Scorer:
         return np.stack([w.samples for w in windows])
 
     def features(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
-        """Feature images ``(B, 2, 64, 32)`` (before standardisation) of windows or raw samples ``(B, N)``."""
+        """Feature images ``(B, 2, 64, 32)`` float32 (before standardisation) of windows or raw
+        samples ``(B, N)``; a batch that already is feature images is returned as it is."""
+        if self._is_feature_batch(windows):
+            return np.asarray(windows, dtype=np.float32)
         x = self._samples(windows)
         if x.shape[0] == 0:
             return np.zeros((0, *features.INPUT_SHAPE), np.float32)
@@ -278,19 +293,37 @@ class Scorer:
     def n_normal(self) -> int:
         return len(self._normal)
 
-    def learn_one(self, window: Window | np.ndarray) -> Scorer:
-        """Add one normal window (see :meth:`learn_many`)."""
-        return self.learn_many([window] if isinstance(window, Window) else np.asarray(window)[None])
+    @property
+    def n_fault(self) -> int:
+        return len(self._faults)
 
-    def learn_many(self, windows: Sequence[Window] | np.ndarray) -> Scorer:
-        """Add normal windows to the machine's baseline.
+    def learn_one(self, window: Window | np.ndarray, label: str = "normal") -> Scorer:
+        """Add one window (see :meth:`learn_many`)."""
+        return self.learn_many([window] if isinstance(window, Window) else np.asarray(window)[None], label)
 
-        Before calibration they are only collected. After calibration the embedding baseline is
-        refitted with them (the adapter is not retrained; use :meth:`calibrate` for that). A
-        scorer reloaded from a model version does not carry the baseline's embeddings (they
-        would make the file large), so there they are only collected until the next calibration.
+    def learn_many(self, windows: Sequence[Window] | np.ndarray, label: str = "normal") -> Scorer:
+        """Add windows of the machine, ``(B, N)`` samples, ``Window`` objects or ``(B, 2, 64, 32)``
+        feature images, as examples of ``label``.
+
+        ``label="normal"`` (the default: unlabelled data of a healthy machine, and windows a
+        technician marked as a false alarm): before calibration they are only collected; after
+        calibration the embedding baseline is also refitted with them (the adapter is not
+        retrained; use :meth:`calibrate` for that). A scorer reloaded from a model version does
+        not carry the baseline's embeddings (they would make the file large), so there they are
+        only collected until the next calibration.
+
+        ``label="fault"`` (windows of a confirmed fault): collected for the next
+        :meth:`calibrate`, which makes them known-fault examples (see the module docstring).
+
+        Raises:
+            ValueError: an unknown label, non-finite or too short windows.
         """
+        if label not in ("normal", "fault"):
+            raise ValueError(f"label must be 'normal' or 'fault', got {label!r}")
         f = self.features(windows)
+        if label == "fault":
+            self._faults.extend(f)
+            return self
         self._normal.extend(f)
         if self.is_calibrated and len(f) and self._baseline_emb is not None:
             emb = self._embed(self.standardizer.transform(f))  # type: ignore[union-attr]
@@ -347,10 +380,10 @@ class Scorer:
             out.append((err / len(self._recon_masks)).numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
-    def _raw(self, xs: np.ndarray, baseline: Baseline) -> dict[str, np.ndarray]:
+    def _raw(self, xs: np.ndarray, baseline: Baseline, emb: np.ndarray | None = None) -> dict[str, np.ndarray]:
         raw = {}
         if "mahalanobis" in self.config.components:
-            raw["mahalanobis"] = baseline.distance(self._embed(xs))
+            raw["mahalanobis"] = baseline.distance(self._embed(xs) if emb is None else emb)
         if "reconstruction" in self.config.components:
             raw["reconstruction"] = self._recon_error(xs)
         return raw
@@ -359,16 +392,45 @@ class Scorer:
         z = [(raw[c] - self.component_stats[c][0]) / self.component_stats[c][1] for c in self.config.components]
         return np.mean(z, axis=0)
 
+    def fault_match(self, emb: np.ndarray) -> np.ndarray:
+        """Known-fault evidence of embeddings ``(B, D)``: ``max(0, d_normal - d_fault) / spread``
+        with ``d_normal`` the Mahalanobis distance to the normal mean, ``d_fault`` the distance
+        (same metric) to the nearest known-fault prototype and ``spread`` the normal spread of
+        ``d_normal``; 0 for windows nearer to normal than to every known fault, and zeros
+        without fault prototypes. Shape ``(B,)`` float64."""
+        if self.fault_prototypes is None or not len(self.fault_prototypes) or self.baseline is None:
+            return np.zeros(len(emb))
+        e = np.asarray(emb, dtype=np.float64)
+        d0 = self.baseline.distance(e)
+        diff = e[:, None, :] - np.asarray(self.fault_prototypes, dtype=np.float64)[None]
+        df = np.sqrt(np.maximum(np.einsum("bfi,ij,bfj->bf", diff, self.baseline.precision, diff), 0.0)).min(axis=1)
+        spread = self.component_stats.get("mahalanobis", (0.0, 1.0))[1]
+        return np.maximum(0.0, d0 - df) / spread
+
     def _score_features(self, f: np.ndarray) -> np.ndarray:
         if len(f) == 0:
             return np.zeros(0)
         xs = self.standardizer.transform(f)  # type: ignore[union-attr]
-        return self._combine(self._raw(xs, self.baseline))  # type: ignore[arg-type]
+        emb = self._embed(xs)
+        score = self._combine(self._raw(xs, self.baseline, emb))  # type: ignore[arg-type]
+        if self.fault_prototypes is not None:
+            score = score + self.fault_match(emb)
+        return score
 
     # -- calibration -----------------------------------------------------------------------
-    def calibrate(self) -> dict[str, Any]:
+    def calibrate(self, *, checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                  resume: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Fit the machine's baseline, adapter, score standardisation and threshold on the
-        normal windows collected so far (in time order).
+        normal windows collected so far (in time order), with the fault windows collected so
+        far as known-fault examples.
+
+        Args:
+            checkpoint: called after every adapter epoch with the training state (adapter,
+                optimizer, best state, history; tensors and plain values) so the caller can
+                write it atomically; the on-device training loop does (:mod:`pdm_edge.learning`).
+            resume: such a state: training continues after its epoch instead of starting over.
+            should_stop: polled between batches; when it returns True the current state is
+                passed to ``checkpoint`` and :class:`TrainingInterrupted` is raised.
 
         Returns:
             a summary: windows used, adapter epochs and losses, training seconds, held-out
@@ -376,6 +438,7 @@ class Scorer:
 
         Raises:
             NotCalibratedError: fewer than ``config.min_windows`` normal windows.
+            TrainingInterrupted: ``should_stop`` asked to stop.
         """
         n = len(self._normal)
         if n < self.config.min_windows:
@@ -389,7 +452,7 @@ class Scorer:
         self.adapter = self._new_adapter()
         history: list[dict[str, float]] = []
         if self.config.train_adapter:
-            history = self._train_adapter(tr, va)
+            history = self._train_adapter(tr, va, checkpoint=checkpoint, resume=resume, should_stop=should_stop)
         emb = self._embed(xs)
         held_idx = np.arange(n)
         held: dict[str, np.ndarray] = {}
@@ -402,14 +465,21 @@ class Scorer:
             held["reconstruction"][held_idx] = self._recon_error(va)
         held = {c: v[held_idx] for c, v in held.items()}
         self.component_stats = {c: _robust_scale(v) for c, v in held.items()}
-        held_scores = self._combine(held)
+        self._baseline_emb = emb
+        self.baseline = Baseline.fit(emb)
+        self.fault_prototypes = None
+        if self._faults:
+            fe = self._embed(self.standardizer.transform(np.stack(self._faults)))
+            keep = np.unique(np.linspace(0, len(fe) - 1, min(len(fe), MAX_FAULT_PROTOTYPES)).round().astype(int))
+            self.fault_prototypes = fe[keep].astype(np.float32)
+        held_scores = self._combine(held) + self.fault_match(emb[held_idx])
         p = exceedance_probability(self.config.target_false_alerts_per_h, self.config.hop_s, self.config.alert_k, self.config.alert_n)
         self.threshold = threshold_from_held_out(held_scores, p)
         mu, sigma = float(np.mean(held_scores)), float(np.std(held_scores, ddof=1))
-        self._baseline_emb = emb
-        self.baseline = Baseline.fit(emb)
         self.calibration = {
-            "windows": n, "train_windows": len(tr), "held_out_windows": len(held_idx),
+            "windows": n, "fault_windows": len(self._faults),
+            "fault_prototypes": 0 if self.fault_prototypes is None else len(self.fault_prototypes),
+            "train_windows": len(tr), "held_out_windows": len(held_idx),
             "adapter_epochs": len(history), "adapter_history": history,
             "train_seconds": round(time.monotonic() - t0, 3),
             "held_out_score_mean": mu, "held_out_score_std": sigma, "held_out_score_max": float(np.max(held_scores)),
@@ -417,7 +487,9 @@ class Scorer:
         }
         return self.calibration
 
-    def _train_adapter(self, tr: np.ndarray, va: np.ndarray) -> list[dict[str, float]]:
+    def _train_adapter(self, tr: np.ndarray, va: np.ndarray, *, checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                       resume: dict[str, Any] | None = None,
+                       should_stop: Callable[[], bool] | None = None) -> list[dict[str, float]]:
         tc = self.config.train
         params = [p for p in self.adapter.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -432,13 +504,38 @@ class Scorer:
                 tgt = self.encoder.patchify(xv)
                 return float(np.mean([masked_error(self.encoder.reconstruct(self._tokens(xv, m)), tgt, m).mean() for m in val_masks]))
 
-        best, best_state, bad, history = val_loss(), copy.deepcopy(self.adapter.state_dict()), 0, []
-        history.append({"epoch": 0, "train_loss": float("nan"), "val_loss": best})
+        def snapshot(epoch: int) -> dict[str, Any]:
+            return {"epoch": epoch, "adapter": copy.deepcopy(self.adapter.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
+                    "best": best, "best_state": best_state, "bad": bad, "history": list(history),
+                    "elapsed_s": elapsed0 + time.monotonic() - t0}
+
+        start, elapsed0 = 1, 0.0
+        if resume is not None:
+            self.adapter.load_state_dict(resume["adapter"])
+            opt.load_state_dict(resume["optimizer"])
+            best, best_state, bad = float(resume["best"]), resume["best_state"], int(resume["bad"])
+            history, start, elapsed0 = list(resume["history"]), int(resume["epoch"]) + 1, float(resume["elapsed_s"])
+            for _ in range(1, start):  # the same data order and masks as an uninterrupted run
+                rng.permutation(len(xt))
+        else:
+            best, best_state, bad, history = val_loss(), copy.deepcopy(self.adapter.state_dict()), 0, []
+            history.append({"epoch": 0, "train_loss": float("nan"), "val_loss": best})
         t0 = time.monotonic()
-        for ep in range(1, tc.max_epochs + 1):
+        stopped = bad >= tc.patience or elapsed0 > tc.max_seconds
+        for ep in range(start, tc.max_epochs + 1):
+            if stopped:
+                break
+            epoch_start = copy.deepcopy(self.adapter.state_dict()), copy.deepcopy(opt.state_dict())
             perm = rng.permutation(len(xt))
             tot = 0.0
             for b in range(0, len(perm), tc.batch):
+                if should_stop is not None and should_stop():
+                    # resume from the last finished epoch: roll back the half-done one
+                    self.adapter.load_state_dict(epoch_start[0])
+                    opt.load_state_dict(epoch_start[1])
+                    if checkpoint is not None:
+                        checkpoint(snapshot(ep - 1))
+                    raise TrainingInterrupted(f"adapter training stopped at epoch {ep} of {tc.max_epochs} (checkpoint kept)")
                 j = torch.from_numpy(perm[b:b + tc.batch])
                 x = xt[j]
                 mask = random_mask(len(j), n_tok, tc.mask_ratio, gen)
@@ -453,8 +550,9 @@ class Scorer:
                 best, best_state, bad = vl, copy.deepcopy(self.adapter.state_dict()), 0
             else:
                 bad += 1
-            if bad >= tc.patience or time.monotonic() - t0 > tc.max_seconds:
-                break
+            stopped = bad >= tc.patience or elapsed0 + time.monotonic() - t0 > tc.max_seconds
+            if checkpoint is not None:
+                checkpoint(snapshot(ep))
         self.adapter.load_state_dict(best_state)
         return history
 
@@ -474,6 +572,7 @@ class Scorer:
             "component_stats": {c: list(v) for c, v in self.component_stats.items()},
             "threshold": self.threshold,
             "calibration": {k: v for k, v in self.calibration.items() if k != "adapter_history"},
+            "fault_prototypes": None if self.fault_prototypes is None else torch.from_numpy(self.fault_prototypes),
         }
 
     @classmethod
@@ -493,5 +592,7 @@ class Scorer:
         s.component_stats = {c: (float(v[0]), float(v[1])) for c, v in state["component_stats"].items()}
         s.threshold = float(state["threshold"])
         s.calibration = dict(state["calibration"])
+        fp = state.get("fault_prototypes")
+        s.fault_prototypes = None if fp is None else fp.numpy().astype(np.float32)
         return s
 

@@ -1,0 +1,57 @@
+"""On-device learning: the replay buffer and the edge training loop (DESIGN.md section 3).
+
+- :mod:`.replay`: :class:`ReplayBuffer`, the durable reservoir of each stream's normal windows
+  with its held-back gate slots;
+- :mod:`.loop`: :class:`LearningLoop`, triggers -> data -> adapter training with atomic
+  checkpoints -> gate -> registry, in one low-priority thread; :func:`request_training` queues
+  a job from another process.
+
+:func:`build_learning` makes the loop that ``pdm-edge run`` and ``pdm-edge demo`` use from the
+appliance configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pdm_edge.learning.loop import JOB_STATES, TRIGGERS, Job, LearningLoop, request_training
+from pdm_edge.learning.replay import ReplayBuffer
+
+__all__ = ["JOB_STATES", "TRIGGERS", "Job", "LearningLoop", "ReplayBuffer", "build_learning", "scorer_config_for", "request_training"]
+
+
+def scorer_config_for(cfg: Any) -> Any:
+    """``(stream, window) -> ScorerConfig`` from an :class:`~pdm_edge.config.AppConfig`: kind,
+    sample rate and hop from the stream's ``[sensors]`` table (or, for an accepted unconfigured
+    stream, from its window and ``[ingest.default_sensor]``), LoRA rank, training budget and
+    false-alert target from ``[learning]``, the k-of-n rule from ``[alerts]``."""
+    from pdm_edge.model.adapter import AdapterConfig
+    from pdm_edge.model.scorer import ScorerConfig, TrainConfig
+
+    def make(stream: str, window: Any = None) -> ScorerConfig | None:
+        sensor = cfg.sensors.get(stream)
+        if sensor is not None:
+            kind, fs, hop = sensor.kind, sensor.sample_rate_hz, sensor.hop_s
+        elif window is not None:
+            kind, fs, hop = window.kind, window.sample_rate_hz, cfg.ingest.default_sensor.hop_s
+        else:
+            return None
+        return ScorerConfig(kind=kind, sample_rate_hz=fs, hop_s=hop, adapter=AdapterConfig(rank=cfg.learning.lora_rank),
+                            train=TrainConfig(max_seconds=cfg.learning.max_train_seconds),
+                            target_false_alerts_per_h=cfg.learning.target_false_alerts_per_h,
+                            alert_k=cfg.alerts.k, alert_n=cfg.alerts.n)
+
+    return make
+
+
+def build_learning(cfg: Any, registry: Any, encoder: Any, encoder_sha256: str, *, labels: Any = None,
+                   label_windows: Any = None, on_event: Any = None, state_dir: str | Path | None = None) -> LearningLoop:
+    """The :class:`LearningLoop` of an :class:`~pdm_edge.config.AppConfig` (``[learning]``),
+    with its state in ``state_dir`` (default ``[feedback] state_dir``)."""
+    lc = cfg.learning
+    return LearningLoop(registry, encoder, encoder_sha256, state_dir if state_dir is not None else cfg.feedback.state_dir,
+                        scorer_config=scorer_config_for(cfg), calibration_s=lc.calibration_s,
+                        retrain_after_labels=lc.retrain_after_labels, replay_capacity=lc.replay_normal_windows,
+                        gate_fraction=lc.gate_fraction, gate_margin=lc.gate_margin, labels=labels,
+                        label_windows=label_windows, nice=lc.nice, on_event=on_event)
