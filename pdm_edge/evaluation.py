@@ -250,6 +250,147 @@ def eval_femto(data: Path, encoder: Encoder, sha: str, train: TrainConfig, subse
     return {"femto_bearing3_1": row}
 
 
+def _dcase_clips(data: Path) -> list[tuple[Path, str, str, int]]:
+    root = data / "dcase2023_task2" / "valve"
+    clips = []
+    for p in sorted(root.glob("*/*.wav")):
+        m = _CLIP.search(p.name)
+        if m:
+            clips.append((p, m.group(2), m.group(3), int(m.group(4))))
+    if not clips:
+        raise FileNotFoundError(root)
+    return clips
+
+
+FEEDBACK_EVENTS = (0, 1, 5, 10)
+
+
+def eval_feedback_curve(data: Path, encoder: Encoder, sha: str, train: TrainConfig, subset: bool = False) -> dict[str, Any]:
+    """The feedback learning curve on DCASE 2023 valve (DESIGN.md section 5), through the
+    product's own feedback path and training loop.
+
+    Split (all labels from the calibration side, the clips with index < 25):
+
+    - calibration: the 2 train normals and the test normals with index < 13 (the initial
+      calibration, ``trigger = "initial"``);
+    - live: the test normals with index 13-24 and the anomalies with index < 25, replayed
+      through the scoring stage after calibration. A technician reviews them in the order the
+      dashboard ranks them (highest clip score first, clip score = mean window score) and labels
+      each: a normal clip as ``normal`` (a false alarm), an anomaly as ``fault``
+      (``bearing_outer_race`` is not meaningful here; ``other``);
+    - test: the normals with index >= 25 against the anomalies with index >= 25, never labelled.
+
+    For each number of labelled events in :data:`FEEDBACK_EVENTS` the labels are submitted
+    through :meth:`pdm_edge.feedback.Feedback.submit` (windows captured from the ring of recent
+    windows into the labelled-window buffer), a retrain runs in the learning loop (replay buffer
+    + labelled windows, gate), and the trained candidate scores the test clips. Reported per
+    step: ROC AUC and pAUC (FPR <= 0.1) of the candidate, its gate decision, and the share of
+    the never-labelled test normals that raise an alert (k-of-n over their windows) and of the
+    labelled false-alarm clips' windows above threshold, before and after.
+    """
+    import tempfile
+
+    from pdm_edge.feedback import Feedback, LabelBook, LabelledWindowBuffer, RecentWindows
+    from pdm_edge.learning import LearningLoop
+    from pdm_edge.learning.stage import ScoringStage
+    from pdm_edge.registry import Registry
+    from pdm_edge.types import Window
+    from sample_data.loaders import load_wav
+
+    clips = _dcase_clips(data)
+    cal = [c for c in clips if c[1] == "train" or (c[2] == "normal" and c[3] < 13)]
+    live = [c for c in clips if c[1] == "test" and c[3] < 25 and not (c[2] == "normal" and c[3] < 13)]
+    test = [c for c in clips if c[1] == "test" and c[3] >= 25]
+    if subset:
+        cal, live, test = cal[:6], live[::3], test[::5]
+    fs, n, hop = 16000.0, 16000, 8000
+    clip_gap_ns = 30 * 10**9
+    t_next = [0]
+
+    def clip_windows(c: tuple) -> list[Window]:
+        x = _windows(load_wav(c[0]).concatenated(), n, hop)
+        t0 = t_next[0]
+        t_next[0] += clip_gap_ns
+        return [Window("dcase", "valve", "mic", "acoustic", t0 + i * 500_000_000, fs, "Pa", x[i], i) for i in range(len(x))]
+
+    cfg = ScorerConfig(kind="acoustic", sample_rate_hz=fs, hop_s=0.5, train=train, min_windows=10)
+    k_, n_ = cfg.alert_k, cfg.alert_n
+
+    def alerts(scores: np.ndarray, thr: float) -> bool:
+        c = np.convolve((scores > thr).astype(int), np.ones(n_, int), mode="valid")
+        return bool(len(c) and c.max() >= k_)
+
+    with tempfile.TemporaryDirectory(prefix="pdm-edge-feedback-") as d:
+        registry = Registry(Path(d) / "registry")
+        book, buffer = LabelBook.in_dir(d), LabelledWindowBuffer.in_dir(d, max_bytes=2 * 1024**3)
+        feedback = Feedback(book, buffer, RecentWindows(10**7, 1024**3))
+        loop = LearningLoop(registry, encoder, sha, d, scorer_config=lambda s, w=None: cfg, calibration_s=10**9,
+                            labels=book, label_windows=buffer, label_settle_s=0.0)
+        stage = ScoringStage(loop)
+        try:
+            for c in cal:
+                stage.handle_many(clip_windows(c))
+            loop.enqueue("dcase/valve/mic", "initial")
+            first = loop.run_pending()[0]
+            if first.version is None:
+                raise PdmEdgeError(f"feedback curve: initial calibration failed: {first.detail}")
+            live_w = {}
+            live_score = {}
+            for c in live:
+                ws = clip_windows(c)
+                for w in ws:
+                    feedback.observe(w)
+                live_w[c[0].name] = ws
+                live_score[c[0].name] = float(np.mean([s.score for _, s in stage.handle_many(ws)]))
+            order = sorted(live, key=lambda c: -live_score[c[0].name])
+            test_w = [np.stack([w.samples for w in clip_windows(c)]) for c in test]
+            y = np.array([1.0 if c[2] == "anomaly" else 0.0 for c in test])
+            steps = []
+            labelled: list[tuple] = []
+            for n_events in FEEDBACK_EVENTS:
+                for c in order[len(labelled):n_events]:
+                    ws = live_w[c[0].name]
+                    kind = "fault" if c[2] == "anomaly" else "normal"
+                    feedback.submit(site="dcase", machine="valve", sensor="mic", start_ns=ws[0].start_ns, end_ns=ws[-1].end_ns,
+                                    kind=kind, fault_type="other" if kind == "fault" else None, author="eval",
+                                    note=f"feedback curve: {c[0].name}")
+                    labelled.append(c)
+                feedback.sync()
+                if n_events == 0:
+                    job = first
+                else:
+                    loop.enqueue("dcase/valve/mic", "labels")
+                    job = loop.run_pending()[0]
+                rec = registry.get(job.version) if job.version else None
+                scorer = registry.load(rec.id, encoder, sha) if rec else None
+                if scorer is None:
+                    steps.append({"labelled_events": n_events, "error": job.detail})
+                    continue
+                thr = float(scorer.threshold)  # type: ignore[arg-type]
+                per_clip = [scorer.score_many(w) for w in test_w]
+                s_clip = np.array([float(np.mean(v)) for v in per_clip])
+                fa_clips = [c for c in labelled if c[2] == "normal"]
+                fa_above = (float(np.mean(np.concatenate([scorer.score_many(live_w[c[0].name]) for c in fa_clips]) > thr))
+                            if fa_clips else None)
+                steps.append({
+                    "labelled_events": n_events,
+                    "labels": {"normal": sum(c[2] == "normal" for c in labelled), "fault": sum(c[2] == "anomaly" for c in labelled)},
+                    "auc": _auc(y, s_clip), "pauc": _auc(y, s_clip, max_fpr=0.1),
+                    "version": rec.id, "status": rec.status, "gate": rec.reason,
+                    "test_normal_clips_alerting": float(np.mean([alerts(v, thr) for v, t in zip(per_clip, y) if t == 0])),
+                    "test_anomaly_clips_alerting": float(np.mean([alerts(v, thr) for v, t in zip(per_clip, y) if t == 1])),
+                    "labelled_false_alarm_windows_above_threshold": fa_above,
+                    "train_seconds": (rec.training_summary or {}).get("train_seconds"),
+                })
+        finally:
+            stage.close()
+            loop.close()
+            feedback.close()
+            registry.close()
+    return {"dcase_valve_feedback": {"calibration_clips": len(cal), "live_clips": len(live), "test_clips": len(test),
+                                     "test_anomalies": int(y.sum()), "steps": steps}}
+
+
 # -- plots ------------------------------------------------------------------------------------------
 def _plots(results: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
@@ -261,6 +402,19 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, row in results.items():
+        if "steps" in row:
+            ok = [st for st in row["steps"] if "auc" in st]
+            fig, ax = plt.subplots(figsize=(5.5, 4))
+            ax.plot([st["labelled_events"] for st in ok], [st["auc"] for st in ok], "o-", label="ROC AUC")
+            ax.plot([st["labelled_events"] for st in ok], [st["pauc"] for st in ok], "s--", label="pAUC (FPR <= 0.1)")
+            ax.set(xlabel="labelled events (technician feedback)", ylabel="score on never-labelled clips",
+                   title=f"{name}: feedback learning curve")
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            p = out / f"feedback_{name}.png"
+            fig.savefig(p, dpi=110)
+            plt.close(fig)
+            written.append(str(p))
         if "roc" in row:
             fig, ax = plt.subplots(figsize=(5.5, 5))
             for m, (y, s) in row["roc"].items():
@@ -299,7 +453,8 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
     return written
 
 
-def run_eval(data: Path, out: Path | None, encoder: Encoder, sha: str, *, datasets: tuple[str, ...] = ("cwru", "dcase", "femto"),
+def run_eval(data: Path, out: Path | None, encoder: Encoder, sha: str, *,
+             datasets: tuple[str, ...] = ("cwru", "dcase", "femto", "feedback"),
              subset: bool = False, train: TrainConfig | None = None, log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Run the protocol and return the JSON-ready results (plots written into ``out``).
 
@@ -307,7 +462,7 @@ def run_eval(data: Path, out: Path | None, encoder: Encoder, sha: str, *, datase
         PdmEdgeError: ``data`` does not hold the expected dataset folders.
     """
     train = train or TrainConfig()
-    runners = {"cwru": eval_cwru, "dcase": eval_dcase_valve, "femto": eval_femto}
+    runners = {"cwru": eval_cwru, "dcase": eval_dcase_valve, "femto": eval_femto, "feedback": eval_feedback_curve}
     results: dict[str, Any] = {}
     for name in datasets:
         if name not in runners:

@@ -134,10 +134,11 @@ class GateInputs:
     """Held-back data for the gate.
 
     Attributes:
-        normal_windows: normal windows neither version was calibrated on (``Window`` objects or
-            a ``(B, N)`` sample array).
-        fault_windows: windows labelled ``fault``; every one must score above the candidate's
-            threshold.
+        normal_windows: normal windows neither version was calibrated on (``Window`` objects, a
+            ``(B, N)`` sample array or ``(B, 2, 64, 32)`` feature images).
+        fault_windows: windows labelled ``fault`` (same forms), each event's in time order.
+        fault_events: the labelled event (label id) of each fault window; every event must be
+            detected (see :func:`gate`). ``None``: every window is its own event.
         margin: how much higher (absolute, as a fraction of windows) the candidate's
             false-alarm rate may be than the active version's.
     """
@@ -145,6 +146,7 @@ class GateInputs:
     normal_windows: Sequence[Any] | np.ndarray
     fault_windows: Sequence[Any] | np.ndarray = ()
     margin: float = 0.01
+    fault_events: Sequence[str] | None = None
 
 
 def _window_name(windows: Sequence[Any] | np.ndarray, i: int) -> str:
@@ -157,21 +159,35 @@ def _far(scores: np.ndarray, threshold: float) -> float:
     return float(np.mean(scores > threshold)) if len(scores) else 0.0
 
 
+def _detected(above: np.ndarray, k: int, n: int) -> bool:
+    """Would these consecutive windows (True = above threshold) raise a k-of-n alert? An event
+    shorter than ``n`` windows needs ``min(k, its length)`` of them above."""
+    if len(above) < n:
+        return int(above.sum()) >= min(k, len(above))
+    c = np.convolve(above.astype(int), np.ones(n, int), mode="valid")
+    return bool(c.max() >= k)
+
+
 def gate(candidate: Scorer, active: Scorer | None, normal_windows: Sequence[Any] | np.ndarray,
-         fault_windows: Sequence[Any] | np.ndarray = (), *, margin: float = 0.01) -> tuple[bool, dict[str, Any], str]:
+         fault_windows: Sequence[Any] | np.ndarray = (), *, margin: float = 0.01,
+         fault_events: Sequence[str] | None = None) -> tuple[bool, dict[str, Any], str]:
     """Judge a candidate against the active version on held-back windows.
 
     The candidate passes when (1) its false-alarm rate (fraction of ``normal_windows`` scoring
     above its threshold) is at most the active version's plus ``margin`` (no active version:
-    this check is skipped), and (2) every window of ``fault_windows`` scores above the
-    candidate's threshold.
+    this check is skipped), and (2) it detects every labelled fault event: the event's windows
+    (``fault_windows`` grouped by ``fault_events``, in time order) would raise an alert under
+    the candidate's k-of-n rule (``alert_k`` of ``alert_n`` consecutive windows above its
+    threshold; an event of fewer windows needs ``min(k, length)``). Without ``fault_events``
+    every fault window is its own event and must score above threshold.
 
     Returns:
         ``(passed, metrics, reason)``: metrics hold ``candidate_far``, ``active_far`` (``None``
-        without an active version), ``margin``, ``fault_detection`` (fraction of fault windows
-        above threshold, ``None`` without fault windows), ``n_normal``, ``n_fault``,
-        ``candidate_threshold``, ``missed_faults``; the reason is one line naming every failed
-        check (and the fault windows that were missed) or why it passed.
+        without an active version), ``margin``, ``fault_detection`` (fraction of fault events
+        detected, ``None`` without fault windows), ``n_normal``, ``n_fault`` (windows),
+        ``n_fault_events``, ``candidate_threshold``, ``missed_faults`` (events); the reason is
+        one line naming every failed check (and the fault events that were missed) or why it
+        passed.
 
     Raises:
         NotCalibratedError: either scorer is not calibrated.
@@ -187,25 +203,39 @@ def gate(candidate: Scorer, active: Scorer | None, normal_windows: Sequence[Any]
         act_normal = active.score_many(normal_windows) if n_normal else np.zeros(0)
         active_far = _far(act_normal, float(active.threshold))  # type: ignore[arg-type]
     fault_scores = candidate.score_many(fault_windows) if n_fault else np.zeros(0)
-    missed = [i for i, s in enumerate(fault_scores) if not s > thr]
+    if fault_events is not None and len(fault_events) != n_fault:
+        raise ValueError(f"fault_events names {len(fault_events)} windows, fault_windows has {n_fault}")
+    groups: dict[str, list[int]] = {}
+    for i in range(n_fault):
+        groups.setdefault(str(fault_events[i]) if fault_events is not None else str(i), []).append(i)
+    k, n = candidate.config.alert_k, candidate.config.alert_n
+    missed_events = [(ev, idx) for ev, idx in groups.items() if not _detected(fault_scores[idx] > thr, k, n)]
+    missed = [idx[int(np.argmax(fault_scores[idx]))] for _, idx in missed_events]  # each missed event's best window
     metrics: dict[str, Any] = {
         "candidate_far": cand_far, "active_far": active_far, "margin": float(margin),
-        "fault_detection": (1.0 - len(missed) / n_fault) if n_fault else None,
-        "n_normal": n_normal, "n_fault": n_fault, "candidate_threshold": thr, "missed_faults": len(missed),
+        "fault_detection": (1.0 - len(missed) / len(groups)) if groups else None,
+        "n_normal": n_normal, "n_fault": n_fault, "n_fault_events": len(groups), "candidate_threshold": thr,
+        "missed_faults": len(missed),
     }
     failures = []
     if active_far is not None and cand_far > active_far + margin + 1e-12:
         failures.append(f"false-alarm rate {cand_far:.4f} on {n_normal} held-back normal windows exceeds the active "
                         f"version's {active_far:.4f} by more than the margin {margin:g}")
     if missed:
-        shown = ", ".join(f"{_window_name(fault_windows, i)} score {fault_scores[i]:.3f}" for i in missed[:10])
+        if fault_events is None:
+            shown = ", ".join(f"{_window_name(fault_windows, i)} score {fault_scores[i]:.3f}" for i in missed[:10])
+            what = f"{len(missed)} of {n_fault} labelled fault windows not above threshold {thr:.3f}"
+        else:
+            shown = ", ".join(f"{ev} (best window score {fault_scores[i]:.3f})" for (ev, _), i in zip(missed_events[:10], missed))
+            what = f"{len(missed)} of {len(groups)} labelled fault events would raise no {k}-of-{n} alert above threshold {thr:.3f}"
         more = f" and {len(missed) - 10} more" if len(missed) > 10 else ""
-        failures.append(f"{len(missed)} of {n_fault} labelled fault windows not above threshold {thr:.3f}: {shown}{more}")
+        failures.append(f"{what}: {shown}{more}")
     if failures:
         return False, metrics, "gate failed: " + "; ".join(failures)
     far_part = (f"false-alarm rate {cand_far:.4f} vs active {active_far:.4f} (margin {margin:g})" if active_far is not None
                 else f"false-alarm rate {cand_far:.4f} (no active version to compare with)")
-    fault_part = f"all {n_fault} labelled fault windows above threshold {thr:.3f}" if n_fault else "no labelled fault windows"
+    fault_part = (f"all {len(groups)} labelled fault events detected above threshold {thr:.3f}" if n_fault
+                  else "no labelled fault windows")
     return True, metrics, f"gate passed: {far_part}; {fault_part}"
 
 
@@ -620,7 +650,7 @@ class Registry:
                                  trigger=trigger, training_summary=training_summary)
         active_scorer = self.load(current.id, candidate.encoder, candidate.encoder_sha256) if current is not None else None
         passed, metrics, reason = gate(candidate, active_scorer, gate_inputs.normal_windows, gate_inputs.fault_windows,
-                                       margin=gate_inputs.margin)
+                                       margin=gate_inputs.margin, fault_events=gate_inputs.fault_events)
         if current is not None:
             metrics["active_version"] = current.id
         if passed:

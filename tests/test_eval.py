@@ -45,3 +45,19 @@ def test_eval_subset_end_to_end(datasets_dir, encoder, tmp_path):
 def test_eval_cli_missing_data_is_a_clear_error(tmp_path):
     r = run_cli("eval", "--data", str(tmp_path / "nowhere"))
     assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_feedback_curve_subset_goes_through_the_feedback_path(datasets_dir, encoder, tmp_path, one_torch_thread):
+    enc, sha = encoder
+    doc = run_eval(datasets_dir, tmp_path, enc, sha, datasets=("feedback",), subset=True,
+                   train=TrainConfig(max_epochs=1, max_seconds=20))
+    row = doc["datasets"]["dcase_valve_feedback"]
+    steps = row["steps"]
+    assert [s["labelled_events"] for s in steps] == [0, 1, 5, 10]
+    assert steps[0]["labels"] == {"normal": 0, "fault": 0} and steps[0]["status"] == "active"
+    n_live = row["live_clips"]
+    for s in steps[1:]:
+        assert sum(s["labels"].values()) == min(s["labelled_events"], n_live)
+        assert s["status"] in ("active", "rejected") and s["gate"]
+        assert 0.0 <= s["auc"] <= 1.0
+    assert [p.rsplit("/", 1)[1] for p in doc["plots"]] == ["feedback_dcase_valve_feedback.png"]

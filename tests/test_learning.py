@@ -192,7 +192,7 @@ def test_gate_rejects_a_poisoned_candidate(rig: Rig):
     rig.loop.enqueue(STREAM, "manual")
     job = rig.loop.run_pending()[0]
     rec = rig.registry.get(job.version)
-    assert rec.status == "rejected" and "labelled fault windows not above threshold" in (rec.reason or ""), rec.reason
+    assert rec.status == "rejected" and "labelled fault events would raise no 3-of-5 alert" in (rec.reason or ""), rec.reason
     assert rig.registry.active("s", "m", "acc").id == "m-acc-v1"
     assert rig.events[-1][1] == "rejected"
 
@@ -270,3 +270,22 @@ def test_stop_mid_training_writes_a_checkpoint_and_requeues(tmp_path: Path, one_
     assert r.registry.active("s", "m", "acc") is None
     assert [e[1] for e in r.events][-1] == "interrupted"
     r.close()
+
+
+def test_models_train_cli_queues_and_runs(tmp_path: Path):
+    from tests.conftest import run_cli
+
+    cfg = tmp_path / "pdm-edge.toml"
+    cfg.write_text(f'[mqtt]\nbroker = "127.0.0.1:1883"\n[feedback]\nstate_dir = "{tmp_path}"\n'
+                   f'[registry]\ndir = "{tmp_path / "registry"}"\n'
+                   '[sensors."s/m/acc"]\nkind = "vibration"\nsample_rate_hz = 12000\nunit = "g"\nwindow_s = 0.25\nhop_s = 0.25\n')
+    r = run_cli("--config", str(cfg), "models", "train", "s/m/acc")
+    assert r.returncode == 0 and "training job 1 queued" in r.stdout, r.stderr
+    r = run_cli("--config", str(cfg), "models", "train", "s/m/acc")
+    assert "already queued" in r.stdout
+    # --now with no data collected for the stream: the job fails with the reason, exit status 1
+    r = run_cli("--config", str(cfg), "models", "train", "s/m/acc", "--now")
+    assert r.returncode == 1 and "failed" in r.stdout and "normal windows" in r.stdout, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    r = run_cli("--config", str(cfg), "models", "train", "bad-stream")
+    assert r.returncode == 2

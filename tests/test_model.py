@@ -542,3 +542,28 @@ def test_load_encoder_not_a_torch_file(tmp_path: Path) -> None:
     (tmp_path / "enc.json").write_text(json.dumps({"sha256": digest, "config": EncoderConfig().to_dict()}))
     with pytest.raises(ModelError):
         load_encoder(path)
+
+
+def test_known_fault_prototypes_saved_and_reloaded_bit_identical(tmp_path: Path, frozen: types.SimpleNamespace,
+                                                                 data: types.SimpleNamespace) -> None:
+    s = Scorer(frozen.encoder, frozen.sha, _config())
+    s.learn_many(data.calib)
+    s.learn_many(data.fault[:10], "fault")
+    with pytest.raises(ValueError, match="label"):
+        s.learn_many(data.fault[:1], "broken")
+    summary = s.calibrate()
+    assert summary["fault_windows"] == 10 and summary["fault_prototypes"] == 10
+    labelled = s.score_many(data.fault[:10])
+    assert (labelled > s.threshold).all()
+    assert (s.fault_match(np.zeros((1, frozen.encoder.cfg.dim), np.float32) + s.baseline.mean.astype(np.float32)) == 0).all()
+    windows = data.held[:8] + data.fault[10:14]
+    before = s.score_many(windows)
+    save_version(tmp_path / "v.pt", s)
+    r = load_version(tmp_path / "v.pt", frozen.encoder, frozen.sha)
+    assert np.array_equal(r.score_many(windows), before)
+    assert np.array_equal(r.fault_prototypes, s.fault_prototypes)
+    # the most prototypes a version keeps still fit a 256 KiB version file
+    s._faults = [s._faults[i % 10] for i in range(400)]
+    assert s.calibrate()["fault_prototypes"] == 256
+    size = len(save_version(tmp_path / "big.pt", s)) and (tmp_path / "big.pt").stat().st_size
+    assert size < 256 * 1024, size

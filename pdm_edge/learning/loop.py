@@ -410,7 +410,7 @@ class LearningLoop:
         """Normal and fault windows (feature images, time order) of a stream and its gate set."""
         t_norm, f_norm = self.replay.training(stream)
         t_gate, f_gate = self.replay.gate_set(stream)
-        labelled: dict[str, list[tuple[int, np.ndarray]]] = {"normal": [], "fault": []}
+        labelled: dict[str, list[tuple[int, np.ndarray, str]]] = {"normal": [], "fault": []}
         drop_spans: list[tuple[int, int]] = []
         n_labels = {"normal": 0, "fault": 0, "ignore": 0}
         if self.labels is not None:
@@ -426,7 +426,7 @@ class LearningLoop:
                 ws = [w for w in self.label_windows.windows_for(label.id) if w.stream == stream]
                 if ws:
                     f = tmpl.features(ws)
-                    labelled[label.kind] += [(w.start_ns, x) for w, x in zip(ws, f)]
+                    labelled[label.kind] += [(w.start_ns, x, label.id) for w, x in zip(ws, f)]
 
         def keep(t: np.ndarray) -> np.ndarray:
             m = np.ones(len(t), bool)
@@ -437,13 +437,13 @@ class LearningLoop:
         k, kg = keep(t_norm), keep(t_gate)
         t_norm, f_norm, t_gate, f_gate = t_norm[k], f_norm[k], t_gate[kg], f_gate[kg]
         if labelled["normal"]:
-            t_all = np.r_[t_norm, [t for t, _ in labelled["normal"]]]
-            f_all = np.concatenate([f_norm, np.stack([x for _, x in labelled["normal"]])])
+            t_all = np.r_[t_norm, [t for t, _, _ in labelled["normal"]]]
+            f_all = np.concatenate([f_norm, np.stack([x for _, x, _ in labelled["normal"]])])
             order = np.argsort(t_all, kind="stable")
             t_norm, f_norm = t_all[order], f_all[order]
-        faults = sorted(labelled["fault"], key=lambda p: p[0])
-        f_fault = np.stack([x for _, x in faults]) if faults else np.zeros((0, *f_norm.shape[1:]), np.float32)
-        return {"t_normal": t_norm, "normal": f_norm, "fault": f_fault, "gate": f_gate,
+        faults = sorted(labelled["fault"], key=lambda p: (p[2], p[0]))  # by event, each in time order
+        f_fault = np.stack([x for _, x, _ in faults]) if faults else np.zeros((0, *f_norm.shape[1:]), np.float32)
+        return {"t_normal": t_norm, "normal": f_norm, "fault": f_fault, "fault_events": [ev for _, _, ev in faults], "gate": f_gate,
                 "labelled_normal_windows": len(labelled["normal"]), "labels": n_labels}
 
     # -- 3. training and 4. checkpoints -------------------------------------------------------------
@@ -488,7 +488,8 @@ class LearningLoop:
             "adapter_epochs": info["adapter_epochs"], "train_seconds": round(time.monotonic() - t0, 2),
             "resumed_from_epoch": int(resume["epoch"]) if resume else None, "threshold": info["threshold"],
         }
-        return cand, summary, GateInputs(normal_windows=data["gate"], fault_windows=data["fault"], margin=self.gate_margin)
+        return cand, summary, GateInputs(normal_windows=data["gate"], fault_windows=data["fault"], margin=self.gate_margin,
+                                         fault_events=data["fault_events"])
 
     # -- events --------------------------------------------------------------------------------------
     def _event(self, stream: str, event: str, version: str, detail: str) -> None:

@@ -29,6 +29,20 @@ Calibration (the machine's baseline, from its own normal windows):
    ``p`` (:func:`threshold_from_held_out`), and never below their maximum.
 6. The final baseline is refitted on all calibration windows.
 
+Learning from technician labels (DESIGN.md section 3; the on-device loop in
+:mod:`pdm_edge.learning` feeds them in):
+
+- windows labelled ``normal`` (false alarms) join the normal windows: they are part of the
+  standardisation, the adapter's training data, the baseline and the held-out scores, so the
+  threshold (never below the largest held-out score) rises above them and similar windows stop
+  alarming;
+- windows labelled ``fault`` become known-fault examples: their embeddings (at most
+  :data:`MAX_FAULT_PROTOTYPES`) are kept in the model version, and a window nearer (in the
+  baseline's Mahalanobis metric) to a known fault than to the normal mean gets the difference
+  added to its score (:meth:`Scorer.fault_match`), so a recurrence of a confirmed fault scores
+  high even when it is only moderately far from normal. This is a nearest-prototype rule in
+  the whitened embedding space; it does not retrain the encoder.
+
 Everything a score depends on is saved in a model version (:mod:`pdm_edge.model.version`), and
 reloading it reproduces the scores bit for bit.
 """
@@ -53,8 +67,9 @@ from pdm_edge.model.standardize import Standardizer
 from pdm_edge.types import Window
 
 N_RECON_MASKS = 4
-MAX_FAULT_PROTOTYPES = 64
-"""Most known-fault embeddings a model version keeps (evenly subsampled in time order)."""
+MAX_FAULT_PROTOTYPES = 256
+"""Most known-fault embeddings a model version keeps (evenly subsampled in time order beyond
+it); stored as float16 (64 KiB at most), so a version file stays under 256 KiB."""
 
 
 class TrainingInterrupted(ModelError):
@@ -471,7 +486,8 @@ class Scorer:
         if self._faults:
             fe = self._embed(self.standardizer.transform(np.stack(self._faults)))
             keep = np.unique(np.linspace(0, len(fe) - 1, min(len(fe), MAX_FAULT_PROTOTYPES)).round().astype(int))
-            self.fault_prototypes = fe[keep].astype(np.float32)
+            # rounded to float16, as the version file stores them: reloaded scores are identical
+            self.fault_prototypes = fe[keep].astype(np.float16).astype(np.float32)
         held_scores = self._combine(held) + self.fault_match(emb[held_idx])
         p = exceedance_probability(self.config.target_false_alerts_per_h, self.config.hop_s, self.config.alert_k, self.config.alert_n)
         self.threshold = threshold_from_held_out(held_scores, p)
@@ -572,7 +588,7 @@ class Scorer:
             "component_stats": {c: list(v) for c, v in self.component_stats.items()},
             "threshold": self.threshold,
             "calibration": {k: v for k, v in self.calibration.items() if k != "adapter_history"},
-            "fault_prototypes": None if self.fault_prototypes is None else torch.from_numpy(self.fault_prototypes),
+            "fault_prototypes": None if self.fault_prototypes is None else torch.from_numpy(self.fault_prototypes.astype(np.float16)),
         }
 
     @classmethod
@@ -593,6 +609,6 @@ class Scorer:
         s.threshold = float(state["threshold"])
         s.calibration = dict(state["calibration"])
         fp = state.get("fault_prototypes")
-        s.fault_prototypes = None if fp is None else fp.numpy().astype(np.float32)
+        s.fault_prototypes = None if fp is None else fp.numpy().astype(np.float16).astype(np.float32)
         return s
 
