@@ -457,7 +457,8 @@ def store_check(obj: _Ctx, influx_url: str | None, database: str | None, retenti
               help="Folder of the real recordings [default: $PDM_EDGE_DATASETS or ../shared/datasets].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Write ROC and score-over-life plots (PNG) here.")
 @click.option("--encoder", "encoder_path", type=click.Path(dir_okay=False), default=None, help="Encoder weights [default: models/encoder.pt].")
-@click.option("--datasets", default="cwru,dcase,femto", show_default=True, help="Comma-separated subset of cwru, dcase, femto.")
+@click.option("--datasets", default="cwru,dcase,femto,feedback", show_default=True,
+              help="Comma-separated subset of cwru, dcase, femto, feedback (the DCASE feedback learning curve).")
 @click.option("--subset", is_flag=True, help="A small subset of every split (a quick smoke test; figures are not comparable).")
 @click.option("--threads", type=int, default=None, help="torch threads [default: all cores].")
 @_handle_errors
@@ -481,7 +482,54 @@ def eval_cmd(data_dir: str | None, out_dir: str | None, encoder_path: str | None
     click.echo(to_json(doc))
 
 
+# -- run -------------------------------------------------------------------------------------
+@main.command("run")
+@click.option("--log-format", type=click.Choice(["logfmt", "json"]), default="logfmt", show_default=True,
+              help="One line per log record: logfmt (key=value) or JSON.")
+@click.option("--stop-timeout", "stop_timeout_s", type=float, default=60.0, show_default=True,
+              help="Seconds allowed for a clean stop on SIGTERM/SIGINT (score queued windows, flush the spool).")
+@click.pass_context
+@_handle_errors
+def run_cmd(ctx: click.Context, log_format: str, stop_timeout_s: float) -> None:
+    """Run the appliance: ingestion, scoring, alerts, store, labels, /healthz and /metrics.
+
+    Reads the configuration (--config, $PDM_EDGE_CONFIG, ./pdm-edge.toml,
+    /etc/pdm-edge/pdm-edge.toml) and runs until SIGTERM or SIGINT, then stops cleanly and exits
+    0. Under systemd (Type=notify) it reports READY=1 and, with WatchdogSec, feeds the watchdog
+    while the scoring worker is alive. Log level: --log-level, else $PDM_EDGE_LOG_LEVEL, else
+    log_level from the configuration.
+    """
+    from pdm_edge.service import Service, configure_logging, run_forever
+
+    obj: _Ctx = ctx.obj
+    cfg = obj.config()
+    level = (ctx.parent.params.get("log_level") if ctx.parent else None) or os.environ.get("PDM_EDGE_LOG_LEVEL") or cfg.log_level
+    configure_logging(level, log_format)
+    sys.exit(run_forever(Service(cfg), stop_timeout=stop_timeout_s))
+
+
 # -- demo ------------------------------------------------------------------------------------
+def _start_dashboard(cfg_path: Path, port: int) -> Any:
+    """Start ``streamlit run dashboard/app.py`` on ``port`` with ``PDM_EDGE_CONFIG=cfg_path``;
+    returns the process, or None (with the reason printed) when the dashboard is unavailable."""
+    import importlib.util
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    app = next((p for p in (root / "dashboard" / "app.py", Path("dashboard") / "app.py") if p.is_file()), None)
+    if app is None:
+        click.echo("dashboard unavailable: dashboard/app.py not found (the demo runs without it)")
+        return None
+    if importlib.util.find_spec("streamlit") is None:
+        click.echo("dashboard unavailable: streamlit is not installed in this environment")
+        return None
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
+                             "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+                            cwd=app.parent.parent, env={**os.environ, "PDM_EDGE_CONFIG": str(cfg_path.resolve())})
+    click.echo(f"dashboard on http://localhost:{port} (streamlit, pid {proc.pid})")
+    return proc
+
+
 @main.command()
 @click.option("--speed", default="4", show_default=True, help="Replay speed of the sample recording (max = as fast as possible).")
 @click.option("--recording", type=click.Path(exists=True), default=None, help="Recording to replay [default: the bundled sample].")
@@ -489,128 +537,147 @@ def eval_cmd(data_dir: str | None, out_dir: str | None, encoder_path: str | None
 @click.option("--state-dir", type=click.Path(file_okay=False), default="var/demo", show_default=True,
               help="Where the demo's SQLite store and spool are written (emptied first).")
 @click.option("--quiet", is_flag=True, help="Print only calibration, alerts and the summary.")
+@click.option("--dashboard/--no-dashboard", default=False, show_default=True,
+              help="Also start the Streamlit dashboard (dashboard/app.py) on the demo's store; after the replay the "
+                   "demo keeps running until Ctrl-C.")
+@click.option("--dashboard-port", type=click.IntRange(1, 65535), default=8501, show_default=True, help="Port of the dashboard.")
 @_handle_errors
-def demo(speed: str, recording: str | None, calibration_s: float, state_dir: str, quiet: bool) -> None:
+def demo(speed: str, recording: str | None, calibration_s: float, state_dir: str, quiet: bool, dashboard: bool,
+         dashboard_port: int) -> None:
     """End-to-end demo on the embedded default: broker, replay, ingestion, scoring, alerts, store.
 
-    Starts an in-process MQTT broker and the ingestion stage, replays the bundled simulator
-    recording (healthy, then a growing outer-race fault from 30 s) through the broker, calibrates
-    the machine on its first ``--calibration-s`` seconds with the shipped encoder and an adapter
-    trained on the spot, scores every later window, raises and clears alerts (3 of 5 windows),
-    and writes scores and alerts through the durable spool into a SQLite store.
+    Starts an in-process MQTT broker and the appliance itself (the service of `pdm-edge run`,
+    with a SQLite store, spool, label book and registry in --state-dir and /healthz and
+    /metrics on a free port), replays the bundled simulator recording (healthy, then a growing
+    outer-race fault from 30 s) through the broker, calibrates the machine on its first
+    ``--calibration-s`` seconds with the shipped encoder and an adapter trained on the spot,
+    scores every later window, raises and clears alerts (3 of 5 windows), and writes scores and
+    alerts through the durable spool into the SQLite store. The demo's configuration is written
+    to STATE_DIR/pdm-edge.toml (the dashboard reads it).
     """
-    import torch
+    import shutil
 
-    from pdm_edge.alerts.publisher import AlertTracker
     from pdm_edge.broker import EmbeddedBroker
-    from pdm_edge.ingest import Ingestor
     from pdm_edge.model import load_encoder
-    from pdm_edge.model.scorer import TrainConfig
-    from pdm_edge.scoring import ScoringStage
-    from pdm_edge.store.base import ModelEvent
-    from pdm_edge.store.spool import Spool, SpoolWriter
-    from pdm_edge.store.sqlite import SQLiteStore
+    from pdm_edge.service import Service, ServiceHooks, config_toml
     from sample_data.loaders import load_recording, load_sample
     from sensors.publisher import ChunkPublisher, iter_chunks, publish_timed
 
     rec = load_recording(recording) if recording else load_sample()
     site, machine, sensor = "demo", "pump-01", ("mic" if rec.kind == "acoustic" else "de-accel")
     encoder, sha = load_encoder()
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))  # leave a core to ingestion
+    if logging.getLogger().level >= logging.WARNING:  # the demo prints every alert itself (*** ALERT)
+        logging.getLogger("pdm_edge.alerts.publisher").setLevel(logging.ERROR)
     state = Path(state_dir)
     state.mkdir(parents=True, exist_ok=True)
     for f in state.glob("*.sqlite*"):
         f.unlink()
-    store = SQLiteStore(state / "store.sqlite")
-    spool = Spool(state / "spool.sqlite")
-    writer = SpoolWriter(spool, store).start()
-    tracker = AlertTracker(k=3, n=5)
+    shutil.rmtree(state / "registry", ignore_errors=True)
     events: list[str] = []
     alerts: list[Any] = []
-
-    def on_event(stream: str, event: str, detail: str) -> None:
-        events.append(f"{stream} {event}: {detail}")
-        click.echo(f"--- {stream} {event}: {detail}")
-        st_site, st_machine, _ = stream.split("/")
-        spool.put("model_event", [ModelEvent(st_site, st_machine, time.time_ns(), event, stage.version(stream) or "", detail)])
-
-    stage = ScoringStage(encoder, sha, calibration_s=calibration_s, train=TrainConfig(max_epochs=15, max_seconds=30.0),
-                         hop_s=lambda w: 0.5, on_event=on_event)
-
     t0_ns: list[int] = []
 
-    def emit(w: Window) -> None:
+    def on_model_event(stream: str, event: str, detail: str) -> None:
+        events.append(f"{stream} {event}: {detail}")
+        click.echo(f"--- {stream} {event}: {detail}")
+
+    def on_window(w: Window, status: str) -> None:
         if not t0_ns:
             t0_ns.append(w.start_ns)
-        scored = stage.handle(w)
         if not quiet:
-            status = stage.state(w.stream)
-            tail = "" if scored else f"  ({status})"
-            click.echo(window_line(w) + tail)
-        for win, sc in scored:
-            record(win, sc)
+            click.echo(window_line(w) + ("" if status == "scoring" else f"  ({status})"))
 
-    def record(win: Window, sc: Any) -> None:
-        spool.put("score", [sc])
+    def on_score(win: Window, sc: Any) -> None:
         if not quiet:
             click.echo(f"    score {sc.score:7.2f}  threshold {sc.threshold:5.2f}  window {_fmt_ns(win.start_ns)}"
                        + ("  ABOVE" if sc.is_anomaly else ""))
-        for a in tracker.update(sc, win.end_ns):
-            alerts.append(a)
-            spool.put("alert", [a])
-            at = (a.start_ns - t0_ns[0]) / 1e9
-            click.echo(f"*** ALERT {a.state} {a.site}/{a.machine}/{a.sensor}: span from {at:.1f} s into the recording, "
-                       f"peak score {a.peak_score:.2f} > threshold {a.threshold:.2f}")
+
+    def on_alert(a: Any, win: Window) -> None:
+        alerts.append(a)
+        at = (a.start_ns - t0_ns[0]) / 1e9
+        click.echo(f"*** ALERT {a.state} {a.site}/{a.machine}/{a.sensor}: span from {at:.1f} s into the recording, "
+                   f"peak score {a.peak_score:.2f} > threshold {a.threshold:.2f}")
 
     with EmbeddedBroker() as broker:
+        absolute = state.resolve()
         cfg = config_from_dict({
             "appliance_id": "pdm-edge-demo",
+            "site": site,
             "mqtt": {"broker": broker.address, "protocol": "3.1.1"},
+            "store": {"backend": "sqlite", "sqlite_path": str(absolute / "store.sqlite")},
+            "spool": {"path": str(absolute / "spool.sqlite")},
+            "feedback": {"state_dir": str(absolute)},
+            "registry": {"dir": str(absolute / "registry")},
+            "learning": {"calibration_s": calibration_s, "max_train_seconds": 30.0},
+            # one window per batch: every window's line is printed with its own score
+            "service": {"http": "127.0.0.1:0", "torch_threads": max(1, (os.cpu_count() or 2) - 1), "score_batch": 1},
+            "alerts": {"k": 3, "n": 5},
             "sensors": {f"{site}/{machine}/{sensor}": {
                 "kind": rec.kind, "sample_rate_hz": rec.sample_rate_hz, "unit": rec.unit, "window_s": 1.0, "hop_s": 0.5}},
         }, environ={})
+        cfg_path = state / "pdm-edge.toml"
+        cfg_path.write_text(config_toml(cfg))
+        svc = Service(cfg, encoder=encoder, encoder_sha256=sha,
+                      hooks=ServiceHooks(on_window=on_window, on_score=on_score, on_alert=on_alert, on_model_event=on_model_event))
         click.echo(f"embedded MQTT broker on {broker.address}; encoder {sha[:12]}...; store {state / 'store.sqlite'}")
         click.echo(f"recording: {rec.name}, {rec.duration_s:.1f} s at {rec.sample_rate_hz:g} Hz in {rec.unit}"
                    + (f" ({rec.metadata.get('description')})" if rec.metadata.get("description") else ""))
-        ing = Ingestor(cfg)
-        ing.start()
-        if not ing.wait_ready(15):
-            raise PdmEdgeError("ingestion did not connect to the embedded broker")
-        pub = ChunkPublisher(cfg.mqtt, site, machine, sensor, sample_rate_hz=rec.sample_rate_hz, unit=rec.unit).start()
-        done = threading.Event()
-
-        def _publish() -> None:
-            try:
-                offset = time.time_ns() - rec.segments[0].start_ns
-                publish_timed(pub, iter_chunks(((s.start_ns, s.samples) for s in rec.segments), rec.sample_rate_hz, 0.1),
-                              speed=_parse_speed(speed), time_offset_ns=offset)
-                pub.flush(30)
-            finally:
-                done.set()
-
-        threading.Thread(target=_publish, name="demo-replay", daemon=True).start()
-        click.echo(f"replaying to {pub.topic} at speed {speed}; windows of 1 s, hop 0.5 s; "
-                   f"calibrating on the first {calibration_s:g} s:\n")
+        svc.start()
+        dash = None
         try:
-            _consume(ing, until=done.is_set, emit=emit)
-            for win, sc in stage.drain():  # windows that waited for the calibration
-                record(win, sc)
+            if not svc.ingestor.wait_ready(15):
+                raise PdmEdgeError("ingestion did not connect to the embedded broker")
+            click.echo(f"appliance health {svc.http_url}/healthz, metrics {svc.http_url}/metrics; configuration {cfg_path}")
+            if dashboard:
+                dash = _start_dashboard(cfg_path, dashboard_port)
+            pub = ChunkPublisher(cfg.mqtt, site, machine, sensor, sample_rate_hz=rec.sample_rate_hz, unit=rec.unit).start()
+            done = threading.Event()
+
+            def _publish() -> None:
+                try:
+                    offset = time.time_ns() - rec.segments[0].start_ns
+                    publish_timed(pub, iter_chunks(((s.start_ns, s.samples) for s in rec.segments), rec.sample_rate_hz, 0.1),
+                                  speed=_parse_speed(speed), time_offset_ns=offset)
+                    pub.flush(30)
+                finally:
+                    done.set()
+
+            threading.Thread(target=_publish, name="demo-replay", daemon=True).start()
+            click.echo(f"replaying to {pub.topic} at speed {speed}; windows of 1 s, hop 0.5 s; "
+                       f"calibrating on the first {calibration_s:g} s:\n")
+            try:
+                while not done.wait(0.2):
+                    pass
+            finally:
+                pub.close(5)
+            if not svc.wait_idle(timeout=120):
+                click.echo("warning: the appliance was still busy after 120 s; the summary may be incomplete", err=True)
+            _print_summary(svc.ingestor.stats(), published=pub.published)
+            n_scores = len(svc.store.query_scores(site, machine, 0, 2**62))
+            raised = [a for a in alerts if a.state == "raised"]
+            click.echo(f"  calibration            {'; '.join(events) or 'not reached'}")
+            click.echo(f"  scores stored          {n_scores} (SQLite store {state / 'store.sqlite'})")
+            first = f", first from {(raised[0].start_ns - t0_ns[0]) / 1e9:.1f} s into the recording" if raised and t0_ns else ""
+            click.echo(f"  alerts raised          {len(raised)}{first}")
+            fault = rec.metadata.get("onset_s")
+            if fault is not None:
+                click.echo(f"  fault onset (truth)    {float(fault):.1f} s into the recording")
+            if dash is not None:
+                click.echo(f"\nthe appliance and the dashboard (http://localhost:{dashboard_port}) keep running; Ctrl-C to stop")
+                try:
+                    while dash.poll() is None:
+                        time.sleep(0.5)
+                    click.echo(f"the dashboard exited with status {dash.returncode}")
+                except KeyboardInterrupt:
+                    pass
         finally:
-            pub.close(5)
-            ing.stop()
-            writer.wait_empty(30)
-            writer.stop(10)
-        _print_summary(ing.stats(), published=pub.published)
-        n_scores = len(store.query_scores(site, machine, 0, 2**62))
-        raised = [a for a in alerts if a.state == "raised"]
-        click.echo(f"  calibration            {'; '.join(events) or 'not reached'}")
-        click.echo(f"  scores stored          {n_scores} (SQLite store {state / 'store.sqlite'})")
-        first = f", first from {(raised[0].start_ns - t0_ns[0]) / 1e9:.1f} s into the recording" if raised and t0_ns else ""
-        click.echo(f"  alerts raised          {len(raised)}{first}")
-        fault = rec.metadata.get("onset_s")
-        if fault is not None:
-            click.echo(f"  fault onset (truth)    {float(fault):.1f} s into the recording")
-        store.close()
+            if dash is not None and dash.poll() is None:
+                dash.terminate()
+                try:
+                    dash.wait(10)
+                except Exception:
+                    dash.kill()
+            svc.stop(timeout=60)
 
 
 # -- labels ----------------------------------------------------------------------------------
@@ -797,6 +864,56 @@ def models_rollback(registry_dir: str, site: str, machine: str, sensor: str) -> 
     with Registry(registry_dir, create=False) as reg:
         v = reg.rollback(site, machine, sensor)
     click.echo(f"active: {_version_line(v)}")
+
+
+@models_group.command("train")
+@click.argument("stream")
+@click.option("--now", is_flag=True, help="Train here and now (when no service runs) instead of queueing the job for `pdm-edge run`.")
+@click.option("--state-dir", default=None, help="The appliance's state directory [default: [feedback] state_dir].")
+@_handle_errors
+@click.pass_context
+def models_train(ctx: click.Context, stream: str, now: bool, state_dir: str | None) -> None:
+    """Train a new adapter for STREAM ("site/machine/sensor") on its replay buffer and labels.
+
+    By default the job is queued; the running appliance picks it up within seconds, trains at
+    low priority, gates the candidate and promotes or rejects it (see `pdm-edge models list`).
+    With --now the job runs in this process (stop the service first: one trainer per state
+    directory) and the outcome is printed."""
+    from pdm_edge.learning import request_training
+
+    obj: _Ctx = ctx.obj
+    cfg = obj.config() if obj.config_path is not None else config_from_dict({"mqtt": {"broker": "127.0.0.1:1883"}})
+    parts = stream.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise click.UsageError(f"STREAM must be site/machine/sensor, got {stream!r}")
+    sd = Path(state_dir if state_dir else cfg.feedback.state_dir)
+    job = request_training(sd, stream)
+    if job is None:
+        click.echo(f"{stream}: a training job is already queued or running")
+    else:
+        click.echo(f"{stream}: training job {job} queued in {sd / 'learning.sqlite'}")
+    if not now:
+        return
+    from pdm_edge.feedback import LabelBook, LabelledWindowBuffer
+    from pdm_edge.learning import build_learning
+    from pdm_edge.model import load_encoder
+    from pdm_edge.registry import Registry
+
+    encoder, sha = load_encoder()
+    with Registry(cfg.registry.dir) as reg:
+        book, buffer = LabelBook.in_dir(sd), LabelledWindowBuffer.in_dir(sd)
+        loop = build_learning(cfg, reg, encoder, sha, labels=book, label_windows=buffer, state_dir=sd,
+                              on_event=lambda st, ev, ver, det: click.echo(f"--- {st} {ev} {ver} {det}".rstrip()))
+        try:
+            done = loop.run_pending()
+        finally:
+            loop.close()
+            book.close()
+            buffer.close()
+    for j in done:
+        click.echo(f"job {j.id} {j.stream} ({j.trigger}): {j.status} {j.version or ''} {j.detail}")
+    if any(j.status == "failed" for j in done):
+        raise SystemExit(1)
 
 
 @models_group.command("export")

@@ -292,7 +292,7 @@ def eval_feedback_curve(data: Path, encoder: Encoder, sha: str, train: TrainConf
 
     from pdm_edge.feedback import Feedback, LabelBook, LabelledWindowBuffer, RecentWindows
     from pdm_edge.learning import LearningLoop
-    from pdm_edge.learning.stage import ScoringStage
+    from pdm_edge.scoring import ScoringStage
     from pdm_edge.registry import Registry
     from pdm_edge.types import Window
     from sample_data.loaders import load_wav

@@ -326,3 +326,199 @@ def influxd_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxD]:
     srv.start()
     yield srv
     srv.stop()
+
+
+# -- `pdm-edge run` as a subprocess (tests/test_service*.py, tests/test_drills*.py) -------------
+# The appliance under test is the real command (`python -m pdm_edge.cli --config CFG run`),
+# with its log (logfmt) in a file; the HTTP port is 0 and read back from the `http_listening`
+# event. Signals come from sensors/simulator.py through the real ChunkPublisher.
+
+SERVICE_SENSOR = "lab/m1/accel"
+
+
+def service_config_toml(workdir: Path, broker: str, *, influx_url: str | None = None, database: str = "pdm_test",
+                        calibration_s: float = 10.0, max_train_seconds: float = 4.0, extra: str = "") -> str:
+    """A `pdm-edge run` configuration: a 25.6 kHz vibration sensor `lab/m1/accel` (1 s windows,
+    0.5 s hop), state in ``workdir``, InfluxDB store when ``influx_url`` is given (else SQLite),
+    HTTP on a free port, short back-off. ``extra`` is appended (more tables, e.g. [ingest])."""
+    store = (f'backend = "influxdb"\nurl = "{influx_url}"\ndatabase = "{database}"\ntimeout_s = 2.0\n' if influx_url
+             else f'backend = "sqlite"\nsqlite_path = "{workdir}/store.sqlite"\n')
+    return (
+        'appliance_id = "edge-test"\nsite = "lab"\nlog_level = "INFO"\n'
+        f'[mqtt]\nbroker = "{broker}"\nreconnect_min_s = 1.0\nreconnect_max_s = 2.0\n'
+        f"[store]\n{store}"
+        f'[spool]\npath = "{workdir}/spool.sqlite"\nbatch_size = 500\nbackoff_min_s = 0.2\nbackoff_max_s = 1.0\n'
+        f'[feedback]\nstate_dir = "{workdir}/state"\n'
+        f'[registry]\ndir = "{workdir}/registry"\n'
+        f"[learning]\ncalibration_s = {calibration_s}\nmax_train_seconds = {max_train_seconds}\n"
+        '[service]\nhttp = "127.0.0.1:0"\ntorch_threads = 1\nscore_batch = 16\n'
+        '[alerts]\nk = 3\nn = 5\n'
+        f'[sensors."{SERVICE_SENSOR}"]\nkind = "vibration"\nsample_rate_hz = 25600\nunit = "g"\nwindow_s = 1.0\nhop_s = 0.5\n'
+        + extra
+    )
+
+
+def expected_windows(seconds: float, window_s: float = 1.0, hop_s: float = 0.5) -> int:
+    """Windows cut from ``seconds`` of contiguous signal."""
+    return int((seconds - window_s) // hop_s) + 1 if seconds >= window_s else 0
+
+
+class ServiceProcess:
+    """`pdm-edge run` in a subprocess, with helpers to read /healthz, /metrics and its log."""
+
+    def __init__(self, workdir: Path, config_text: str, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.config = workdir / "pdm-edge.toml"
+        self.config.write_text(config_text)
+        self.log = workdir / "service.log"
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url: str | None = None
+
+    def start(self, timeout: float = 90.0) -> ServiceProcess:
+        import re
+
+        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
+        env.update(self.env)
+        with self.log.open("ab") as logf:
+            self.proc = subprocess.Popen([sys.executable, "-m", "pdm_edge.cli", "--config", str(self.config), "run"],
+                                         stdout=logf, stderr=subprocess.STDOUT, cwd=self.workdir, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"event=http_listening address=(\S+)", self.log_text())
+            if m:
+                self.url = f"http://{m.group(1)}"
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pdm-edge run exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            time.sleep(0.1)
+        raise RuntimeError(f"pdm-edge run did not serve HTTP within {timeout} s:\n{self.log_text()[-3000:]}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        import requests
+
+        r = requests.get(f"{self.url}{path}", timeout=10)
+        return r.status_code, r.content
+
+    def health(self) -> dict[str, Any]:
+        import json
+
+        return json.loads(self.get("/healthz")[1])
+
+    def metrics(self) -> list[tuple[str, dict[str, str], float]]:
+        """Every sample of /metrics as ``(name, labels, value)``."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        code, body = self.get("/metrics")
+        assert code == 200
+        return [(s.name, dict(s.labels), s.value) for fam in text_string_to_metric_families(body.decode()) for s in fam.samples]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples named ``name`` whose labels include ``labels`` (0 when none)."""
+        return sum(v for n, lab, v in self.metrics() if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+    def rss_kib(self) -> int:
+        """VmRSS of the process from /proc/PID/status, KiB."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def terminate(self, timeout: float = 90.0) -> int:
+        """SIGTERM, wait; returns the exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def service_process(tmp_path: Path) -> Iterator[Any]:
+    """A factory ``(config_text, env=None) -> started ServiceProcess``; killed after the test
+    if it is still running (its log is printed on failure by pytest's captured output)."""
+    made: list[ServiceProcess] = []
+
+    def make(config_text: str, env: dict[str, str] | None = None) -> ServiceProcess:
+        sp = ServiceProcess(tmp_path, config_text, env)
+        made.append(sp)
+        return sp.start()
+
+    yield make
+    for sp in made:
+        if sp.proc is not None and sp.proc.poll() is None:
+            print(sp.log_text()[-5000:])
+        sp.kill()
+
+
+def publish_vibration(address: str, seconds: float, *, start_s: float = 0.0, t0_ns: int, seed: int = 1,
+                      fault_onset_s: float | None = None, fault_growth_s: float = 3.0, fault_severity: float = 1.0,
+                      speed: float = float("inf"), first_seq: int = 0, sensor: str = SERVICE_SENSOR,
+                      stop: threading.Event | None = None, simulator: Any = None) -> tuple[int, Any]:
+    """Publish ``seconds`` of the simulator's 25.6 kHz bearing signal (0.1 s chunks, QoS 1) on
+    ``pdm/v1/{sensor}/waveform``, the first sample at ``t0_ns + start_s``; an outer-race fault
+    from ``fault_onset_s`` (signal time) when given. Pass the returned simulator back (with
+    ``start_s`` and ``first_seq``) to continue the same stream. Returns ``(chunks, simulator)``."""
+    from pdm_edge.config import MqttConfig
+    from sensors.publisher import ChunkPublisher, publish_timed
+    from sensors.simulator import FaultSpec, VibrationSimulator
+
+    fs = 25600.0
+    if simulator is None:
+        spec = None if fault_onset_s is None else FaultSpec(kind="outer", onset_s=fault_onset_s, severity=fault_severity,
+                                                           growth_s=fault_growth_s)
+        simulator = VibrationSimulator(sample_rate_hz=fs, shaft_hz=25.0, fault=spec, seed=seed)
+    site, machine, name = sensor.split("/")
+    step = 2560
+    n_chunks = round(seconds * fs) // step
+    first = round(start_s * fs)
+
+    def chunks():
+        for i in range(n_chunks):
+            yield t0_ns + round((first + i * step) * 1e9 / fs), simulator.generate(step)
+
+    pub = ChunkPublisher(MqttConfig(broker=address), site, machine, name, sample_rate_hz=fs, unit="g", first_seq=first_seq).start()
+    try:
+        n = publish_timed(pub, chunks(), speed=speed, stop=stop)
+    finally:
+        pub.close(60)
+    return n, simulator
+
+
+# -- dashboard ---------------------------------------------------------------------------------
+# A demo appliance state (store, registry, label book, labelled-window buffer, users, config) made
+# by ``dashboard.demo.build_demo`` from real recordings (CWRU from ../shared/datasets when present,
+# else the bundled synthetic sample), built once per session; each test gets its own copy.
+
+
+@pytest.fixture(scope="session")
+def dashboard_demo_session(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The session's demo state (:class:`dashboard.demo.DemoState`); do not write to it."""
+    from dashboard.demo import build_demo
+
+    root = tmp_path_factory.mktemp("dashboard-demo") / "state"
+    return build_demo(root, datasets=DATASETS if DATASETS.is_dir() else None)
+
+
+@pytest.fixture
+def dashboard_demo(dashboard_demo_session: Any, tmp_path: Path) -> Any:
+    """A private copy of the demo state in ``tmp_path / "demo"`` (tests may label and promote)."""
+    import dataclasses
+
+    src = dashboard_demo_session.root
+    dst = tmp_path / "demo"
+    shutil.copytree(src, dst)
+    cfg = dst / "config.toml"
+    cfg.write_text(cfg.read_text().replace(str(src), str(dst)))
+    return dataclasses.replace(dashboard_demo_session, root=dst, config_path=cfg)

@@ -15,7 +15,7 @@ import torch
 
 from pdm_edge.feedback import Feedback, LabelBook, LabelledWindowBuffer, RecentWindows
 from pdm_edge.learning import LearningLoop, ReplayBuffer, request_training
-from pdm_edge.learning.stage import ScoringStage
+from pdm_edge.scoring import ScoringStage
 from pdm_edge.model import load_encoder
 from pdm_edge.model.scorer import ScorerConfig, TrainConfig
 from pdm_edge.registry import Registry
@@ -107,13 +107,14 @@ def test_triggers_initial_labels_manual(rig: Rig, tmp_path: Path):
     rig.feed(normal[39:42])
     jobs = rig.loop.jobs()
     assert [(j.trigger, j.status) for j in jobs] == [("initial", "queued")]
+    assert rig.loop.replay.span(STREAM)[0] == 41  # up to the window 10 s after the first; #41 waits
     assert rig.stage.state(STREAM) == "calibrating"
     assert rig.feed(normal[42:60]) == []  # backlogged while calibrating; no second job
     assert len(rig.loop.jobs()) == 1
     done = rig.loop.run_pending()
     assert done[0].status == "done" and done[0].version == "m-acc-v1"
     scored = rig.feed(normal[60:70])
-    assert [w.index for w, _ in scored] == list(range(42, 70))  # the backlog first, nothing lost
+    assert [w.index for w, _ in scored] == list(range(41, 70))  # the backlog first, nothing lost
     assert {s.model_version for _, s in scored} == {"m-acc-v1"}
     assert [e[1] for e in rig.events] == ["queued", "training", "promoted"]
     # labels: ignore labels and other machines do not count; two normal/fault labels do
@@ -143,7 +144,7 @@ def test_triggers_initial_labels_manual(rig: Rig, tmp_path: Path):
 
 def test_only_adapter_parameters_change(rig: Rig):
     before = {k: v.clone() for k, v in rig.enc.state_dict().items()}
-    rig.feed(_windows(VibrationSimulator(sample_rate_hz=FS, seed=5, resonance_hz=2500), 44))
+    rig.feed(_windows(VibrationSimulator(sample_rate_hz=FS, seed=5, resonance_hz=2500), 41))
     rig.loop.run_pending()
     v1 = rig.registry.load("m-acc-v1", rig.enc, rig.sha)
     assert all(torch.equal(before[k], v) for k, v in rig.enc.state_dict().items())
@@ -153,7 +154,7 @@ def test_only_adapter_parameters_change(rig: Rig):
 
 def test_false_alarms_labelled_normal_stop_recurring_and_faults_stay_detected(rig: Rig):
     base = dict(sample_rate_hz=FS, resonance_hz=2500)
-    rig.feed(_windows(VibrationSimulator(seed=5, **base), 44))
+    rig.feed(_windows(VibrationSimulator(seed=5, **base), 41))
     rig.loop.run_pending()
     # a benign change (a neighbouring machine starts: more broadband vibration) raises false alarms
     louder = VibrationSimulator(seed=6, noise_g=0.06, **base)
@@ -182,7 +183,7 @@ def test_false_alarms_labelled_normal_stop_recurring_and_faults_stay_detected(ri
 
 def test_gate_rejects_a_poisoned_candidate(rig: Rig):
     base = dict(sample_rate_hz=FS, resonance_hz=2500)
-    rig.feed(_windows(VibrationSimulator(seed=5, **base), 44))
+    rig.feed(_windows(VibrationSimulator(seed=5, **base), 41))
     rig.loop.run_pending()
     fault_ws = [w for w, _ in rig.feed(_windows(VibrationSimulator(seed=7, fault=FaultSpec(kind="outer", severity=0.5), **base), 12, t0_s=20))]
     rig.label("fault", fault_ws[:6], fault_type="bearing_outer_race")
@@ -199,7 +200,7 @@ def test_gate_rejects_a_poisoned_candidate(rig: Rig):
 
 def test_promote_and_rollback_hot_swap_the_running_scorer(rig: Rig, tmp_path: Path):
     sim = VibrationSimulator(sample_rate_hz=FS, seed=5, resonance_hz=2500)
-    rig.feed(_windows(sim, 44))
+    rig.feed(_windows(sim, 41))
     rig.loop.run_pending()
     probe = _windows(sim, 4, t0_s=30)
     s1 = [s.score for _, s in rig.feed(probe)]
@@ -223,7 +224,7 @@ def test_training_killed_mid_run_resumes_and_active_version_survives(tmp_path: P
     active version is intact and loads, and the job resumes from its checkpoint."""
     r = Rig(tmp_path)
     sim = VibrationSimulator(sample_rate_hz=FS, seed=5, resonance_hz=2500)
-    r.feed(_windows(sim, 44))
+    r.feed(_windows(sim, 41))
     r.loop.run_pending()
     r.feed(_windows(sim, 40, t0_s=12))
     active = r.registry.active("s", "m", "acc")
@@ -258,7 +259,7 @@ def test_training_killed_mid_run_resumes_and_active_version_survives(tmp_path: P
 
 def test_stop_mid_training_writes_a_checkpoint_and_requeues(tmp_path: Path, one_torch_thread):
     r = Rig(tmp_path, scorer_config=_cfg(max_epochs=40))
-    r.feed(_windows(VibrationSimulator(sample_rate_hz=FS, seed=5, resonance_hz=2500), 44))
+    r.feed(_windows(VibrationSimulator(sample_rate_hz=FS, seed=5, resonance_hz=2500), 41))
     r.loop.start()
     deadline = time.monotonic() + 180
     while not list((tmp_path / "learning").glob("ckpt-*.pt")):

@@ -21,11 +21,12 @@ from pdm_edge.learning.replay import ReplayBuffer
 __all__ = ["JOB_STATES", "TRIGGERS", "Job", "LearningLoop", "ReplayBuffer", "build_learning", "scorer_config_for", "request_training"]
 
 
-def scorer_config_for(cfg: Any) -> Any:
+def scorer_config_for(cfg: Any, train: Any = None) -> Any:
     """``(stream, window) -> ScorerConfig`` from an :class:`~pdm_edge.config.AppConfig`: kind,
     sample rate and hop from the stream's ``[sensors]`` table (or, for an accepted unconfigured
     stream, from its window and ``[ingest.default_sensor]``), LoRA rank, training budget and
-    false-alert target from ``[learning]``, the k-of-n rule from ``[alerts]``."""
+    false-alert target from ``[learning]``, the k-of-n rule from ``[alerts]``; ``train`` (a
+    ``TrainConfig``) replaces the training settings when given."""
     from pdm_edge.model.adapter import AdapterConfig
     from pdm_edge.model.scorer import ScorerConfig, TrainConfig
 
@@ -38,7 +39,7 @@ def scorer_config_for(cfg: Any) -> Any:
         else:
             return None
         return ScorerConfig(kind=kind, sample_rate_hz=fs, hop_s=hop, adapter=AdapterConfig(rank=cfg.learning.lora_rank),
-                            train=TrainConfig(max_seconds=cfg.learning.max_train_seconds),
+                            train=train if train is not None else TrainConfig(max_seconds=cfg.learning.max_train_seconds),
                             target_false_alerts_per_h=cfg.learning.target_false_alerts_per_h,
                             alert_k=cfg.alerts.k, alert_n=cfg.alerts.n)
 
@@ -46,12 +47,14 @@ def scorer_config_for(cfg: Any) -> Any:
 
 
 def build_learning(cfg: Any, registry: Any, encoder: Any, encoder_sha256: str, *, labels: Any = None,
-                   label_windows: Any = None, on_event: Any = None, state_dir: str | Path | None = None) -> LearningLoop:
+                   label_windows: Any = None, on_event: Any = None, state_dir: str | Path | None = None,
+                   train: Any = None) -> LearningLoop:
     """The :class:`LearningLoop` of an :class:`~pdm_edge.config.AppConfig` (``[learning]``),
-    with its state in ``state_dir`` (default ``[feedback] state_dir``)."""
+    with its state in ``state_dir`` (default ``[feedback] state_dir``); ``train`` overrides the
+    adapter training settings (:func:`scorer_config_for`)."""
     lc = cfg.learning
     return LearningLoop(registry, encoder, encoder_sha256, state_dir if state_dir is not None else cfg.feedback.state_dir,
-                        scorer_config=scorer_config_for(cfg), calibration_s=lc.calibration_s,
+                        scorer_config=scorer_config_for(cfg, train), calibration_s=lc.calibration_s,
                         retrain_after_labels=lc.retrain_after_labels, replay_capacity=lc.replay_normal_windows,
                         gate_fraction=lc.gate_fraction, gate_margin=lc.gate_margin, labels=labels,
                         label_windows=label_windows, nice=lc.nice, on_event=on_event)

@@ -232,7 +232,8 @@ class LearningLoop:
     def offer(self, stream: str, start_ns: list[int], feats: np.ndarray) -> None:
         """Give the loop a stream's normal windows (start ns, ``(B, 2, 64, 32)`` feature images,
         time order): they go to the replay buffer, and a stream without an active version gets
-        its initial calibration queued once it has ``calibration_s`` seconds of them.
+        its initial calibration queued once it has ``calibration_s`` seconds of them and at least
+        the scorer's ``min_windows`` training windows (besides the gate's share).
 
         Raises:
             StoreError: the replay buffer refused the write.
@@ -246,7 +247,7 @@ class LearningLoop:
         site, machine, sensor = stream.split("/")
         if self.registry.active(site, machine, sensor) is None and not self._has_job(stream, ("queued", "running", "failed"), "initial"):
             tmpl = self.template(stream)
-            if tmpl is not None and self.replay.size(stream) >= tmpl.config.min_windows + 2:
+            if tmpl is not None and self.replay.counts(stream)[0] >= tmpl.config.min_windows:
                 self.enqueue(stream, "initial", f"{span[0]} windows over {(span[2] - span[1]) / 1e9:.0f} s collected")
 
     def enqueue(self, stream: str, trigger: str, detail: str = "") -> int | None:

@@ -167,6 +167,13 @@ class ReplayBuffer:
         with self._lock:
             return [r[0] for r in self._con.execute("SELECT stream FROM stream ORDER BY stream").fetchall()]
 
+    def counts(self, stream: str) -> tuple[int, int]:
+        """``(training windows, gate windows)`` kept for ``stream``."""
+        with self._lock:
+            row = self._con.execute("SELECT SUM(slot % ? != 0), SUM(slot % ? = 0) FROM reservoir WHERE stream = ?",
+                                    (self.gate_every, self.gate_every, stream)).fetchone()
+        return int(row[0] or 0), int(row[1] or 0)
+
     def size(self, stream: str) -> int:
         """Windows kept for ``stream`` (training and gate slots)."""
         with self._lock:

@@ -67,6 +67,8 @@ from pdm_edge.model.standardize import Standardizer
 from pdm_edge.types import Window
 
 N_RECON_MASKS = 4
+NO_GRAD_BATCH = 64
+"""Windows per inference pass (embedding, validation loss): bounds the activation memory."""
 MAX_FAULT_PROTOTYPES = 256
 """Most known-fault embeddings a model version keeps (evenly subsampled in time order beyond
 it); stored as float16 (64 KiB at most), so a version file stays under 256 KiB."""
@@ -378,12 +380,12 @@ class Scorer:
         return self.adapter.head(self.encoder.tokens(x, self.kind, mask, adapter=self.adapter))
 
     @torch.no_grad()
-    def _embed(self, xs: np.ndarray, batch: int = 256) -> np.ndarray:
+    def _embed(self, xs: np.ndarray, batch: int = 64) -> np.ndarray:
         out = [self._tokens(torch.from_numpy(xs[i:i + batch])).mean(dim=1).numpy() for i in range(0, len(xs), batch)]
         return np.concatenate(out) if out else np.zeros((0, self.encoder.cfg.dim), np.float32)
 
     @torch.no_grad()
-    def _recon_error(self, xs: np.ndarray, batch: int = 256) -> np.ndarray:
+    def _recon_error(self, xs: np.ndarray, batch: int = 64) -> np.ndarray:
         out = []
         for i in range(0, len(xs), batch):
             x = torch.from_numpy(xs[i:i + batch])
@@ -516,9 +518,15 @@ class Scorer:
         val_masks = [random_mask(len(xv), n_tok, tc.mask_ratio, torch.Generator().manual_seed(tc.seed + 1 + i)) for i in range(2)]
 
         def val_loss() -> float:
+            # in chunks of NO_GRAD_BATCH windows: the peak memory of a validation pass stays below
+            # that of a training step
             with torch.no_grad():
-                tgt = self.encoder.patchify(xv)
-                return float(np.mean([masked_error(self.encoder.reconstruct(self._tokens(xv, m)), tgt, m).mean() for m in val_masks]))
+                errs = []
+                for m in val_masks:
+                    for i in range(0, len(xv), NO_GRAD_BATCH):
+                        xb, mb = xv[i:i + NO_GRAD_BATCH], m[i:i + NO_GRAD_BATCH]
+                        errs.append(masked_error(self.encoder.reconstruct(self._tokens(xb, mb)), self.encoder.patchify(xb), mb))
+                return float(torch.cat(errs).mean()) if errs else float("nan")
 
         def snapshot(epoch: int) -> dict[str, Any]:
             return {"epoch": epoch, "adapter": copy.deepcopy(self.adapter.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
