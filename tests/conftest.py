@@ -522,3 +522,36 @@ def dashboard_demo(dashboard_demo_session: Any, tmp_path: Path) -> Any:
     cfg = dst / "config.toml"
     cfg.write_text(cfg.read_text().replace(str(src), str(dst)))
     return dataclasses.replace(dashboard_demo_session, root=dst, config_path=cfg)
+
+
+# -- real recordings through the broker (tests/test_e2e_real.py, benchmarks/e2e_latency.py) -----
+
+def publish_chunks(address: str, sensor: str, chunks: Any, *, sample_rate_hz: float, unit: str,
+                   timeout: float = 120.0) -> int:
+    """Publish ``(ts_ns, samples)`` chunks of one stream (``site/machine/sensor``) on its
+    waveform topic as fast as the broker takes them (QoS 1, consecutive ``seq`` from 0, the
+    timestamps as given: a jump between chunks is a gap for the ingestion stage), then wait
+    until the broker acknowledged all of them. Returns the number of chunks published."""
+    from pdm_edge.config import MqttConfig
+    from sensors.publisher import ChunkPublisher
+
+    site, machine, name = sensor.split("/")
+    pub = ChunkPublisher(MqttConfig(broker=address), site, machine, name, sample_rate_hz=sample_rate_hz, unit=unit).start()
+    n = 0
+    try:
+        for ts_ns, x in chunks:
+            pub.publish(x, int(ts_ns))
+            n += 1
+    finally:
+        assert pub.close(timeout), f"{pub.unacked} chunk(s) of {sensor} not acknowledged by the broker"
+    return n
+
+
+def influx_rows(influx: Any, q: str, db: str) -> list[list[Any]]:
+    """Every row of an InfluxQL SELECT (``[]`` when the measurement is empty or missing)."""
+    try:
+        return influx.values(q, db)
+    except RuntimeError as exc:  # database not created yet
+        if "database not found" in str(exc):
+            return []
+        raise

@@ -567,3 +567,24 @@ def test_known_fault_prototypes_saved_and_reloaded_bit_identical(tmp_path: Path,
     assert s.calibrate()["fault_prototypes"] == 256
     size = len(save_version(tmp_path / "big.pt", s)) and (tmp_path / "big.pt").stat().st_size
     assert size < 256 * 1024, size
+
+
+def test_lora_in_the_last_blocks_only(frozen: types.SimpleNamespace) -> None:
+    full, last = Adapter(frozen.encoder, AdapterConfig()), Adapter(frozen.encoder, AdapterConfig(layers=1))
+    depth = len(frozen.encoder.blocks)
+    assert {k.split("_")[0] for k in full.lora_a} == {str(i) for i in range(depth)}
+    assert {k.split("_")[0] for k in last.lora_a} == {str(depth - 1)}
+    assert trainable_fraction(last, frozen.encoder) < trainable_fraction(full, frozen.encoder)
+    assert last.delta(0, "qkv", torch.ones(1, frozen.encoder.cfg.dim)) == 0.0
+    with pytest.raises(ValueError):
+        AdapterConfig(layers=-1)
+    # the frozen blocks before the LoRA block build no autograd graph (nothing kept for backprop)
+    seen = {}
+    hooks = [blk.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o.requires_grad))
+             for k, blk in enumerate(frozen.encoder.blocks)]
+    try:
+        frozen.encoder.tokens(torch.randn(2, *INPUT_SHAPE), 0, adapter=last)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {k: k == depth - 1 for k in range(depth)}

@@ -38,16 +38,23 @@ class AdapterConfig:
         alpha: LoRA scaling numerator; the update is scaled by ``alpha / rank``.
         targets: which linear layers of each block get LoRA (subset of ``LORA_TARGETS``).
         bottleneck: width of the bottleneck head.
+        layers: LoRA goes into the last ``layers`` encoder blocks (``None``: every block). The
+            blocks before them stay entirely frozen, so training neither stores their
+            activations nor back-propagates through them: peak training memory and time fall
+            with fewer layers (``benchmarks/train_memory.py``).
     """
 
     rank: int = 4
     alpha: float = 8.0
     targets: tuple[str, ...] = ("qkv", "fc1")
     bottleneck: int = 32
+    layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.bottleneck < 1:
             raise ValueError("rank and bottleneck must be >= 1")
+        if self.layers is not None and self.layers < 0:
+            raise ValueError(f"layers must be >= 0 or None, got {self.layers}")
         bad = set(self.targets) - set(LORA_TARGETS)
         if bad:
             raise ValueError(f"unknown LoRA targets {sorted(bad)}; choose from {LORA_TARGETS}")
@@ -72,7 +79,10 @@ class Adapter(nn.Module):
         self.scale = cfg.alpha / cfg.rank
         self.lora_a = nn.ParameterDict()
         self.lora_b = nn.ParameterDict()
+        first = 0 if cfg.layers is None else max(0, len(encoder.blocks) - cfg.layers)
         for i, blk in enumerate(encoder.blocks):
+            if i < first:
+                continue
             for name in cfg.targets:
                 lin: nn.Linear = getattr(blk, name)
                 a = torch.empty(cfg.rank, lin.in_features)
