@@ -272,10 +272,11 @@ class FeedbackConfig(_Strict):
     buffer_hold_max_age_s: float = Field(7 * 24 * 3600.0, gt=0)
     """Unlabelled windows held for a possible label (e.g. an alert's span) are dropped this long
     after they were stored unless a label claims them."""
-    recent_s: float = Field(120.0, gt=0, le=3600)
+    recent_s: float = Field(30.0, gt=0, le=3600)
     """Horizon of the in-memory ring of recent windows per stream, seconds of stream time: a label
-    that arrives within this time of the windows it covers can still capture them."""
-    recent_max_bytes_per_stream: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
+    that arrives within this time of the windows it covers can still capture them (an alert's
+    windows are held on disk when it is raised, so a label on an alert can come any time)."""
+    recent_max_bytes_per_stream: int = Field(8 * 1024 * 1024, ge=1024 * 1024)
     """Memory bound of that ring per stream, bytes of samples (the older windows go first)."""
 
 

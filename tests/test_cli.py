@@ -227,9 +227,9 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path):
     kurt = [float(m) for m in re.findall(r"kurtosis\s+([-\d.]+)", out)]
     assert len(kurt) == 119
     assert np.mean(kurt[-10:]) > 3 * np.mean(kurt[:10]), "the growing outer-race fault shows in the kurtosis"
-    # calibrated on the first 20 s (39 windows), the 80 later windows scored and stored
+    # calibrated on the first 20 s (41 windows), the 78 later windows scored and stored
     assert "calibrated: 41 windows (9 held back for the gate)" in summary["calibration"]
-    assert summary["scores stored"].startswith("80 ")
+    assert summary["scores stored"].startswith("78 ")
     # the fault (onset 30 s) raises an alert, and nothing is raised before it
     m = re.match(r"(\d+), first from ([\d.]+) s into the recording", summary["alerts raised"])
     assert m and int(m.group(1)) >= 1
@@ -238,7 +238,7 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path):
 
     store = SQLiteStore(tmp_path / "demo" / "store.sqlite")
     try:
-        assert len(store.query_scores("demo", "pump-01", 0, 2**62)) == 80
+        assert len(store.query_scores("demo", "pump-01", 0, 2**62)) == 78
         assert [a.state for a in store.query_alerts("demo", "pump-01", 0, 2**62)] == ["raised"]
         assert [e.event for e in store.query_model_events("demo", "pump-01", 0, 2**62)] == ["calibrated"]
     finally:

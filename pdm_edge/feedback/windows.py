@@ -23,8 +23,9 @@ Decisions:
 - **Ring horizon** (:class:`RecentWindows`): per stream, windows ending within ``max_seconds``
   of stream time (the sample clock) of the stream's newest window, and at most
   ``max_bytes_per_stream`` bytes of samples (older windows go first). The default
-  (``[feedback] recent_s = 120`` s, 32 MiB) keeps about two minutes of a 25.6 kHz stream cut
-  into 1 s windows every 0.5 s (205 kB of samples a second). A label arriving later than that
+  (``[feedback] recent_s = 30`` s, 8 MiB) keeps half a minute of a 25.6 kHz stream cut into
+  1 s windows every 0.5 s (205 kB of samples a second, about 6 MiB per stream; 120 s made a
+  16-channel appliance grow by about 380 MB in ``benchmarks/e2e_latency.py``). A label arriving later than that
   finds only what was stored or held in the buffer. Windows are shared, not copied (their
   samples are read-only). A stream whose clock goes backwards (a replay restarted with original
   timestamps) starts a new ring.

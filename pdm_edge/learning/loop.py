@@ -393,7 +393,8 @@ class LearningLoop:
         self._checkpoint_path(job).unlink(missing_ok=True)
         with self._db:
             self._con.execute("INSERT OR REPLACE INTO watermark (stream, label_seq) VALUES (?, ?)", (stream, label_seq))
-        self._pending_labels.pop(stream, None)
+        # labels that arrived while it trained still count towards the next retrain
+        self._pending_labels[stream] = [p for p in self._pending_labels.get(stream, []) if p[0] > label_seq]
         event = "promoted" if rec.status == "active" else "rejected"
         self.runs[event] += 1
         log.info("training job %d of %s: %s %s (%s)", job.id, stream, rec.id, event, reason)
