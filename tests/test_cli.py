@@ -240,6 +240,6 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path):
     try:
         assert len(store.query_scores("demo", "pump-01", 0, 2**62)) == 78
         assert [a.state for a in store.query_alerts("demo", "pump-01", 0, 2**62)] == ["raised"]
-        assert [e.event for e in store.query_model_events("demo", "pump-01", 0, 2**62)] == ["calibrated"]
+        assert [e.event for e in store.query_model_events("demo", "pump-01", 0, 2**62)] == ["training_queued", "calibrated"]
     finally:
         store.close()
