@@ -588,3 +588,17 @@ def test_lora_in_the_last_blocks_only(frozen: types.SimpleNamespace) -> None:
         for h in hooks:
             h.remove()
     assert seen == {k: k == depth - 1 for k in range(depth)}
+
+
+def test_ledoit_wolf_matches_scikit_learn() -> None:
+    from sklearn.covariance import LedoitWolf
+
+    from pdm_edge.model.scorer import ledoit_wolf
+
+    rng = np.random.default_rng(3)
+    for n, d in ((30, 128), (500, 16), (5, 3)):
+        x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + 2.0
+        mean, cov = ledoit_wolf(x)
+        ref = LedoitWolf().fit(x)
+        np.testing.assert_allclose(mean, ref.location_, rtol=1e-12)
+        np.testing.assert_allclose(cov, ref.covariance_, rtol=1e-9, atol=1e-12)

@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import special, stats
+from scipy import linalg, special, stats
 
 from pdm_edge import features
 from pdm_edge.errors import ModelError, NotCalibratedError
@@ -220,6 +220,35 @@ def _robust_scale(x: np.ndarray) -> tuple[float, float]:
     return med, max(float(q75 - q25) / 1.349, 1e-6 * max(1.0, abs(med)), 1e-12)
 
 
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and Ledoit-Wolf shrunk covariance ``(D, D)`` of samples ``x`` ``(N, D)``.
+
+    The shrinkage towards ``mu * I`` (``mu`` the mean variance) is the one of O. Ledoit and
+    M. Wolf, "A well-conditioned estimator for large-dimensional covariance matrices", Journal
+    of Multivariate Analysis 88(2) (2004) 365-411, computed as scikit-learn's ``LedoitWolf``
+    does (a test checks they agree). It is written out here so that the running appliance does
+    not import scikit-learn (about 85 MB of resident memory) for these few lines.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, d = x.shape
+    mean = x.mean(axis=0)
+    xc = x - mean
+    cov = xc.T @ xc / n
+    if d == 1:
+        return mean, cov
+    x2 = xc * xc
+    var = x2.sum(axis=0) / n
+    mu = var.sum() / d
+    delta_ = float(np.sum((xc.T @ xc) ** 2)) / n**2
+    beta_ = float(np.sum(x2.T @ x2))
+    beta = (beta_ / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * var.sum() + d * mu**2) / d
+    shrinkage = 0.0 if delta == 0 else min(beta, delta) / delta
+    shrunk = (1.0 - shrinkage) * cov
+    shrunk.flat[:: d + 1] += shrinkage * mu
+    return mean, shrunk
+
+
 @dataclasses.dataclass
 class Baseline:
     """Normal embeddings' mean and Ledoit-Wolf precision (inverse covariance)."""
@@ -229,12 +258,12 @@ class Baseline:
 
     @classmethod
     def fit(cls, emb: np.ndarray) -> Baseline:
-        from sklearn.covariance import LedoitWolf
-
-        lw = LedoitWolf().fit(np.asarray(emb, dtype=np.float64))
+        """Fit on embeddings ``(N, D)``, ``N >= 2`` (:func:`ledoit_wolf`)."""
+        mean, cov = ledoit_wolf(np.asarray(emb, dtype=np.float64))
+        precision = linalg.pinvh(cov, check_finite=False)
         # rounded to float32 so that a model version stores them in half the bytes and a
         # reloaded scorer computes exactly what the live one does
-        return cls(lw.location_.astype(np.float32).astype(np.float64), lw.precision_.astype(np.float32).astype(np.float64))
+        return cls(mean.astype(np.float32).astype(np.float64), precision.astype(np.float32).astype(np.float64))
 
     def distance(self, emb: np.ndarray) -> np.ndarray:
         d = np.asarray(emb, dtype=np.float64) - self.mean
