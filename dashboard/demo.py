@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     st = build_demo(args.dir, datasets=args.datasets)
     print(f"demo state ({st.source}) in {st.root} in {st.timings['total']:.1f} s")
-    print(f"users: " + ", ".join(f"{u} / {p}" for u, p in st.passwords.items()))
+    print("users: " + ", ".join(f"{u} / {p}" for u, p in st.passwords.items()))
     print(f"run:   PDM_EDGE_CONFIG={st.config_path} streamlit run dashboard/app.py")
     return 0
 

@@ -28,7 +28,7 @@ import click
 import numpy as np
 
 from pdm_edge import __version__
-from pdm_edge.config import AppConfig, MqttConfig, config_from_dict, load_config, parse_host_port
+from pdm_edge.config import AppConfig, MqttConfig, config_from_dict, load_config
 from pdm_edge.errors import ConfigError, PdmEdgeError
 from pdm_edge.types import Window
 

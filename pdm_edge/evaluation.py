@@ -223,7 +223,6 @@ def eval_femto(data: Path, encoder: Encoder, sha: str, train: TrainConfig, subse
         x, t = x[keep], t[keep]
     end_s = t[-1]
     n_cal = int(np.sum(t <= 0.1 * end_s))
-    healthy = t <= 0.5 * end_s
     methods = calibrate_all(encoder, sha, x[:n_cal], rec.sample_rate_hz, "vibration", 10.0, train)
     row: dict[str, Any] = {"snapshots": len(x), "calibration_snapshots": n_cal, "end_of_life_s": float(end_s),
                            "healthy_until_s": float(0.5 * end_s), "methods": {}, "series": {"t_s": t.tolist()}}

@@ -66,8 +66,8 @@ from pdm_edge.learning.replay import ReplayBuffer
 from pdm_edge.model.encoder import Encoder
 from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainingInterrupted
 from pdm_edge.model.version import atomic_write_bytes
-from pdm_edge.registry import GateInputs, RegisteredVersion, Registry
-from pdm_edge.types import Label, Window, stream_id
+from pdm_edge.registry import GateInputs, Registry
+from pdm_edge.types import Label, Window
 
 log = logging.getLogger(__name__)
 
@@ -527,7 +527,3 @@ class LearningLoop:
             self._con.close()
         self.replay.close()
 
-
-def active_stream(rec: RegisteredVersion) -> str:
-    """``"site/machine/sensor"`` of a registry record."""
-    return stream_id(rec.site, rec.machine, rec.sensor)
