@@ -45,15 +45,17 @@ import time
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pdm_edge.errors import ModelError, RegistryError
-from pdm_edge.model.encoder import Encoder
-from pdm_edge.model.scorer import Scorer
-from pdm_edge.model.version import atomic_write_bytes, load_version, save_version
 from pdm_edge.types import ModelVersion, stream_id
+
+if TYPE_CHECKING:  # torch is imported only where versions are loaded or written, so that
+    # reading the index (the dashboard, `pdm-edge models list`) stays light
+    from pdm_edge.model.encoder import Encoder
+    from pdm_edge.model.scorer import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +446,8 @@ class Registry:
                 for another encoder.
         """
         rec = self.get(version_id)
+        from pdm_edge.model.version import load_version
+
         return load_version(self.path(rec.id), encoder, encoder_sha256, expected_sha256=rec.sha256)
 
     def load_active(self, site: str, machine: str, sensor: str, encoder: Encoder, encoder_sha256: str) -> Scorer | None:
@@ -506,6 +510,8 @@ class Registry:
             vid, seq = self._new_id(site, machine, sensor)
             created = time.time_ns()
             path = self.path(vid)
+            from pdm_edge.model.version import save_version
+
             sha = save_version(path, scorer, {"id": vid, "site": site, "machine": machine, "sensor": sensor,
                                               "parent": parent, "trigger": trigger, "created_ns": created})
             try:
@@ -697,6 +703,8 @@ class Registry:
                 info.external_attr = 0o644 << 16
                 zf.writestr(info, payload)
         out = Path(path)
+        from pdm_edge.model.version import atomic_write_bytes
+
         atomic_write_bytes(out, buf.getvalue())
         return out
 
@@ -809,6 +817,8 @@ class Registry:
             else:
                 vid, seq = self._new_id(site, machine, sensor)  # type: ignore[arg-type]
             target = self.path(vid)
+            from pdm_edge.model.version import atomic_write_bytes
+
             atomic_write_bytes(target, data)
             parent = manifest.get("parent")
             try:
