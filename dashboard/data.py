@@ -21,11 +21,10 @@ Sources, and the decisions about them:
   only; the running service notices registry changes itself). A registry that does not exist
   yet is not created: it reads as empty.
 - **Labelled-window buffer** (``[feedback] state_dir``/label_windows.sqlite): the raw windows
-  the appliance keeps for alerts and labels, the only raw data on the appliance. Its public
-  API finds windows by label only, while the dashboard needs them by time span (an alert that
-  has no label yet), so this module reads the file **read-only** (``mode=ro``) with the schema
-  documented in :mod:`pdm_edge.feedback.windows` (table ``window``: stream, start, sample rate,
-  unit, float32 samples, retention class). It never writes the file, which the appliance owns.
+  the appliance keeps for alerts and labels, the only raw data on the appliance, opened
+  read-only (:class:`~pdm_edge.feedback.windows.LabelledWindowBuffer` with ``readonly=True``)
+  and queried by time span (an alert that has no label yet) or for the normal-labelled
+  reference windows. It never writes the file, which the appliance owns.
 - **Service endpoints**: ``http://{[service] http}/healthz`` (JSON) and ``/metrics``
   (Prometheus text format, parsed by :func:`parse_prometheus`), read with a short timeout;
   when unreachable the health page says so.
@@ -51,7 +50,6 @@ import json
 import math
 import os
 import socket
-import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -474,85 +472,60 @@ def registry_versions(registry: Any) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 # raw windows (labelled-window buffer, read-only)
 
-BUFFER_FILENAME = "label_windows.sqlite"
-_CLASS_NORMAL = 2
+def _buffer(state_dir: str | os.PathLike[str]) -> Any:
+    """The labelled-window buffer of ``state_dir`` opened read-only, or ``None`` when it does
+    not exist (yet) or cannot be read."""
+    from pdm_edge.errors import StoreError
+    from pdm_edge.feedback.windows import LabelledWindowBuffer
 
-
-def _buffer_rows(path: Path, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+    path = Path(state_dir) / LabelledWindowBuffer.FILENAME
     if not path.is_file():
-        return []
+        return None
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    except sqlite3.Error:
-        return []
+        return LabelledWindowBuffer(path, readonly=True)
+    except StoreError:
+        return None
+
+
+def _read_buffer(state_dir: str | os.PathLike[str], fn: Any, default: Any) -> Any:
+    from pdm_edge.errors import StoreError
+
+    buf = _buffer(state_dir)
+    if buf is None:
+        return default
     try:
-        return con.execute(sql, args).fetchall()
-    except sqlite3.Error:  # not a buffer (yet), or locked beyond the timeout
-        return []
+        return fn(buf)
+    except StoreError:  # locked beyond the timeout: show nothing rather than fail the page
+        return default
     finally:
-        con.close()
-
-
-def _row_window(r: Sequence[Any]) -> Window:
-    site, machine, sensor, kind, start_ns, fs, unit, blob, idx = r
-    return Window(site=site, machine=machine, sensor=sensor, kind=kind, start_ns=int(start_ns), sample_rate_hz=float(fs),
-                  unit=unit, samples=np.frombuffer(blob, dtype="<f4"), index=int(idx))
-
-
-_WCOLS = "site, machine, sensor, kind, start_ns, sample_rate_hz, unit, samples, idx"
+        buf.close()
 
 
 def buffer_windows(state_dir: str | os.PathLike[str], site: str, machine: str, sensor: str | None,
                    start_ns: int, end_ns: int, limit: int = 64) -> list[Window]:
     """Raw windows kept in the labelled-window buffer that overlap ``[start_ns, end_ns)`` (of one
     sensor, or every sensor when ``None``), sorted by (sensor, start); at most ``limit``, evenly
-    spread over the span when there are more. ``[]`` when the buffer does not exist."""
-    path = Path(state_dir) / BUFFER_FILENAME
-    args: list[Any] = [site, machine, int(end_ns), int(start_ns)]
-    sql = "SELECT id FROM window WHERE site = ? AND machine = ? AND start_ns < ? AND end_ns > ?"
-    if sensor is not None:
-        sql += " AND sensor = ?"
-        args.append(sensor)
-    ids = [r[0] for r in _buffer_rows(path, sql + " ORDER BY sensor, start_ns", args)]
-    if not ids:
-        return []
-    if len(ids) > limit:
-        ids = [ids[i] for i in np.linspace(0, len(ids) - 1, limit).round().astype(int)]
-    marks = ",".join("?" * len(ids))
-    rows = _buffer_rows(path, f"SELECT {_WCOLS} FROM window WHERE id IN ({marks}) ORDER BY sensor, start_ns", ids)
-    return [_row_window(r) for r in rows]
+    spread over the span when there are more
+    (:meth:`~pdm_edge.feedback.windows.LabelledWindowBuffer.windows_between`). ``[]`` when the
+    buffer does not exist."""
+    return _read_buffer(state_dir, lambda b: b.windows_between(site, machine, sensor, start_ns, end_ns, limit), [])
 
 
 def baseline_windows(state_dir: str | os.PathLike[str], site: str, machine: str, sensor: str, limit: int = 64,
                      before_ns: int | None = None) -> list[Window]:
     """The stream's reference windows for a baseline spectrum: windows in the buffer whose
-    strongest label is ``normal`` (retention class ``normal``), newest first, at most ``limit``
-    (only those starting before ``before_ns`` when given)."""
-    path = Path(state_dir) / BUFFER_FILENAME
-    sql = f"SELECT {_WCOLS} FROM window WHERE site = ? AND machine = ? AND sensor = ? AND klass = ?"
-    args: list[Any] = [site, machine, sensor, _CLASS_NORMAL]
-    if before_ns is not None:
-        sql += " AND start_ns < ?"
-        args.append(int(before_ns))
-    rows = _buffer_rows(path, sql + " ORDER BY start_ns DESC LIMIT ?", [*args, int(limit)])
-    return [_row_window(r) for r in rows]
+    strongest label is ``normal``, newest first, at most ``limit`` (only those starting before
+    ``before_ns`` when given)."""
+    return _read_buffer(state_dir, lambda b: b.normal_windows(site, machine, sensor, limit, before_ns), [])
 
 
 def buffer_summary(state_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """``{"windows", "bytes", "by_class": {class: windows}}`` of the buffer, read-only; ``None``
     when it does not exist."""
-    path = Path(state_dir) / BUFFER_FILENAME
-    if not path.is_file():
+    st = _read_buffer(state_dir, lambda b: b.stats(), None)
+    if st is None:
         return None
-    rows = _buffer_rows(path, "SELECT klass, count(*), coalesce(sum(nbytes), 0) FROM window GROUP BY klass", [])
-    classes = ("held", "ignore", "normal", "fault")
-    by = {c: 0 for c in classes}
-    total_b = 0
-    for k, n, b in rows:
-        if 0 <= k < len(classes):
-            by[classes[k]] = int(n)
-        total_b += int(b)
-    return {"windows": sum(by.values()), "bytes": total_b, "by_class": by}
+    return {"windows": st.windows, "bytes": st.bytes, "by_class": {c: v["windows"] for c, v in st.by_class.items()}}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from pdm_edge.config import MqttConfig, config_from_dict
-from pdm_edge.errors import PdmEdgeError
+from pdm_edge.errors import PdmEdgeError, StoreError
 from pdm_edge.feedback import (
     BAD_LABEL,
     Feedback,
@@ -551,3 +551,28 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path):
     assert not (tmp_path / "labels.sqlite").exists() or LabelBook.in_dir(tmp_path).count() == 0
     res = run_cli("label", "list", "--state-dir", str(tmp_path / "none"))
     assert res.returncode == 0 and "no labels" in res.stdout
+
+
+def test_buffer_read_only_span_queries(tmp_path):
+    """The dashboard's view of the buffer: read-only, by time span and normal-labelled windows."""
+    with pytest.raises(StoreError):
+        LabelledWindowBuffer(tmp_path / "none.sqlite", readonly=True)
+    buf = LabelledWindowBuffer.in_dir(tmp_path)
+    ws = [_window(float(i), sensor="acc") for i in range(10)]  # 1 s windows at 0..9 s
+    normal = make_label(site=SITE, machine=MACHINE, start_ns=T0, end_ns=T0 + 5 * SEC, kind="normal", author="t")
+    for w in ws[:5]:
+        buf.add(normal, w)
+    for w in ws[5:]:
+        buf.hold(w)
+    ro = LabelledWindowBuffer.in_dir(tmp_path, readonly=True)
+    try:
+        got = ro.windows_between(SITE, MACHINE, None, T0 + 2 * SEC, T0 + 7 * SEC)
+        assert [(w.start_ns - T0) // SEC for w in got] == [2, 3, 4, 5, 6]
+        assert len(ro.windows_between(SITE, MACHINE, "acc", T0, T0 + 100 * SEC, limit=3)) == 3
+        assert [(w.start_ns - T0) // SEC for w in ro.normal_windows(SITE, MACHINE, "acc", limit=2)] == [4, 3]
+        assert ro.stats().windows == 10
+        with pytest.raises(StoreError):
+            ro.hold(_window(11.0, sensor="acc"))
+    finally:
+        ro.close()
+        buf.close()

@@ -217,16 +217,18 @@ class LabelledWindowBuffer:
         max_age_s: age after which ``normal`` / ``ignore`` windows are dropped, seconds.
         hold_max_age_s: age after which held (unlabelled) windows are dropped, seconds.
         clock_ns: wall clock for ages (ns since the epoch); ``time.time_ns`` by default.
+        readonly: open an existing buffer for reading only (the dashboard, in another process);
+            every write then raises ``StoreError``.
 
     Raises:
-        StoreError: the file cannot be created or opened.
+        StoreError: the file cannot be created or opened (read-only: does not exist).
     """
 
     FILENAME = "label_windows.sqlite"
 
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = 256 * 1024 * 1024,
                  max_age_s: float = 30 * 24 * 3600.0, hold_max_age_s: float = 7 * 24 * 3600.0,
-                 clock_ns: Any = time.time_ns) -> None:
+                 clock_ns: Any = time.time_ns, readonly: bool = False) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         self.path = Path(path)
@@ -237,12 +239,17 @@ class LabelledWindowBuffer:
         self._lock = threading.Lock()
         self._last_expire = -float("inf")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            self._con.execute("PRAGMA journal_mode=WAL")
-            self._con.execute("PRAGMA synchronous=NORMAL")
-            self._con.execute("PRAGMA foreign_keys=ON")
-            self._con.executescript(_SCHEMA)
+            if readonly:
+                self._con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                            check_same_thread=False, timeout=5.0)
+                self._con.execute("SELECT 1 FROM window LIMIT 1")
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+                self._con.execute("PRAGMA journal_mode=WAL")
+                self._con.execute("PRAGMA synchronous=NORMAL")
+                self._con.execute("PRAGMA foreign_keys=ON")
+                self._con.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the labelled-window buffer {self.path}: {exc}") from None
         self._closed = False
@@ -423,6 +430,43 @@ class LabelledWindowBuffer:
     def expire(self) -> int:
         """Drop the windows past their age bound now; returns how many."""
         return int(self._tx("write", lambda con: self._expire(con, int(self._clock_ns()))))
+
+    def windows_between(self, site: str, machine: str, sensor: str | None, start_ns: int, end_ns: int,
+                        limit: int = 64) -> list[Window]:
+        """Stored windows (any class) of a machine (one sensor, or all when ``None``) that overlap
+        ``[start_ns, end_ns)``, sorted by (sensor, start); at most ``limit``, evenly spread over
+        the span when there are more."""
+        def tx(con: sqlite3.Connection) -> list[Window]:
+            sql = "SELECT id FROM window WHERE site = ? AND machine = ? AND start_ns < ? AND end_ns > ?"
+            args: list[Any] = [site, machine, int(end_ns), int(start_ns)]
+            if sensor is not None:
+                sql += " AND sensor = ?"
+                args.append(sensor)
+            ids = [r[0] for r in con.execute(sql + " ORDER BY sensor, start_ns", args)]
+            if len(ids) > limit:
+                ids = [ids[i] for i in np.linspace(0, len(ids) - 1, limit).round().astype(int)]
+            if not ids:
+                return []
+            marks = ",".join("?" * len(ids))
+            rows = con.execute(f"SELECT {_WINDOW_COLUMNS} FROM window WHERE id IN ({marks}) ORDER BY sensor, start_ns", ids)
+            return [_row_window(r) for r in rows]
+
+        return self._tx("read", tx)
+
+    def normal_windows(self, site: str, machine: str, sensor: str, limit: int = 64,
+                       before_ns: int | None = None) -> list[Window]:
+        """A stream's windows whose strongest label is ``normal`` (the reference for a baseline
+        spectrum), newest first, at most ``limit``, only those starting before ``before_ns``
+        when given."""
+        def tx(con: sqlite3.Connection) -> list[Window]:
+            sql = f"SELECT {_WINDOW_COLUMNS} FROM window WHERE site = ? AND machine = ? AND sensor = ? AND klass = ?"
+            args: list[Any] = [site, machine, sensor, CLASSES.index("normal")]
+            if before_ns is not None:
+                sql += " AND start_ns < ?"
+                args.append(int(before_ns))
+            return [_row_window(r) for r in con.execute(sql + " ORDER BY start_ns DESC LIMIT ?", [*args, int(limit)])]
+
+        return self._tx("read", tx)
 
     def stats(self) -> BufferStats:
         """A consistent snapshot of what the buffer holds and has dropped."""
