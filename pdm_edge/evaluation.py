@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -174,19 +173,11 @@ def eval_cwru(data: Path, encoder: Encoder, sha: str, train: TrainConfig, subset
     return out
 
 
-_CLIP = re.compile(r"section_\d+_(source|target)_(train|test)_(normal|anomaly)_(\d+)_")
-
-
 def eval_dcase_valve(data: Path, encoder: Encoder, sha: str, train: TrainConfig, subset: bool = False) -> dict[str, Any]:
     """DCASE 2023 valve, source domain; see the module docstring."""
-    from sample_data.loaders import load_wav
+    from sample_data.loaders import dcase_clips, load_wav
 
-    root = data / "dcase2023_task2" / "valve"
-    clips = []
-    for p in sorted(root.glob("*/*.wav")):
-        m = _CLIP.search(p.name)
-        if m:
-            clips.append((p, m.group(2), m.group(3), int(m.group(4))))
+    clips = dcase_clips(data / "dcase2023_task2" / "valve")
     cal_clips = [c for c in clips if c[1] == "train" or (c[2] == "normal" and c[3] < 25)]
     test_clips = [c for c in clips if c[1] == "test" and not (c[2] == "normal" and c[3] < 25)]
     if subset:
@@ -249,18 +240,6 @@ def eval_femto(data: Path, encoder: Encoder, sha: str, train: TrainConfig, subse
     return {"femto_bearing3_1": row}
 
 
-def _dcase_clips(data: Path) -> list[tuple[Path, str, str, int]]:
-    root = data / "dcase2023_task2" / "valve"
-    clips = []
-    for p in sorted(root.glob("*/*.wav")):
-        m = _CLIP.search(p.name)
-        if m:
-            clips.append((p, m.group(2), m.group(3), int(m.group(4))))
-    if not clips:
-        raise FileNotFoundError(root)
-    return clips
-
-
 FEEDBACK_EVENTS = (0, 1, 5, 10)
 
 
@@ -294,9 +273,9 @@ def eval_feedback_curve(data: Path, encoder: Encoder, sha: str, train: TrainConf
     from pdm_edge.scoring import ScoringStage
     from pdm_edge.registry import Registry
     from pdm_edge.types import Window
-    from sample_data.loaders import load_wav
+    from sample_data.loaders import dcase_clips, load_wav
 
-    clips = _dcase_clips(data)
+    clips = dcase_clips(data / "dcase2023_task2" / "valve")
     cal = [c for c in clips if c[1] == "train" or (c[2] == "normal" and c[3] < 13)]
     live = [c for c in clips if c[1] == "test" and c[3] < 25 and not (c[2] == "normal" and c[3] < 13)]
     test = [c for c in clips if c[1] == "test" and c[3] >= 25]

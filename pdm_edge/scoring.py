@@ -89,9 +89,9 @@ class ScoringStage:
                 return "unknown"
             if st.scorer is not None:
                 return "scoring"
-        if self.loop._has_job(stream, ("queued", "running")):
+        if self.loop.has_job(stream, ("queued", "running")):
             return "calibrating"
-        if self.loop._has_job(stream, ("failed",), "initial"):
+        if self.loop.has_job(stream, ("failed",), "initial"):
             return "failed"
         return "collecting"
 
@@ -177,7 +177,7 @@ class ScoringStage:
         with self._lock:
             scorer, version = st.scorer, st.version
             if scorer is None:
-                calibrating = self.loop._has_job(st.name, ("queued", "running"))
+                calibrating = self.loop.has_job(st.name, ("queued", "running"))
                 if calibrating:
                     st.backlog.extend(ws)
                     while len(st.backlog) > self.max_backlog:
@@ -200,7 +200,7 @@ class ScoringStage:
                 if (w.start_ns - first) / 1e9 >= self.loop.calibration_s:
                     cut = i + 1
                     break
-            self.loop.offer(st.name, [w.start_ns for w in ws[:cut]], tmpl.features(ws[:cut]))
+            self.loop.offer(st.name, [w.start_ns for w in ws[:cut]], tmpl.features(ws[:cut]), collecting=True)
             if cut < len(ws):
                 return self._handle_stream(st, ws[cut:])
             return []
@@ -235,7 +235,7 @@ class ScoringStage:
                 self._refresh(st)
                 if st.scorer is not None:
                     out += self._handle_stream(st, [])
-                elif not self.loop._has_job(st.name, ("queued", "running")):
+                elif not self.loop.has_job(st.name, ("queued", "running")):
                     st.backlog.clear()  # calibration failed: nothing can score them
             if time.monotonic() > deadline:
                 return out

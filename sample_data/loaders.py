@@ -52,7 +52,7 @@ import types
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -65,7 +65,9 @@ __all__ = [
     "DEFAULT_SAMPLE_PATH",
     "SAMPLE_FORMAT_VERSION",
     "Recording",
+    "DcaseClip",
     "Segment",
+    "dcase_clips",
     "default_datasets_dir",
     "load_array",
     "load_cwru",
@@ -599,6 +601,34 @@ def _wav_labels(p: Path) -> dict[str, Any]:
     if p.parent.name.lower() in ("normal", "abnormal"):
         out["machine_type"] = p.parent.parent.name
     return out
+
+
+class DcaseClip(NamedTuple):
+    """One DCASE 2023 Task 2 clip: its file, ``split`` (``train``/``test``), ``label``
+    (``normal``/``anomaly``) and clip ``index`` (the number in its file name)."""
+
+    path: Path
+    split: str
+    label: str
+    index: int
+
+
+def dcase_clips(folder: PathLike, domain: str = "source") -> list[DcaseClip]:
+    """The clips of one DCASE 2023 Task 2 machine folder (``.../valve``, holding ``train/`` and
+    ``test/``) of one domain, sorted by file path.
+
+    Raises:
+        FileNotFoundError: the folder holds no clip of that domain.
+    """
+    root = Path(folder)
+    clips = []
+    for p in sorted(root.glob("*/*.wav")):
+        m = _DCASE_RE.match(p.stem)
+        if m and m.group("domain") == domain:
+            clips.append(DcaseClip(p, m.group("split"), m.group("label"), int(m.group("clip"))))
+    if not clips:
+        raise FileNotFoundError(f"no DCASE {domain}-domain clips under {root}")
+    return clips
 
 
 def load_wav(

@@ -171,22 +171,17 @@ def test_femto_bearing3_1_run_to_failure_through_the_appliance(datasets_dir: Pat
 DCASE_STREAM = "lab/valve/mic"
 DCASE_SENSOR = (f'[sensors."{DCASE_STREAM}"]\nkind = "acoustic"\nsample_rate_hz = 16000\nunit = "FS"\n'
                 "window_s = 1.0\nhop_s = 0.5\n")
-_CLIP = re.compile(r"section_\d+_source_(train|test)_(normal|anomaly)_(\d+)_")
 
 
 def test_dcase_valve_acoustic_path_through_the_appliance(datasets_dir: Path, mosquitto, influxd_session, service_process,
                                                          tmp_path: Path) -> None:
     """Calibration on the DCASE calibration clips, then test clips scored and stored; the mean
     scores of anomaly and normal clips are printed, detection quality is not asserted."""
-    from sample_data.loaders import load_wav
+    from sample_data.loaders import dcase_clips, load_wav
     from sensors.publisher import iter_chunks
 
     root = datasets_dir / "dcase2023_task2" / "valve"
-    clips = []
-    for p in sorted(root.glob("*/*.wav")):
-        m = _CLIP.search(p.name)
-        if m:
-            clips.append((p, m.group(1), m.group(2), int(m.group(3))))
+    clips = dcase_clips(root)
     cal = [c for c in clips if c[1] == "train" or (c[2] == "normal" and c[3] < 25)]
     normals = [c for c in clips if c[1] == "test" and c[2] == "normal" and c[3] >= 25][:4]
     anomalies = [c for c in clips if c[1] == "test" and c[2] == "anomaly"][:4]

@@ -345,3 +345,14 @@ def test_segment_and_recording_validation() -> None:
     np.testing.assert_array_equal(rec.concatenated(), [1.0, 2.0, 3.0])
     with pytest.raises(TypeError):
         rec.metadata["a"] = 2  # type: ignore[index]
+
+
+def test_dcase_clips_lists_the_valve_split(datasets_dir: Path, tmp_path: Path) -> None:
+    from sample_data.loaders import dcase_clips
+
+    clips = dcase_clips(datasets_dir / "dcase2023_task2" / "valve")
+    assert {(c.split, c.label) for c in clips} == {("train", "normal"), ("test", "normal"), ("test", "anomaly")}
+    assert sum(c.split == "test" and c.label == "anomaly" for c in clips) == 50
+    assert clips[0].path.suffix == ".wav" and isinstance(clips[0].index, int)
+    with pytest.raises(FileNotFoundError):
+        dcase_clips(tmp_path)

@@ -240,11 +240,12 @@ class LearningLoop:
             t = self._templates[stream] = Scorer(self.encoder, self.sha, cfg)
         return t
 
-    def offer(self, stream: str, start_ns: list[int], feats: np.ndarray) -> None:
+    def offer(self, stream: str, start_ns: list[int], feats: np.ndarray, *, collecting: bool = False) -> None:
         """Give the loop a stream's normal windows (start ns, ``(B, 2, 64, 32)`` feature images,
-        time order): they go to the replay buffer, and a stream without an active version gets
-        its initial calibration queued once it has ``calibration_s`` seconds of them and at least
-        the scorer's ``min_windows`` training windows (besides the gate's share).
+        time order): they go to the replay buffer. With ``collecting`` (the stream has no active
+        version yet) the initial calibration is queued once the stream has ``calibration_s``
+        seconds of them and at least the scorer's ``min_windows`` training windows (besides the
+        gate's share); a scoring stream pays only the replay write.
 
         Raises:
             StoreError: the replay buffer refused the write.
@@ -252,11 +253,13 @@ class LearningLoop:
         if not len(start_ns):
             return
         self.replay.offer(stream, start_ns, feats)
+        if not collecting:
+            return
         span = self.replay.span(stream)
         if span is None or (span[2] - span[1]) / 1e9 < self.calibration_s:
             return
         site, machine, sensor = stream.split("/")
-        if self.registry.active(site, machine, sensor) is None and not self._has_job(stream, ("queued", "running", "failed"), "initial"):
+        if self.registry.active(site, machine, sensor) is None and not self.has_job(stream, ("queued", "running", "failed"), "initial"):
             tmpl = self.template(stream)
             if tmpl is not None and self.replay.counts(stream)[0] >= tmpl.config.min_windows:
                 self.enqueue(stream, "initial", f"{span[0]} windows over {(span[2] - span[1]) / 1e9:.0f} s collected")
@@ -271,7 +274,8 @@ class LearningLoop:
             self._wake.set()
         return jid
 
-    def _has_job(self, stream: str, states: tuple[str, ...], trigger: str | None = None) -> bool:
+    def has_job(self, stream: str, states: tuple[str, ...], trigger: str | None = None) -> bool:
+        """Whether the stream has a job in one of ``states`` (of ``trigger``, when given)."""
         q = f"SELECT 1 FROM job WHERE stream = ? AND status IN ({','.join('?' * len(states))})"
         args: list[Any] = [stream, *states]
         if trigger is not None:
@@ -300,7 +304,7 @@ class LearningLoop:
         now = time.monotonic()
         for s, pending in self._pending_labels.items():
             settled = [p for p in pending if now - p[1] >= self.label_settle_s]
-            if len(settled) >= self.retrain_after_labels and not self._has_job(s, ("queued", "running")):
+            if len(settled) >= self.retrain_after_labels and not self.has_job(s, ("queued", "running")):
                 self.enqueue(s, "labels", f"{len(settled)} new labels")
 
     def _watermark(self, stream: str) -> int:

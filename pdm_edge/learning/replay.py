@@ -17,8 +17,10 @@ memory.
 lifetime, so windows in gate slots are never trained on by any version built from this buffer:
 they are the held-back normal windows the registry's gate judges every candidate on.
 
-**Storage.** SQLite (WAL, ``synchronous=FULL``) in ``replay.sqlite`` of the state directory;
-every batch of offers is one transaction, so a crash keeps the buffer consistent. Which windows
+**Storage.** SQLite in ``replay.sqlite`` of the state directory, WAL with
+``synchronous=NORMAL``: every batch of offers is one transaction, so a crash keeps the buffer
+consistent, and the scoring worker that offers windows does not wait for an fsync per batch (a
+power loss may forget the last few offers of a random sample, which costs nothing). Which windows
 count as normal is the caller's decision (:mod:`pdm_edge.learning.loop`: all windows until the
 first calibration, then only windows below threshold and outside alerts).
 """
@@ -82,7 +84,7 @@ class ReplayBuffer:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._con.execute("PRAGMA journal_mode=WAL")
-            self._con.execute("PRAGMA synchronous=FULL")
+            self._con.execute("PRAGMA synchronous=NORMAL")
             self._con.executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the replay buffer {self.path}: {exc}") from exc
