@@ -455,15 +455,18 @@ def store_check(obj: _Ctx, influx_url: str | None, database: str | None, retenti
 @main.command("eval")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None,
               help="Folder of the real recordings [default: $PDM_EDGE_DATASETS or ../shared/datasets].")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Write ROC and score-over-life plots (PNG) here.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write results.md (the table), results.json and the plots (ROC, score over life, technician, feedback curve) here.")
 @click.option("--encoder", "encoder_path", type=click.Path(dir_okay=False), default=None, help="Encoder weights [default: models/encoder.pt].")
-@click.option("--datasets", default="cwru,dcase,femto,feedback", show_default=True,
-              help="Comma-separated subset of cwru, dcase, femto, feedback (the DCASE feedback learning curve).")
+@click.option("--datasets", default="cwru,dcase,femto,technician,feedback", show_default=True,
+              help="Comma-separated subset of cwru, dcase, femto (the five set-A bearings), technician (the simulated "
+                   "technician on FEMTO and DCASE), feedback (the DCASE feedback learning curve).")
 @click.option("--subset", is_flag=True, help="A small subset of every split (a quick smoke test; figures are not comparable).")
 @click.option("--threads", type=int, default=None, help="torch threads [default: all cores].")
 @_handle_errors
 def eval_cmd(data_dir: str | None, out_dir: str | None, encoder_path: str | None, datasets: str, subset: bool, threads: int | None) -> None:
-    """Run the evaluation protocol (CWRU, DCASE valve, FEMTO) and print one JSON document."""
+    """Run the evaluation protocol v2 (CWRU, DCASE valve, FEMTO set A, simulated technician,
+    feedback curve) and print one JSON document; with --out, also the markdown table."""
     import torch
 
     from pdm_edge.evaluation import run_eval, to_json

@@ -16,6 +16,8 @@ loader                        format                 unit, kind   start_ns
                               Center ``.mat``         vibration
 :func:`load_femto`            FEMTO PRONOSTIA folder  g,           time of day of each
                               of ``acc_*.csv``        vibration    snapshot on ``date``
+:func:`load_femto_compact`    FEMTO compact ``.npz``  g,           elapsed time of each
+                              (int32 milli-g)         vibration    snapshot
 :func:`load_wav`              ``.wav`` (PCM / float,  FS,          0
                               incl. WAVE_FORMAT_      acoustic
                               EXTENSIBLE 8-channel)
@@ -551,16 +553,7 @@ def load_femto(
         "date": day0.isoformat(),
         "bearing": FEMTO_PRONOSTIA.as_dict(),
     }
-    m = re.match(r"^Bearing(\d)_(\d+)$", root.name)
-    if m and int(m.group(1)) in _FEMTO_CONDITIONS:
-        rpm, load_n = _FEMTO_CONDITIONS[int(m.group(1))]
-        meta.update(
-            operating_condition=int(m.group(1)),
-            rpm=rpm,
-            shaft_hz=rpm / 60.0,
-            radial_load_n=load_n,
-            defect_frequencies_hz=FEMTO_PRONOSTIA.defect_frequencies(rpm / 60.0).as_dict(),
-        )
+    meta.update(_femto_condition(root.name))
     return Recording(
         name=root.name,
         sample_rate_hz=_FEMTO_SAMPLE_RATE_HZ,
@@ -569,6 +562,74 @@ def load_femto(
         segments=tuple(segments),
         metadata=meta,
     )
+
+
+def _femto_condition(test_name: str) -> dict[str, Any]:
+    """Operating condition, speed, load and defect frequencies of a ``BearingC_N`` test."""
+    m = re.match(r"^Bearing(\d)_(\d+)$", test_name)
+    if not (m and int(m.group(1)) in _FEMTO_CONDITIONS):
+        return {}
+    rpm, load_n = _FEMTO_CONDITIONS[int(m.group(1))]
+    return {"operating_condition": int(m.group(1)), "rpm": rpm, "shaft_hz": rpm / 60.0, "radial_load_n": load_n,
+            "defect_frequencies_hz": FEMTO_PRONOSTIA.defect_frequencies(rpm / 60.0).as_dict()}
+
+
+_FEMTO_COMPACT_KEYS = ("acc_mg", "elapsed_s", "fs_hz")
+
+
+def load_femto_compact(
+    path: PathLike,
+    channel: Literal["horizontal", "vertical"] = "horizontal",
+) -> Recording:
+    """Load a compact FEMTO-ST PRONOSTIA run-to-failure file (``femto_pronostia/compact/*.npz``).
+
+    The archive (see that folder's README) holds ``acc_mg`` (int32, ``(N, 2560, 2)``, milli-g;
+    ``[..., 0]`` horizontal, ``[..., 1]`` vertical), ``elapsed_s`` (float64 ``(N,)``, s since
+    the first snapshot, 10 s spacing, bad clock values already interpolated) and ``fs_hz``
+    (25 600). The values are the exact CSV values, so a compact file and its CSV folder load to
+    the same samples.
+
+    Args:
+        path: the ``BearingC_N.npz`` file.
+        channel: ``"horizontal"`` or ``"vertical"``.
+
+    Returns:
+        A :class:`Recording` at 25 600 Hz, unit ``"g"``, kind ``"vibration"``, one
+        :class:`Segment` per snapshot (``float32``, ``(2560,)``), ``start_ns`` = elapsed time
+        (the files carry no date). Metadata as :func:`load_femto` (``format="femto_compact"``;
+        ``files`` is omitted) plus ``source_folder``.
+
+    Raises:
+        RecordingError: the file is missing, not an ``.npz`` archive, lacks a key, has a wrong
+            shape, or ``channel`` is invalid.
+    """
+    p = _existing(path, "FEMTO compact file")
+    if channel not in _FEMTO_CHANNELS:
+        raise RecordingError(f"{p}: channel must be one of {tuple(_FEMTO_CHANNELS)}, got {channel!r}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            missing = [k for k in _FEMTO_COMPACT_KEYS if k not in z.files]
+            if missing:
+                raise RecordingError(f"{p}: not a compact FEMTO file (missing {missing})")
+            acc = z["acc_mg"][..., 0 if channel == "horizontal" else 1]
+            elapsed = np.asarray(z["elapsed_s"], dtype=np.float64)
+            fs = float(z["fs_hz"])
+            folder = str(z["source_folder"]) if "source_folder" in z.files else p.stem
+    except RecordingError:
+        raise
+    except Exception as exc:  # BadZipFile, ValueError, IndexError (wrong shape), ...
+        raise RecordingError(f"{p}: not a readable compact FEMTO file ({exc})") from exc
+    if acc.ndim != 2 or len(acc) != len(elapsed) or len(acc) == 0:
+        raise RecordingError(f"{p}: acc_mg {acc.shape} does not match elapsed_s {elapsed.shape}")
+    x = acc.astype(np.float32) / np.float32(1000.0)
+    segments = tuple(_segment(x[i], int(round(elapsed[i] * 1e9)), p) for i in range(len(x)))
+    meta: dict[str, Any] = {
+        "format": "femto_compact", "source_path": str(p), "source_folder": folder, "channel": channel, "label": None,
+        "test_name": p.stem, "snapshot_count": len(segments), "samples_per_snapshot": tuple(s.n_samples for s in segments),
+        "snapshot_period_s": float(np.median(np.diff(elapsed))) if len(elapsed) > 1 else None,
+        "bearing": FEMTO_PRONOSTIA.as_dict(), **_femto_condition(p.stem),
+    }
+    return Recording(name=p.stem, sample_rate_hz=_positive_rate(fs, p), unit="g", kind="vibration", segments=segments, metadata=meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -899,13 +960,21 @@ _SUFFIX_LOADERS = {
 }
 
 
+def _is_femto_compact(p: Path) -> bool:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return "acc_mg" in z.files
+    except Exception:  # not an archive: load_sample says why
+        return False
+
+
 def load_recording(path: PathLike, **overrides: Any) -> Recording:
     """Load any supported recording, choosing the loader from the path.
 
     - a folder holding ``acc_*.csv`` -> :func:`load_femto`
     - ``.mat`` -> :func:`load_cwru`
     - ``.wav`` -> :func:`load_wav`
-    - ``.npz`` -> :func:`load_sample`
+    - ``.npz`` -> :func:`load_femto_compact` when it holds ``acc_mg``, else :func:`load_sample`
     - ``.csv`` / ``.txt`` / ``.npy`` -> :func:`load_array` (needs ``sample_rate_hz=``)
 
     Args:
@@ -929,6 +998,8 @@ def load_recording(path: PathLike, **overrides: Any) -> Recording:
         loader = load_femto
     else:
         loader = _SUFFIX_LOADERS.get(p.suffix.lower())  # type: ignore[assignment]
+        if loader is load_sample and _is_femto_compact(p):
+            loader = load_femto_compact
         if loader is None:
             raise RecordingError(
                 f"{p}: unknown recording format {p.suffix or '(no suffix)'!r}; supported: "

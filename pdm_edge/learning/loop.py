@@ -431,6 +431,7 @@ class LearningLoop:
         labelled: dict[str, list[tuple[int, np.ndarray, str]]] = {"normal": [], "fault": []}
         drop_spans: list[tuple[int, int]] = []
         n_labels = {"normal": 0, "fault": 0, "ignore": 0}
+        fault_info: dict[str, dict[str, Any]] = {}
         if self.labels is not None:
             site, machine, _ = stream.split("/")
             for label in self.labels.list(site=site, machine=machine):
@@ -445,6 +446,8 @@ class LearningLoop:
                 if ws:
                     f = tmpl.features(ws)
                     labelled[label.kind] += [(w.start_ns, x, label.id) for w, x in zip(ws, f)]
+                    if label.kind == "fault":
+                        fault_info[label.id] = {"label": label.id, "fault_type": label.fault_type, "start_ns": int(label.start_ns)}
 
         def keep(t: np.ndarray) -> np.ndarray:
             m = np.ones(len(t), bool)
@@ -461,7 +464,8 @@ class LearningLoop:
             t_norm, f_norm = t_all[order], f_all[order]
         faults = sorted(labelled["fault"], key=lambda p: (p[2], p[0]))  # by event, each in time order
         f_fault = np.stack([x for _, x, _ in faults]) if faults else np.zeros((0, *f_norm.shape[1:]), np.float32)
-        return {"t_normal": t_norm, "normal": f_norm, "fault": f_fault, "fault_events": [ev for _, _, ev in faults], "gate": f_gate,
+        return {"t_normal": t_norm, "normal": f_norm, "fault": f_fault, "fault_events": [ev for _, _, ev in faults],
+                "fault_info": [fault_info[ev] for _, _, ev in faults], "gate": f_gate,
                 "labelled_normal_windows": len(labelled["normal"]), "labels": n_labels}
 
     # -- 3. training and 4. checkpoints -------------------------------------------------------------
@@ -492,7 +496,7 @@ class LearningLoop:
         cand = Scorer(self.encoder, self.sha, tmpl.config)
         cand.learn_many(data["normal"])
         if len(data["fault"]):
-            cand.learn_many(data["fault"], "fault")
+            cand.learn_many(data["fault"], "fault", events=data["fault_info"])
         resume = self._read_checkpoint(job)
         t0 = time.monotonic()
         info = cand.calibrate(checkpoint=lambda st: self._write_checkpoint(job, st), resume=resume,

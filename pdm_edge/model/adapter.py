@@ -10,8 +10,13 @@
   ``t + up(GELU(down(t)))`` on every token state, ``down: dim -> bottleneck``, ``up`` zero-
   initialised. The head's output tokens are pooled into the machine's embedding and decoded by
   the frozen decoder for the self-supervised reconstruction objective.
+- **Anomaly logit** (``logit``): a linear layer on the pooled embedding, zero-initialised,
+  trained to tell the machine's normal windows from synthetic anomalies made from them
+  (outlier exposure, :mod:`pdm_edge.model.synthetic`) and from windows a technician confirmed
+  as faults; normal-labelled windows are negatives (Deep SAD-style use of labels, Ruff et al.
+  2020).
 
-With the defaults (rank 4, bottleneck 32) the adapter has 22,688 parameters, 4.15 % of the
+With the defaults (rank 4, bottleneck 32) the adapter has 22,817 parameters, 4.17 % of the
 encoder's 547,072 (decoder excluded); :func:`trainable_fraction` reports the exact figure.
 """
 
@@ -94,6 +99,9 @@ class Adapter(nn.Module):
         self.up = nn.Linear(cfg.bottleneck, dim)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.logit = nn.Linear(dim, 1)
+        nn.init.zeros_(self.logit.weight)
+        nn.init.zeros_(self.logit.bias)
 
     def delta(self, layer: int, name: str, h: torch.Tensor) -> torch.Tensor | float:
         """The LoRA update of ``name`` in block ``layer`` for input ``h`` (0 where not targeted)."""

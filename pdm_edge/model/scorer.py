@@ -11,23 +11,32 @@ Calibration (the machine's baseline, from its own normal windows):
 
 1. Per-machine standardisation of the feature images (:class:`Standardizer`; one-sided for
    vibration: only added energy counts, see :mod:`pdm_edge.model.standardize`).
-2. Split the windows in time order: the first 80 % train the adapter (LoRA + bottleneck head)
-   with the self-supervised masked-patch-reconstruction objective through the frozen decoder,
-   with early stopping on the last 20 % and a wall-time budget. Only adapter parameters have
-   gradients; the encoder stays bit-identical.
-3. The raw anomaly measure of a window: the Mahalanobis distance of its embedding to the normal
-   embeddings (Ledoit-Wolf shrinkage covariance, Ledoit & Wolf 2004). Optionally also its
-   reconstruction error over a fixed set of complementary masks (each patch hidden once).
-4. Held-out calibration scores: every calibration window is scored against a baseline fitted
-   on the other four fifths (5-fold cross-fitting in time order; the reconstruction error,
-   when used, is held out only for the adapter's validation part). Each measure is standardised
-   by the held-out median and a robust spread (interquartile range / 1.349); the score is
-   their mean: about 0 for normal windows, in units of normal spread.
+2. Split the windows in time order: the first 80 % train the adapter (LoRA + bottleneck head +
+   anomaly logit) with early stopping on the last 20 % and a wall-time budget. Two objectives,
+   summed: the self-supervised masked-patch reconstruction through the frozen decoder, and
+   **outlier exposure** (Hendrycks et al. 2019): the anomaly logit separates the machine's
+   normal windows from synthetic anomalies made from them (band bursts, tones, envelope
+   harmonics; :mod:`pdm_edge.model.synthetic`) and from windows a technician confirmed as
+   faults. Only adapter parameters have gradients; the encoder stays bit-identical.
+3. Raw anomaly measures of a window (:data:`COMPONENTS`, :attr:`ScorerConfig.components`):
+   ``mahalanobis``, the distance of its embedding to the normal embeddings (Ledoit-Wolf
+   shrinkage covariance, Ledoit & Wolf 2004); ``spectral``, the same distance for its spectral
+   summary (:func:`spectral_summary`: band means, band maxima over frames (time-localised) and
+   the envelope spectrum or the spread over frames, of the standardised image), fusing the
+   hand-crafted spectral statistics with the embedding; ``logit``, the adapter's anomaly
+   logit; optionally ``reconstruction``, the masked-reconstruction error over a fixed set of
+   complementary masks.
+4. Held-out calibration scores: the distances of every calibration window are computed
+   against a baseline fitted on the other four fifths (5-fold cross-fitting in time order);
+   the adapter's measures (logit, reconstruction) are held out only for the adapter's
+   validation part, and then so are the others. Each measure is standardised by the held-out
+   median and a robust spread (interquartile range / 1.349); the score is their mean: about 0
+   for normal windows, in units of normal spread.
 5. Threshold: a target false-alert rate per hour becomes a per-window exceedance probability
    ``p`` through the k-of-n alert rule (independent windows: alerts/h ~= W * C(n, k) * p^k with
    W windows per hour); the threshold is the upper prediction bound of the held-out scores at
    ``p`` (:func:`threshold_from_held_out`), and never below their maximum.
-6. The final baseline is refitted on all calibration windows.
+6. The final baselines are refitted on all calibration windows.
 
 Learning from technician labels (DESIGN.md section 3; the on-device loop in
 :mod:`pdm_edge.learning` feeds them in):
@@ -36,12 +45,13 @@ Learning from technician labels (DESIGN.md section 3; the on-device loop in
   standardisation, the adapter's training data, the baseline and the held-out scores, so the
   threshold (never below the largest held-out score) rises above them and similar windows stop
   alarming;
-- windows labelled ``fault`` become known-fault examples: their embeddings (at most
-  :data:`MAX_FAULT_PROTOTYPES`) are kept in the model version, and a window nearer (in the
-  baseline's Mahalanobis metric) to a known fault than to the normal mean gets the difference
-  added to its score (:meth:`Scorer.fault_match`), so a recurrence of a confirmed fault scores
-  high even when it is only moderately far from normal. This is a nearest-prototype rule in
-  the whitened embedding space; it does not retrain the encoder.
+- windows labelled ``fault`` are positives of the outlier-exposure objective (the adapter
+  learns to push them away from normal, Deep SAD-style, Ruff et al. 2020) and become
+  known-fault examples: their embeddings (at most :data:`MAX_FAULT_PROTOTYPES`) are kept in
+  the model version, and a window nearer (in the baseline's Mahalanobis metric) to a known
+  fault than to the normal mean gets the difference added to its score
+  (:meth:`Scorer.fault_match`), so a recurrence of a confirmed fault scores high even when it
+  is only moderately far from normal.
 
 Everything a score depends on is saved in a model version (:mod:`pdm_edge.model.version`), and
 reloading it reproduces the scores bit for bit.
@@ -64,6 +74,7 @@ from pdm_edge.errors import ModelError, NotCalibratedError
 from pdm_edge.model.adapter import Adapter, AdapterConfig
 from pdm_edge.model.encoder import Encoder, kind_index, masked_error, random_mask
 from pdm_edge.model.standardize import Standardizer
+from pdm_edge.model.synthetic import synthetic_anomalies
 from pdm_edge.types import Window
 
 N_RECON_MASKS = 4
@@ -93,6 +104,9 @@ class TrainConfig:
     """Wall-time budget of one calibration."""
     val_fraction: float = 0.2
     seed: int = 0
+    outlier_exposure: float = 1.0
+    """Weight of the outlier-exposure loss (normal windows vs synthetic anomalies and labelled
+    faults, :mod:`pdm_edge.model.synthetic`) beside the reconstruction loss; 0 turns it off."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,11 +124,13 @@ class ScorerConfig:
             default for ``kind`` and ``sample_rate_hz`` when None.
         adapter: LoRA rank, targets and head width.
         train: adapter training settings.
-        components: raw measures averaged into the score: ``"mahalanobis"`` (default) and/or
-            ``"reconstruction"`` (the masked-reconstruction error; off by default: in
-            ``pdm-edge eval`` it did not improve on the distance and it costs four more encoder
-            passes per window).
-        train_adapter: False skips step 2 (the frozen-encoder ablation).
+        components: raw measures averaged into the score (:data:`COMPONENTS`): by default
+            ``"mahalanobis"`` (embedding distance), ``"spectral"`` (distance of the window's
+            spectral summary) and ``"logit"`` (the adapter's anomaly logit); ``"reconstruction"``
+            (the masked-reconstruction error) is optional: it costs four more encoder passes
+            per window.
+        train_adapter: False skips step 2 (the frozen-encoder ablation); ``"logit"`` needs a
+            trained adapter and is dropped without one.
         target_false_alerts_per_h: false alerts per hour the threshold aims at.
         alert_k, alert_n: an alert needs ``alert_k`` of the last ``alert_n`` windows above threshold.
         min_windows: fewest normal windows :meth:`Scorer.calibrate` accepts.
@@ -126,7 +142,7 @@ class ScorerConfig:
     features: dict[str, Any] | None = None
     adapter: AdapterConfig = dataclasses.field(default_factory=AdapterConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    components: tuple[str, ...] = ("mahalanobis",)
+    components: tuple[str, ...] = ("mahalanobis", "spectral", "logit")
     train_adapter: bool = True
     target_false_alerts_per_h: float = 0.1
     alert_k: int = 3
@@ -135,15 +151,18 @@ class ScorerConfig:
 
     def __post_init__(self) -> None:
         kind_index(self.kind)
-        if not set(self.components) <= {"mahalanobis", "reconstruction"} or not self.components:
-            raise ValueError(f"components must be a non-empty subset of ('mahalanobis', 'reconstruction'), got {self.components}")
+        if not set(self.components) <= set(COMPONENTS) or not self.components:
+            raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {self.components}")
         if not 1 <= self.alert_k <= self.alert_n:
             raise ValueError("need 1 <= alert_k <= alert_n")
         if self.min_windows < 10:
             raise ValueError(f"min_windows must be >= 10 (a baseline and a held-out split need them), got {self.min_windows}")
         if self.features is None:
             object.__setattr__(self, "features", features.FeatureSpec.default(self.kind, self.sample_rate_hz).to_dict())
-        object.__setattr__(self, "components", tuple(self.components))
+        comps = tuple(c for c in COMPONENTS if c in self.components and (self.train_adapter or c != "logit"))
+        if not comps:
+            raise ValueError(f"components {self.components} all need a trained adapter, and train_adapter is False")
+        object.__setattr__(self, "components", comps)
 
     @property
     def feature_spec(self) -> features.FeatureSpec:
@@ -164,6 +183,30 @@ class ScorerConfig:
         d["train"] = TrainConfig(**d["train"])
         d["components"] = tuple(d["components"])
         return cls(**d)
+
+
+COMPONENTS = ("mahalanobis", "spectral", "logit", "reconstruction")
+"""Raw anomaly measures a scorer can average (see :class:`ScorerConfig`)."""
+ADAPTER_COMPONENTS = ("logit", "reconstruction")
+"""Measures of the adapter's training objectives: their held-out scores come from the adapter's
+validation windows only (the last part in time). ``"logit"`` needs a trained adapter (an
+untrained one answers 0); the reconstruction error is defined for the frozen encoder too."""
+
+
+def spectral_summary(xs: np.ndarray, kind: str) -> np.ndarray:
+    """The spectral summary of standardised feature images, ``(B, 2, 64, 32)`` -> ``(B, 96)``
+    float64: per band (pairs of the 64 bands averaged, so 32 values each), the mean over frames
+    of channel 0 (stationary band power), its maximum over frames (time-localised: a transient
+    in a few frames of the window), and for vibration the squared-envelope spectrum (channel 1),
+    for acoustic the spread over frames of channel 0 (how much the sound changes within the
+    window). It is the hand-crafted spectral statistics of the Mahalanobis peer, computed on
+    the machine's standardised deviations so that it fuses with the embedding distance
+    (one-sided for vibration) instead of competing with it."""
+    x = np.asarray(xs, dtype=np.float64)
+    ch0 = x[:, 0]
+    third = x[:, 1].mean(axis=-1) if kind == "vibration" else ch0.std(axis=-1)
+    v = np.stack([ch0.mean(axis=-1), ch0.max(axis=-1), third], axis=1)  # (B, 3, 64)
+    return v.reshape(len(x), 3, v.shape[-1] // 2, 2).mean(axis=-1).reshape(len(x), -1)
 
 
 def exceedance_probability(false_alerts_per_h: float, hop_s: float, k: int, n: int) -> float:
@@ -290,12 +333,16 @@ class Scorer:
         self.adapter = self._new_adapter()
         self.standardizer: Standardizer | None = None
         self.baseline: Baseline | None = None
+        self.spectral_baseline: Baseline | None = None
         self.component_stats: dict[str, tuple[float, float]] = {}
         self.threshold: float | None = None
         self.calibration: dict[str, Any] = {}
         self._normal: list[np.ndarray] = []  # raw feature images of normal windows, (2, 64, 32)
         self._faults: list[np.ndarray] = []  # raw feature images of labelled fault windows
+        self._fault_event_of: list[int] = []  # per fault window: index into fault_events
+        self.fault_events: list[dict[str, Any]] = []  # the confirmed faults: label id, fault type, span start
         self.fault_prototypes: np.ndarray | None = None  # (F, D) embeddings of known faults
+        self.fault_prototype_events: np.ndarray | None = None  # (F,) index into fault_events
         self._baseline_emb: np.ndarray | None = None
         self._recon_masks = self._complementary_masks()
 
@@ -347,7 +394,8 @@ class Scorer:
         """Add one window (see :meth:`learn_many`)."""
         return self.learn_many([window] if isinstance(window, Window) else np.asarray(window)[None], label)
 
-    def learn_many(self, windows: Sequence[Window] | np.ndarray, label: str = "normal") -> Scorer:
+    def learn_many(self, windows: Sequence[Window] | np.ndarray, label: str = "normal",
+                   events: Sequence[dict[str, Any]] | None = None) -> Scorer:
         """Add windows of the machine, ``(B, N)`` samples, ``Window`` objects or ``(B, 2, 64, 32)``
         feature images, as examples of ``label``.
 
@@ -360,6 +408,9 @@ class Scorer:
 
         ``label="fault"`` (windows of a confirmed fault): collected for the next
         :meth:`calibrate`, which makes them known-fault examples (see the module docstring).
+        ``events`` names the confirmed fault of each window (one dict per window, JSON values:
+        ``{"label": id, "fault_type": ..., "start_ns": ...}``), so that :meth:`nearest_fault`
+        can say which confirmed fault a new window looks like.
 
         Raises:
             ValueError: an unknown label, non-finite or too short windows.
@@ -368,6 +419,12 @@ class Scorer:
             raise ValueError(f"label must be 'normal' or 'fault', got {label!r}")
         f = self.features(windows)
         if label == "fault":
+            if events is not None and len(events) != len(f):
+                raise ValueError(f"events must name every fault window: {len(events)} events for {len(f)} windows")
+            for ev in events if events is not None else [{}] * len(f):
+                if ev not in self.fault_events:
+                    self.fault_events.append(dict(ev))
+                self._fault_event_of.append(self.fault_events.index(ev))
             self._faults.extend(f)
             return self
         self._normal.extend(f)
@@ -409,9 +466,14 @@ class Scorer:
         return self.adapter.head(self.encoder.tokens(x, self.kind, mask, adapter=self.adapter))
 
     @torch.no_grad()
-    def _embed(self, xs: np.ndarray, batch: int = 64) -> np.ndarray:
+    def _embed(self, xs: np.ndarray, batch: int = NO_GRAD_BATCH) -> np.ndarray:
         out = [self._tokens(torch.from_numpy(xs[i:i + batch])).mean(dim=1).numpy() for i in range(0, len(xs), batch)]
         return np.concatenate(out) if out else np.zeros((0, self.encoder.cfg.dim), np.float32)
+
+    def _logit(self, emb: np.ndarray) -> np.ndarray:
+        """The adapter's anomaly logit of pooled embeddings ``(B, D)`` -> ``(B,)`` float64."""
+        with torch.no_grad():
+            return self.adapter.logit(torch.from_numpy(np.asarray(emb, dtype=np.float32)))[:, 0].double().numpy()
 
     @torch.no_grad()
     def _recon_error(self, xs: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -426,10 +488,14 @@ class Scorer:
             out.append((err / len(self._recon_masks)).numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
-    def _raw(self, xs: np.ndarray, baseline: Baseline, emb: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def _raw(self, xs: np.ndarray, emb: np.ndarray) -> dict[str, np.ndarray]:
         raw = {}
         if "mahalanobis" in self.config.components:
-            raw["mahalanobis"] = baseline.distance(self._embed(xs) if emb is None else emb)
+            raw["mahalanobis"] = self.baseline.distance(emb)  # type: ignore[union-attr]
+        if "spectral" in self.config.components:
+            raw["spectral"] = self.spectral_baseline.distance(spectral_summary(xs, self.config.kind))  # type: ignore[union-attr]
+        if "logit" in self.config.components:
+            raw["logit"] = self._logit(emb)
         if "reconstruction" in self.config.components:
             raw["reconstruction"] = self._recon_error(xs)
         return raw
@@ -453,12 +519,41 @@ class Scorer:
         spread = self.component_stats.get("mahalanobis", (0.0, 1.0))[1]
         return np.maximum(0.0, d0 - df) / spread
 
+    def nearest_fault(self, windows: Sequence[Window] | np.ndarray) -> list[dict[str, Any] | None]:
+        """For each window, the confirmed fault it looks like, or None: the event (label id,
+        fault type, span start; see :meth:`learn_many`) of the nearest known-fault prototype
+        when the window is nearer (baseline Mahalanobis metric) to it than to the normal mean,
+        with ``similarity = d_normal / (d_normal + d_fault)`` in (0.5, 1] (1: on the prototype).
+        Windows, raw samples or feature images, as :meth:`score_many`.
+
+        Raises:
+            NotCalibratedError: before :meth:`calibrate`.
+        """
+        if not self.is_calibrated:
+            raise NotCalibratedError("not calibrated")
+        f = self.features(windows)
+        if self.fault_prototypes is None or not len(self.fault_prototypes) or not len(f):
+            return [None] * len(f)
+        e = self._embed(self.standardizer.transform(f)).astype(np.float64)  # type: ignore[union-attr]
+        d0 = self.baseline.distance(e)  # type: ignore[union-attr]
+        diff = e[:, None, :] - np.asarray(self.fault_prototypes, dtype=np.float64)[None]
+        d = np.sqrt(np.maximum(np.einsum("bfi,ij,bfj->bf", diff, self.baseline.precision, diff), 0.0))  # type: ignore[union-attr]
+        out: list[dict[str, Any] | None] = []
+        for i in range(len(f)):
+            j = int(np.argmin(d[i]))
+            if d[i, j] >= d0[i]:
+                out.append(None)
+                continue
+            ev = self.fault_events[int(self.fault_prototype_events[j])] if self.fault_prototype_events is not None and self.fault_events else {}
+            out.append({**ev, "similarity": round(float(d0[i] / (d0[i] + d[i, j])), 3)})
+        return out
+
     def _score_features(self, f: np.ndarray) -> np.ndarray:
         if len(f) == 0:
             return np.zeros(0)
         xs = self.standardizer.transform(f)  # type: ignore[union-attr]
         emb = self._embed(xs)
-        score = self._combine(self._raw(xs, self.baseline, emb))  # type: ignore[arg-type]
+        score = self._combine(self._raw(xs, emb))
         if self.fault_prototypes is not None:
             score = score + self.fault_match(emb)
         return score
@@ -495,28 +590,34 @@ class Scorer:
         xs = self.standardizer.transform(raw_f)
         n_val = max(2, int(round(n * self.config.train.val_fraction)))
         tr, va = xs[: n - n_val], xs[n - n_val:]
+        fault_xs = self.standardizer.transform(np.stack(self._faults)) if self._faults else None
         self.adapter = self._new_adapter()
         history: list[dict[str, float]] = []
         if self.config.train_adapter:
-            history = self._train_adapter(tr, va, checkpoint=checkpoint, resume=resume, should_stop=should_stop)
+            history = self._train_adapter(tr, va, fault_xs, checkpoint=checkpoint, resume=resume, should_stop=should_stop)
         emb = self._embed(xs)
-        held_idx = np.arange(n)
+        comps = self.config.components
+        # cross-fitted distances hold out every window; measures of the trained adapter only
+        # the adapter's validation windows (the last part in time)
+        held_idx = np.arange(n - n_val, n) if set(comps) & set(ADAPTER_COMPONENTS) else np.arange(n)
         held: dict[str, np.ndarray] = {}
-        if "mahalanobis" in self.config.components:
-            held["mahalanobis"] = crossfit_distances(emb, CROSSFIT_FOLDS)
-        if "reconstruction" in self.config.components:
-            # the adapter was fitted on the first part: only the last part is held out for it
-            held_idx = np.arange(n - n_val, n)
-            held["reconstruction"] = np.full(n, np.nan)
-            held["reconstruction"][held_idx] = self._recon_error(va)
-        held = {c: v[held_idx] for c, v in held.items()}
+        if "mahalanobis" in comps:
+            held["mahalanobis"] = crossfit_distances(emb, CROSSFIT_FOLDS)[held_idx]
+        if "spectral" in comps:
+            held["spectral"] = crossfit_distances(spectral_summary(xs, self.config.kind), CROSSFIT_FOLDS)[held_idx]
+        if "logit" in comps:
+            held["logit"] = self._logit(emb[held_idx])
+        if "reconstruction" in comps:
+            held["reconstruction"] = self._recon_error(va)
         self.component_stats = {c: _robust_scale(v) for c, v in held.items()}
         self._baseline_emb = emb
         self.baseline = Baseline.fit(emb)
-        self.fault_prototypes = None
-        if self._faults:
-            fe = self._embed(self.standardizer.transform(np.stack(self._faults)))
+        self.spectral_baseline = Baseline.fit(spectral_summary(xs, self.config.kind)) if "spectral" in comps else None
+        self.fault_prototypes, self.fault_prototype_events = None, None
+        if fault_xs is not None:
+            fe = self._embed(fault_xs)
             keep = np.unique(np.linspace(0, len(fe) - 1, min(len(fe), MAX_FAULT_PROTOTYPES)).round().astype(int))
+            self.fault_prototype_events = np.asarray(self._fault_event_of, dtype=np.int16)[keep]
             # rounded to float16, as the version file stores them: reloaded scores are identical
             self.fault_prototypes = fe[keep].astype(np.float16).astype(np.float32)
         held_scores = self._combine(held) + self.fault_match(emb[held_idx])
@@ -534,7 +635,7 @@ class Scorer:
         }
         return self.calibration
 
-    def _train_adapter(self, tr: np.ndarray, va: np.ndarray, *, checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    def _train_adapter(self, tr: np.ndarray, va: np.ndarray, faults: np.ndarray | None = None, *, checkpoint: Callable[[dict[str, Any]], None] | None = None,
                        resume: dict[str, Any] | None = None,
                        should_stop: Callable[[], bool] | None = None) -> list[dict[str, float]]:
         tc = self.config.train
@@ -544,7 +645,17 @@ class Scorer:
         rng = np.random.default_rng(tc.seed)
         n_tok = self.encoder.cfg.n_tokens
         xt, xv = torch.from_numpy(tr), torch.from_numpy(va)
+        xf = None if faults is None or not len(faults) else torch.from_numpy(faults)
         val_masks = [random_mask(len(xv), n_tok, tc.mask_ratio, torch.Generator().manual_seed(tc.seed + 1 + i)) for i in range(2)]
+        oe = tc.outlier_exposure
+        xv_syn = synthetic_anomalies(xv, self.config.kind, torch.Generator().manual_seed(tc.seed + 7)) if oe > 0 else None
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+
+        def oe_loss(normal: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
+            """Outlier exposure: normal windows are negatives, anomalous ones positives."""
+            z = self.adapter.logit(self._tokens(torch.cat([normal, anomalous])).mean(dim=1))[:, 0]
+            y = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))])
+            return bce(z, y)
 
         def val_loss() -> float:
             # in chunks of NO_GRAD_BATCH windows: the peak memory of a validation pass stays below
@@ -555,7 +666,12 @@ class Scorer:
                     for i in range(0, len(xv), NO_GRAD_BATCH):
                         xb, mb = xv[i:i + NO_GRAD_BATCH], m[i:i + NO_GRAD_BATCH]
                         errs.append(masked_error(self.encoder.reconstruct(self._tokens(xb, mb)), self.encoder.patchify(xb), mb))
-                return float(torch.cat(errs).mean()) if errs else float("nan")
+                loss = float(torch.cat(errs).mean()) if errs else float("nan")
+                if oe > 0:
+                    parts = [float(oe_loss(xv[i:i + NO_GRAD_BATCH], xv_syn[i:i + NO_GRAD_BATCH])) * len(xv[i:i + NO_GRAD_BATCH])  # type: ignore[index]
+                             for i in range(0, len(xv), NO_GRAD_BATCH)]
+                    loss += oe * sum(parts) / max(1, len(xv))
+                return loss
 
         def snapshot(epoch: int) -> dict[str, Any]:
             return {"epoch": epoch, "adapter": copy.deepcopy(self.adapter.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
@@ -593,6 +709,11 @@ class Scorer:
                 x = xt[j]
                 mask = random_mask(len(j), n_tok, tc.mask_ratio, gen)
                 loss = masked_error(self.encoder.reconstruct(self._tokens(x, mask)), self.encoder.patchify(x), mask).mean()
+                if oe > 0:
+                    pos = synthetic_anomalies(x, self.config.kind, gen)
+                    if xf is not None:  # confirmed faults join the positives
+                        pos = torch.cat([pos, xf[torch.randint(len(xf), (max(1, len(j) // 4),), generator=gen)]])
+                    loss = loss + oe * oe_loss(x, pos)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -622,10 +743,15 @@ class Scorer:
                              "one_sided": self.standardizer.one_sided},  # type: ignore[union-attr]
             "baseline": {"mean": torch.from_numpy(self.baseline.mean.astype(np.float32)),  # type: ignore[union-attr]
                          "precision": torch.from_numpy(self.baseline.precision.astype(np.float32))},  # type: ignore[union-attr]
+            "spectral_baseline": None if self.spectral_baseline is None else {
+                "mean": torch.from_numpy(self.spectral_baseline.mean.astype(np.float32)),
+                "precision": torch.from_numpy(self.spectral_baseline.precision.astype(np.float32))},
             "component_stats": {c: list(v) for c, v in self.component_stats.items()},
             "threshold": self.threshold,
             "calibration": {k: v for k, v in self.calibration.items() if k != "adapter_history"},
             "fault_prototypes": None if self.fault_prototypes is None else torch.from_numpy(self.fault_prototypes.astype(np.float16)),
+            "fault_prototype_events": None if self.fault_prototype_events is None else torch.from_numpy(self.fault_prototype_events),
+            "fault_events": [dict(ev) for ev in self.fault_events],
         }
 
     @classmethod
@@ -638,14 +764,23 @@ class Scorer:
         if state["encoder_sha256"] != encoder_sha256:
             raise ModelError(f"model version needs encoder {state['encoder_sha256'][:12]}..., loaded encoder is {encoder_sha256[:12]}...")
         s = cls(encoder, encoder_sha256, ScorerConfig.from_dict(state["config"]))
-        s.adapter.load_state_dict(state["adapter"])
+        # versions made before the adapter had its anomaly logit load with a zero logit
+        missing, unexpected = s.adapter.load_state_dict(state["adapter"], strict=False)
+        if unexpected or set(missing) - {"logit.weight", "logit.bias"}:
+            raise ModelError(f"model version's adapter does not match: missing {missing}, unexpected {unexpected}")
         s.standardizer = Standardizer(state["standardizer"]["mean"].numpy(), state["standardizer"]["std"].numpy(),
                                       bool(state["standardizer"]["one_sided"]))
         s.baseline = Baseline(state["baseline"]["mean"].numpy().astype(np.float64), state["baseline"]["precision"].numpy().astype(np.float64))
+        sb = state.get("spectral_baseline")
+        if sb is not None:
+            s.spectral_baseline = Baseline(sb["mean"].numpy().astype(np.float64), sb["precision"].numpy().astype(np.float64))
         s.component_stats = {c: (float(v[0]), float(v[1])) for c, v in state["component_stats"].items()}
         s.threshold = float(state["threshold"])
         s.calibration = dict(state["calibration"])
         fp = state.get("fault_prototypes")
         s.fault_prototypes = None if fp is None else fp.numpy().astype(np.float16).astype(np.float32)
+        fpe = state.get("fault_prototype_events")
+        s.fault_prototype_events = None if fpe is None else fpe.numpy().astype(np.int16)
+        s.fault_events = [dict(ev) for ev in state.get("fault_events", [])]
         return s
 
