@@ -32,8 +32,12 @@ from pdm_edge.types import SensorKind, Unit
 
 ENV_PREFIX = "PDM_EDGE__"
 ENV_CONFIG_PATH = "PDM_EDGE_CONFIG"
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-"""Site, machine, sensor and appliance names: the characters allowed in a topic level."""
+MAX_NAME_CHARS = 64
+"""Longest site, machine, sensor or appliance name (a topic level), in characters: bounds the
+size of every per-stream line of ``/metrics`` and ``/healthz`` and of every stored tag."""
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,%d}$" % MAX_NAME_CHARS)
+"""Site, machine, sensor and appliance names: the characters allowed in a topic level, at most
+:data:`MAX_NAME_CHARS` of them."""
 
 
 class _Strict(BaseModel):
@@ -132,6 +136,20 @@ class IngestConfig(_Strict):
     """Most streams accepted without configuration (bounds memory against topic floods)."""
     deadletter: bool = True
     """Publish rejected payloads to ``pdm/v1/_deadletter/{reason}`` (they are counted either way)."""
+    min_sample_rate_hz: float = Field(1.0, gt=0)
+    max_sample_rate_hz: float = Field(1_000_000.0, gt=0, le=10_000_000)
+    """Plausible sample rates, Hz, whatever a stream's configuration says: a chunk outside is
+    dead-lettered as ``implausible_sample_rate`` (buffers are sized from the rate)."""
+    min_timestamp_ns: int = Field(0, ge=0)
+    """Earliest plausible chunk timestamp, ns since the epoch (0: any; recordings replayed with
+    their own clock may start at 0)."""
+    max_future_s: float = Field(300.0, gt=0)
+    """A chunk stamped more than this ahead of the appliance clock is dead-lettered as
+    ``implausible_time`` (a sensor clock in the year 2200 must not freeze its machine's state)."""
+    window_queue_max_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
+    """Bound of the window queue in bytes of samples (besides ``window_queue_size`` windows)."""
+    chunk_queue_max_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
+    """Bound of the chunk queue in bytes of samples (besides ``queue_size`` chunks)."""
 
 
 class BearingConfig(_Strict):
