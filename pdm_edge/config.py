@@ -343,6 +343,9 @@ class ServiceConfig(_Strict):
     """torch intra-op threads of the scoring worker."""
     score_batch: int = Field(64, ge=1)
     """Most windows scored in one batch."""
+    min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    """Below this many free bytes in a state directory (spool, store, registry, labels)
+    ``/healthz`` is degraded and says which directory."""
 
 
 class DashboardConfig(_Strict):
