@@ -143,9 +143,13 @@ class IngestConfig(_Strict):
     min_timestamp_ns: int = Field(0, ge=0)
     """Earliest plausible chunk timestamp, ns since the epoch (0: any; recordings replayed with
     their own clock may start at 0)."""
-    max_future_s: float = Field(300.0, gt=0)
+    max_future_s: float = Field(86_400.0, gt=0)
     """A chunk stamped more than this ahead of the appliance clock is dead-lettered as
-    ``implausible_time`` (a sensor clock in the year 2200 must not freeze its machine's state)."""
+    ``implausible_time`` (a sensor clock in the year 2200 must not freeze its machine's state).
+    The default, one day, lets ``pdm-edge replay --speed max`` replay a day of recording stamped
+    from now; on a plant whose sensors keep time (NTP/PTP), 300 s is a tighter choice. Windows
+    of a stream never go back in time (``time_backwards``), so a stream whose clock ran ahead
+    loses, counted, the windows until its clock passes the newest one: at most this long."""
     window_queue_max_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
     """Bound of the window queue in bytes of samples (besides ``window_queue_size`` windows)."""
     chunk_queue_max_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
@@ -329,9 +333,11 @@ class RegistryConfig(_Strict):
 
     dir: str = "var/registry"
     """The registry directory (index and version files); relative to the working directory."""
-    verify_key: str | None = None
-    """Ed25519 public key (PEM) that imported packages must be signed with; unsigned packages
-    are refused when it is set."""
+    verify_key: str | list[str] | None = None
+    """Ed25519 public key(s) that imported packages must be signed with: a PEM file path or the
+    PEM text, or a list of them. When set, ``pdm-edge models import`` (and every import through
+    :meth:`pdm_edge.registry.Registry.from_config`) refuses unsigned, tampered and foreign-signed
+    packages."""
 
 
 class ServiceConfig(_Strict):

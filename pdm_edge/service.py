@@ -429,7 +429,7 @@ class Service:
             self.store = open_store(cfg.store)
             self.spool = Spool(cfg.spool.path, cfg.spool.max_records)
             self.writer = SpoolWriter(self.spool, self.store, cfg.spool).start()
-            self.registry = Registry(cfg.registry.dir)
+            self.registry = Registry.from_config(cfg.registry)
             for v in self.registry.list():
                 if v.status == "active":
                     self.metrics.set_active_model(v.site, v.machine, v.sensor, v.id)
