@@ -28,7 +28,7 @@ import click
 import numpy as np
 
 from pdm_edge import __version__
-from pdm_edge.config import AppConfig, MqttConfig, config_from_dict, load_config
+from pdm_edge.config import PRIVATE_UMASK, AppConfig, MqttConfig, config_from_dict, load_config
 from pdm_edge.errors import ConfigError, PdmEdgeError
 from pdm_edge.types import Window
 
@@ -156,6 +156,7 @@ def window_line(w: Window) -> str:
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, log_level: str | None) -> None:
     """pdm-edge: predictive maintenance beside the machine."""
+    os.umask(PRIVATE_UMASK)  # every state file 0600, every directory 0700 (issue 15 row 12)
     ctx.obj = _Ctx(config_path)
     logging.basicConfig(level=log_level or os.environ.get("PDM_EDGE_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
