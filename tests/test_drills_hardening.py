@@ -147,3 +147,55 @@ def test_sigkilled_broker_loses_at_most_the_autosave_bound(tmp_path: Path) -> No
     lost = n - len(set(got))
     print(f"mosquitto SIGKILL drill: {n} acknowledged, {len(set(got))} delivered after restart, {lost} lost")
     assert lost < 100
+
+
+# -- rows 3, 7, 11 on the running appliance ------------------------------------------------------
+
+@pytest.mark.slow
+def test_drill_health_tells_the_truth_about_rejections_and_hostile_streams(mosquitto, influxd, service_process,
+                                                                          tmp_path: Path) -> None:
+    """`pdm-edge run` with a real InfluxDB that refuses the scores (row 7: a field-type conflict in
+    the shard, made by hand), while 100 streams with 65,000-character names (row 11) and a chunk
+    with fs = 1e12 (row 3) arrive. Before: status `ok`, rejected scores gone, /metrics and
+    /healthz 6.5 MB. Now: `degraded` with the reason, every refused score in the spool's
+    dead-letter table, hostile chunks dead-lettered with their reason, both documents small."""
+    import requests
+
+    from tests.conftest import SERVICE_SENSOR, expected_windows, publish_vibration, service_config_toml
+
+    db = "drill_reject"
+    t0 = time.time_ns() - 60 * 1_000_000_000
+    influxd.query(f'CREATE DATABASE "{db}"', method="POST")
+    requests.post(influxd.url + "/write", params={"db": db, "precision": "ns"},
+                  data=f'anomaly_score,site=lab,machine=m1,sensor=accel score="text" {t0 - 1_000_000_000}'.encode()
+                  ).raise_for_status()
+    svc = service_process(service_config_toml(tmp_path, mosquitto.address, influx_url=influxd.url, database=db,
+                                              extra='[ingest]\nunknown_streams = "accept"\n'))
+    assert wait_until(lambda: svc.health()["status"] == "ok", 30), svc.health()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    host, port = mosquitto.address.split(":")
+    pub.connect(host, int(port))
+    pub.loop_start()
+    chunk = json.dumps({"ts": t0, "fs": 25600, "unit": "g", "seq": 0, "values": [0.0] * 256}).encode()
+    for i in range(100):
+        pub.publish(f"pdm/v1/lab/{'m' * 64_990}{i:03d}/accel/waveform", chunk, qos=1).wait_for_publish(5)
+    pub.publish("pdm/v1/lab/m9/probe/waveform", json.dumps({"ts": t0, "fs": 1e12, "unit": "g", "seq": 0,
+                                                             "values": [0.0] * 256}).encode(), qos=1).wait_for_publish(5)
+    pub.loop_stop()
+    publish_vibration(mosquitto.address, 15.0, t0_ns=t0)
+    total = expected_windows(15.0)
+    assert wait_until(lambda: svc.metric("pdm_edge_windows_in_total") == total
+                      and svc.health()["streams"][SERVICE_SENSOR]["state"] == "scoring", 120), svc.log_text()[-3000:]
+    assert wait_until(lambda: svc.health()["spool"]["depth"] == 0 and svc.metric("pdm_edge_windows_scored_total") > 0, 60)
+    scored = svc.metric("pdm_edge_windows_scored_total")
+    h = svc.health()
+    assert h["status"] == "degraded", h
+    assert any("store refused records" in r and "field type conflict" in r for r in h["reasons"]), h["reasons"]
+    assert h["spool"]["rejected"] >= scored and h["spool"]["deadletter_depth"] == h["spool"]["rejected"]
+    assert svc.metric("pdm_edge_spool_rejected_total") >= scored and svc.metric("pdm_edge_spool_deadletter_records") >= scored
+    assert svc.metric("pdm_edge_deadletters_total", reason="name_too_long") == 100
+    assert svc.metric("pdm_edge_deadletters_total", reason="implausible_sample_rate") == 1
+    sizes = {path: len(svc.get(path)[1]) for path in ("/metrics", "/healthz")}
+    print(f"\nhealth drill: scored {scored:.0f}, rejected {h['spool']['rejected']}, sizes {sizes}")
+    assert all(n < 64 * 1024 for n in sizes.values()), sizes
+    assert svc.terminate() == 0
