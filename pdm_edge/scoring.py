@@ -37,13 +37,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pdm_edge.errors import PdmEdgeError
+from pdm_edge.errors import PdmEdgeError, StoreError
 from pdm_edge.learning.loop import LearningLoop
 from pdm_edge.model.scorer import Scorer
 from pdm_edge.registry import RegisteredVersion
+from pdm_edge.supervision import RateLimitedLog
 from pdm_edge.types import Score, Window
 
 log = logging.getLogger(__name__)
+_replay_log = RateLimitedLog(log, 60.0)
 
 
 @dataclasses.dataclass
@@ -216,7 +218,11 @@ class ScoringStage:
             normal.append(not any(st.recent_above))
         idx = np.flatnonzero(normal)
         if len(idx):
-            self.loop.offer(st.name, [ready[i].start_ns for i in idx], feats[idx])
+            try:  # the replay buffer is for later trainings: a full disk must not cost the scores
+                self.loop.offer(st.name, [ready[i].start_ns for i in idx], feats[idx])
+            except StoreError as exc:
+                _replay_log.log(logging.WARNING, st.name, "event=replay_offer_failed stream=%s windows=%d error=%r",
+                                st.name, len(idx), str(exc)[:200])
         return [(w, Score(w.site, w.machine, w.sensor, w.start_ns, float(s), thr, bool(s > thr), version))
                 for w, s in zip(ready, scores)]
 

@@ -828,8 +828,13 @@ class Service:
         """Free bytes of every state directory (for /healthz and /metrics); logs a change of state."""
         threshold = self.config.service.min_free_bytes
         free: dict[str, int] = {}
-        for d in self.state_dirs():
+        devices: set[int] = set()
+        for d in self.state_dirs():  # one line per filesystem (the first directory on it)
             try:
+                dev = os.stat(d).st_dev
+                if dev in devices:
+                    continue
+                devices.add(dev)
                 free[d] = int(shutil.disk_usage(d).free)
             except OSError:
                 continue

@@ -52,13 +52,14 @@ Decisions:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -167,25 +168,17 @@ class Spool:
         dropped = 0
         with self._lock:
             self._check_open()
-            try:
-                self._con.execute("BEGIN IMMEDIATE")
-                try:
-                    self._con.executemany("INSERT INTO spool (kind, payload, enqueued_ns) VALUES (?, ?, ?)",
-                                          [(kind, p, now) for p in payloads])
-                    excess = self._depth + len(payloads) - self.max_records
-                    if excess > 0:
-                        cur = self._con.execute(
-                            "DELETE FROM spool WHERE seq IN (SELECT seq FROM spool WHERE kind = 'score' ORDER BY seq LIMIT ?)",
-                            (excess,))
-                        dropped = max(cur.rowcount, 0)
-                        if dropped:
-                            self._bump_meta("dropped", dropped)
-                except BaseException:
-                    self._con.execute("ROLLBACK")
-                    raise
-                self._con.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot write to the spool {self.path}: {exc}") from None
+            with self._write_tx():
+                self._con.executemany("INSERT INTO spool (kind, payload, enqueued_ns) VALUES (?, ?, ?)",
+                                      [(kind, p, now) for p in payloads])
+                excess = self._depth + len(payloads) - self.max_records
+                if excess > 0:
+                    cur = self._con.execute(
+                        "DELETE FROM spool WHERE seq IN (SELECT seq FROM spool WHERE kind = 'score' ORDER BY seq LIMIT ?)",
+                        (excess,))
+                    dropped = max(cur.rowcount, 0)
+                    if dropped:
+                        self._bump_meta("dropped", dropped)
             self._depth += len(payloads) - dropped
             self._dropped += dropped
             self._data.notify_all()
@@ -223,34 +216,53 @@ class Spool:
         """
         with self._lock:
             self._check_open()
-            try:
-                self._con.execute("BEGIN IMMEDIATE")
+            dead = 0
+            with self._write_tx():
                 n = self._con.execute("DELETE FROM spool WHERE seq <= ?", (int(last_seq),)).rowcount
                 if rejected:
-                    self._insert_deadletters([(r.kind, r.payload, reason[:2000]) for r, reason in rejected])
-                self._con.execute("COMMIT")
-            except sqlite3.Error as exc:
-                try:
-                    self._con.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                raise StoreError(f"cannot write to the spool {self.path}: {exc}") from None
+                    dead = self._insert_deadletters([(r.kind, r.payload, reason[:2000]) for r, reason in rejected])
             self._depth -= max(n, 0)
+            self._counted_deadletters(len(rejected), dead)
             return max(n, 0)
 
-    def _insert_deadletters(self, rows: Sequence[tuple[str, str, str]]) -> None:
-        """Inside a transaction: add dead letters ``(kind, payload, reason)``, count them, keep the bound."""
+    @contextlib.contextmanager
+    def _write_tx(self) -> Iterator[None]:
+        """One write transaction (caller holds the lock). Whatever fails, COMMIT included (a full
+        disk fails at COMMIT), is rolled back, so a failed write never lands later with the next
+        one; sqlite errors become :class:`StoreError`."""
+        try:
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._con.execute("COMMIT")
+            except BaseException:
+                if self._con.in_transaction:
+                    try:
+                        self._con.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to the spool {self.path}: {exc}") from None
+
+    def _counted_deadletters(self, added: int, deleted: int) -> None:
+        self._rejected += added
+        self._dl_depth += added - deleted
+
+    def _insert_deadletters(self, rows: Sequence[tuple[str, str, str]]) -> int:
+        """Inside a transaction: add dead letters ``(kind, payload, reason)`` and count them in
+        the file; returns how many old ones the bound deleted (the caller updates the in-memory
+        counters with :meth:`_counted_deadletters` after the commit)."""
         now = time.time_ns()
         self._con.executemany("INSERT INTO spool_deadletter (kind, payload, reason, rejected_ns) VALUES (?, ?, ?, ?)",
                               [(k, p, r, now) for k, p, r in rows])
         self._bump_meta("rejected", len(rows))
-        self._rejected += len(rows)
-        self._dl_depth += len(rows)
-        excess = self._dl_depth - MAX_DEADLETTER_ROWS
+        excess = self._dl_depth + len(rows) - MAX_DEADLETTER_ROWS
         if excess > 0:
             self._con.execute("DELETE FROM spool_deadletter WHERE id IN (SELECT id FROM spool_deadletter ORDER BY id LIMIT ?)",
                               (excess,))
-            self._dl_depth -= excess
+            return excess
+        return 0
 
     def deadletter(self, kind: str, payload: str, reason: str) -> None:
         """Put a record that can never be stored (``payload``: its JSON or ``repr``) in the
@@ -261,16 +273,9 @@ class Spool:
         """
         with self._lock:
             self._check_open()
-            try:
-                self._con.execute("BEGIN IMMEDIATE")
-                try:
-                    self._insert_deadletters([(str(kind)[:64], str(payload)[:100_000], str(reason)[:2000])])
-                except BaseException:
-                    self._con.execute("ROLLBACK")
-                    raise
-                self._con.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot write to the spool {self.path}: {exc}") from None
+            with self._write_tx():
+                dead = self._insert_deadletters([(str(kind)[:64], str(payload)[:100_000], str(reason)[:2000])])
+            self._counted_deadletters(1, dead)
 
     def deadletters(self, limit: int = 100) -> list[tuple[str, str, str, int]]:
         """The newest dead letters, newest first: ``(kind, payload, reason, rejected_ns)``.
