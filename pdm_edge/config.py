@@ -163,9 +163,9 @@ class IngestConfig(_Strict):
     from now; on a plant whose sensors keep time (NTP/PTP), 300 s is a tighter choice. Windows
     of a stream never go back in time (``time_backwards``), so a stream whose clock ran ahead
     loses, counted, the windows until its clock passes the newest one: at most this long."""
-    window_queue_max_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
+    window_queue_max_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
     """Bound of the window queue in bytes of samples (besides ``window_queue_size`` windows)."""
-    chunk_queue_max_bytes: int = Field(128 * 1024 * 1024, ge=1024 * 1024)
+    chunk_queue_max_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
     """Bound of the chunk queue in bytes of samples (besides ``queue_size`` chunks)."""
 
 
@@ -362,6 +362,10 @@ class ServiceConfig(_Strict):
     """torch intra-op threads of the scoring worker."""
     score_batch: int = Field(64, ge=1)
     """Most windows scored in one batch."""
+    backlog_max_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
+    """Bytes of samples held, over all streams, in the backlogs of streams that wait for their
+    calibration (the oldest windows beyond it are dropped and counted as
+    ``pdm_edge_records_dropped_total{kind="window",reason="calibration_backlog"}``)."""
     min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
     """Below this many free bytes in a state directory (spool, store, registry, labels)
     ``/healthz`` is degraded and says which directory."""

@@ -393,6 +393,7 @@ class Service:
         self._held: list[tuple[str, list[Any]]] = []  # alerts/labels/model events the spool could not take yet
         self._held_lock = threading.RLock()
         self._disk: dict[str, int] = {}  # state directory -> free bytes (probe thread)
+        self._losses: tuple[int, float] = (0, 0.0)  # overload losses seen by health(), when they last grew
 
     # -- construction of the stages -----------------------------------------------------------
     def _make_scoring(self) -> Any:
@@ -403,7 +404,7 @@ class Service:
 
         self.learning = build_learning(self.config, self.registry, self._encoder, self._sha, labels=self.feedback.book,
                                        label_windows=self.feedback.buffer, on_event=self._on_learning_event).start()
-        return ScoringStage(self.learning)
+        return ScoringStage(self.learning, max_backlog_bytes=self.config.service.backlog_max_bytes)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Service:
@@ -928,8 +929,8 @@ class Service:
                 reasons.append(f"disk almost full: {d} has {free / 2**20:.1f} MiB free "
                                f"(< service.min_free_bytes {threshold / 2**20:.0f} MiB); new results may be dropped")
         with self._lock:
-            dropped = {f"{k}:{r}": n for (k, r), n in sorted(self._dropped.items())}
             last_drop = self._last_drop
+        dropped = {f"{k}:{r}": n for (k, r), n in sorted(self._dropped_snapshot().items())}
         with self._held_lock:
             held = sum(len(r) for _, r in self._held)
         if last_drop is not None and now - last_drop[0] <= RECENT_S:
@@ -937,6 +938,19 @@ class Service:
                            f"last {now - last_drop[0]:.0f} s ago ({last_drop[1]})")
         if held:
             reasons.append(f"{held} alert/label/model-event record(s) held in memory: the spool cannot be written")
+        icfg = self.config.ingest
+        for name, depth, cap, nbytes, cap_bytes in (
+                ("chunk", ing.chunk_queue_depth, icfg.queue_size, ing.chunk_queue_bytes, icfg.chunk_queue_max_bytes),
+                ("window", ing.window_queue_depth, icfg.window_queue_size, ing.window_queue_bytes, icfg.window_queue_max_bytes)):
+            if depth >= 0.9 * cap or nbytes >= 0.9 * cap_bytes:
+                reasons.append(f"overloaded: {name} queue {depth}/{cap} items, {nbytes / 2**20:.0f}/{cap_bytes / 2**20:.0f} MiB "
+                               "(the scorer is not keeping up)")
+        lost = ing.deadletters.get("queue_full", 0) + (self.scoring.dropped_backlog if self.scoring else 0)
+        if lost != self._losses[0]:
+            self._losses = (lost, now)
+        if lost and now - self._losses[1] <= RECENT_S:
+            reasons.append(f"overload losses: {ing.deadletters.get('queue_full', 0)} chunk(s) dead-lettered as queue_full, "
+                           f"{self.scoring.dropped_backlog if self.scoring else 0} calibration-backlog window(s) dropped")
         for stage_errors in (self.ingestor.errors, self.writer.errors, self.errors):
             reasons.extend(stage_errors.reasons())
         streams: dict[str, Any] = {}
@@ -1031,6 +1045,8 @@ class Service:
             out = dict(self._dropped)
         for reason, n in self.ingestor.stats().windows_dropped.items():
             out[("window", reason)] = out.get(("window", reason), 0) + n
+        if self.scoring is not None and self.scoring.dropped_backlog:
+            out[("window", "calibration_backlog")] = self.scoring.dropped_backlog
         return out
 
 
