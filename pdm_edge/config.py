@@ -297,6 +297,10 @@ class FeedbackConfig(_Strict):
     """Longest note, in characters."""
     max_author_chars: int = Field(200, ge=1)
     """Longest author, in characters."""
+    mqtt_label_identity: bool = True
+    """Labels over MQTT must be published on ``pdm/v1/{site}/{machine}/label/{user}``; ``{user}``,
+    checked by the broker's ACL, is the label's author (see :mod:`pdm_edge.feedback.listener`).
+    False also accepts the old topic without the user level, with the payload's author."""
     buffer_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
     """Bound of the labelled-window buffer (sum of the stored samples, bytes); beyond it windows
     are evicted: unlabelled (held) first, then ``ignore``, then ``normal``, ``fault`` last,

@@ -444,7 +444,8 @@ class Service:
             self.ingestor = Ingestor(cfg)
             self.results = ResultPublisher(cfg.mqtt, cfg.alerts, cfg.appliance_id).start()
             self.labels = LabelListener(cfg.mqtt, cfg.appliance_id, self.feedback.submit,
-                                        deadletter=cfg.ingest.deadletter).start()
+                                        deadletter=cfg.ingest.deadletter,
+                                        require_identity=cfg.feedback.mqtt_label_identity).start()
             self.http = HttpServer(cfg.service.http, self.metrics, self.health)
             try:
                 self.http.start()

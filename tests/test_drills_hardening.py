@@ -358,3 +358,61 @@ def test_drill_overload_16_channels_at_4x_bounded_memory_truthful_health_clean_s
     # 1 MiB recent-window rings and MALLOC_ARENA_MAX=2 (before: 1,087-1,628 MiB): bounded, not yet 600
     assert peak[0] / 1024 <= 720, peak[0]
     assert stop_s < 90
+
+
+# -- row 16: who may label, and as whom ------------------------------------------------------------
+
+def test_shipped_acl_gives_labelling_to_technicians_under_their_own_name(tmp_path: Path) -> None:
+    """Row 16: the shipped ACL let `integration` label any machine with a made-up author. With a
+    real Mosquitto running deploy/mosquitto.acl: the integration's labels never reach the
+    appliance, a technician cannot publish under another name, and a technician's label is
+    stored with the authenticated user name as its author (a different payload author is refused)."""
+    from pdm_edge.config import MqttConfig
+    from pdm_edge.feedback import LabelBook, LabelListener, label_topic, submit_label
+
+    broker = Mosquitto(tmp_path)
+    passwd = tmp_path / "passwd"
+    for i, user in enumerate(("pdm-edge", "tech-anna", "integration")):
+        subprocess.run(["mosquitto_passwd", *(["-c"] if i == 0 else []), "-b", str(passwd), user, f"pw-{user}"], check=True)
+    broker.conf.write_text(broker.conf.read_text().replace(
+        "allow_anonymous true\n", f"allow_anonymous false\npassword_file {passwd}\nacl_file {DEPLOY / 'mosquitto.acl'}\n"))
+    broker.start()
+    book = LabelBook.in_dir(tmp_path / "state")
+    host, port = broker.address.split(":")
+    listener = LabelListener(MqttConfig(broker=broker.address, username="pdm-edge", password="pw-pdm-edge"), "acl-test",
+                             lambda **f: submit_label(book, **f), require_identity=True).start()
+
+    def client(user: str) -> mqtt.Client:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        c.username_pw_set(user, f"pw-{user}")
+        c.connect(host, int(port))
+        c.loop_start()
+        return c
+
+    def label(i: int, **over: object) -> bytes:
+        return json.dumps({"start_ns": 1_795_248_000_000_000_000 + i * 10**9, "end_ns": 1_795_248_000_000_000_000 + (i + 1) * 10**9,
+                           "kind": "normal", **over}).encode()
+
+    try:
+        assert listener.wait_ready(10)
+        integ, anna = client("integration"), client("tech-anna")
+        for c, topic, payload in (
+                (integ, label_topic("plant1", "pump-07", "integration"), label(1, author="made-up")),
+                (integ, label_topic("plant1", "pump-07"), label(2, author="made-up")),
+                (anna, label_topic("plant1", "pump-07", "tech-bob"), label(3)),
+                (anna, label_topic("plant1", "pump-07", "tech-anna"), label(4, author="boss")),
+                (anna, label_topic("plant1", "pump-07", "tech-anna"), label(5))):
+            c.publish(topic, payload, qos=1).wait_for_publish(5)
+        assert wait_until(lambda: listener.stats().received >= 2, 10)
+        time.sleep(1.0)
+        st = listener.stats()
+        labels = book.list()
+        for c in (integ, anna):
+            c.disconnect()
+            c.loop_stop()
+    finally:
+        listener.stop()
+        broker.stop()
+    assert [(lb.author, lb.start_ns) for lb in labels] == [("tech-anna", 1_795_248_000_000_000_000 + 5 * 10**9)]
+    assert st.received == 2 and st.rejected_fields == {"author": 1}  # the broker delivered only anna's own two
+    book.close()
