@@ -335,6 +335,13 @@ class LearningConfig(_Strict):
     gate_margin: float = Field(0.01, ge=0, le=1)
     """How much higher (absolute fraction of held-back normal windows) a candidate's false-alarm
     rate may be than the active version's."""
+    confirm_far_above: float = Field(3.0, ge=0)
+    """Label rule of the gate (issue 15 row 16): a retrain whose ``normal`` labels cover windows
+    the active version scores above this many times its threshold needs an engineer's
+    confirmation (``pdm-edge models promote``) instead of being promoted. 0 turns it off."""
+    confirm_silenced_alerts: bool = True
+    """Label rule of the gate: a retrain that would stop alerting on a labelled ``normal`` span
+    the active version alerts on needs an engineer's confirmation."""
     max_train_seconds: float = Field(120.0, gt=0)
     """Wall-time budget of one adapter training."""
     lora_rank: int = Field(4, ge=1, le=64)

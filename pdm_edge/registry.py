@@ -162,6 +162,47 @@ class GateInputs:
     fault_windows: Sequence[Any] | np.ndarray = ()
     margin: float = 0.01
     fault_events: Sequence[str] | None = None
+    labelled_normal_windows: Sequence[Any] | np.ndarray = ()
+    """Windows technicians labelled ``normal`` that the candidate learnt from (time order), for
+    the label rule of :func:`label_rule` (issue 15 row 16)."""
+    confirm_far_above: float | None = None
+    """Label rule 1: labelled-normal windows that the active version scores above this many
+    times its threshold are "far above"; a candidate trained on them needs an engineer's
+    confirmation. ``None``: off."""
+    confirm_silenced_alerts: bool = False
+    """Label rule 2: a candidate that would raise no k-of-n alert on labelled-normal windows on
+    which the active version would raise one (it stops alerting on a span it alerted on) needs
+    an engineer's confirmation."""
+
+
+def label_rule(candidate: Scorer, active: Scorer | None, inputs: GateInputs) -> tuple[str | None, dict[str, Any]]:
+    """Whether labels could have silently blinded the detector: the two rules of
+    :class:`GateInputs` on its ``labelled_normal_windows``. Returns ``(why, metrics)``: ``why``
+    is None when neither rule fires (or there is no active version or no labelled window),
+    else one line saying which rule fired and on how many windows."""
+    lab = inputs.labelled_normal_windows
+    if active is None or not len(lab) or (inputs.confirm_far_above is None and not inputs.confirm_silenced_alerts):
+        return None, {}
+    a_thr, c_thr = float(active.threshold), float(candidate.threshold)  # type: ignore[arg-type]
+    a_scores, c_scores = active.score_many(lab), candidate.score_many(lab)
+    metrics: dict[str, Any] = {"labelled_normal": len(lab), "active_above": int((a_scores > a_thr).sum()),
+                               "candidate_above": int((c_scores > c_thr).sum())}
+    why = []
+    if inputs.confirm_far_above is not None:
+        far = int((a_scores > inputs.confirm_far_above * a_thr).sum())
+        metrics["far_above"] = far
+        if far:
+            why.append(f"{far} of {len(lab)} windows labelled normal score above {inputs.confirm_far_above:g} x the active "
+                       f"threshold (max {a_scores.max() / a_thr:.1f} x): they look like a fault, not a false alarm")
+    if inputs.confirm_silenced_alerts:
+        k, n = active.config.alert_k, active.config.alert_n
+        silenced = _detected(a_scores > a_thr, k, n) and not _detected(c_scores > c_thr, candidate.config.alert_k,
+                                                                        candidate.config.alert_n)
+        metrics["silenced_alert"] = bool(silenced)
+        if silenced:
+            why.append(f"the candidate stops alerting on the labelled span the active version alerts on "
+                       f"({metrics['active_above']} -> {metrics['candidate_above']} of {len(lab)} windows above threshold)")
+    return ("; ".join(why) or None), metrics
 
 
 def _window_name(windows: Sequence[Any] | np.ndarray, i: int) -> str:
@@ -715,9 +756,13 @@ class Registry:
         """Add ``candidate`` as a candidate (parent: ``parent``, else the current active
         version), gate it against the active version and promote or reject it.
 
+        A candidate that passes the gate but fires the label rule (:func:`label_rule`) stays a
+        ``candidate`` with the reason "needs engineer confirmation: ..." (an engineer promotes
+        it with ``pdm-edge models promote``, or it is left).
+
         Returns:
-            ``(version, metrics, reason)``: the version's final state (``active`` or
-            ``rejected``, with the gate's metrics and reason recorded).
+            ``(version, metrics, reason)``: the version's final state (``active``, ``rejected``
+            or ``candidate`` awaiting confirmation, with the gate's metrics and reason recorded).
         """
         current = self.active(site, machine, sensor)
         rec = self.add_candidate(candidate, site=site, machine=machine, sensor=sensor,
@@ -728,7 +773,16 @@ class Registry:
                                        margin=gate_inputs.margin, fault_events=gate_inputs.fault_events)
         if current is not None:
             metrics["active_version"] = current.id
-        if passed:
+        why, label_metrics = label_rule(candidate, active_scorer, gate_inputs) if passed else (None, {})
+        if label_metrics:
+            metrics["label_rule"] = label_metrics
+        if why is not None:
+            reason = f"needs engineer confirmation: {why} ({reason})"
+            with self._lock:
+                self._db.execute("UPDATE versions SET reason = ?, metrics = ?, changed_ns = ? WHERE id = ?",
+                                 (reason, json.dumps(metrics), time.time_ns(), rec.id))
+            rec = self.get(rec.id)
+        elif passed:
             rec = self.promote(rec.id, reason, metrics=metrics)
         else:
             rec = self.reject(rec.id, reason, metrics=metrics)

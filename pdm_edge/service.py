@@ -749,7 +749,7 @@ class Service:
 
     # -- events from the scoring stage and the registry ---------------------------------------
     _LEARNING_EVENTS = {"queued": "training_queued", "rejected": "rejected", "failed": "training_failed",
-                        "interrupted": "training_interrupted"}
+                        "interrupted": "training_interrupted", "awaiting_confirmation": "awaiting_confirmation"}
     _LEARNING_LOGS = {"training": "training_started", "promoted": "training_promoted"}
 
     def _on_learning_event(self, stream: str, event: str, version: str, detail: str) -> None:
@@ -760,7 +760,7 @@ class Service:
         from pdm_edge.store.base import ModelEvent
 
         site, machine, sensor = stream.split("/")
-        if event in ("promoted", "rejected", "failed", "interrupted"):
+        if event in ("promoted", "rejected", "failed", "interrupted", "awaiting_confirmation"):
             self.metrics.training_runs.labels(site, machine, sensor, event).inc()
         name = self._LEARNING_EVENTS.get(event)
         level = logging.ERROR if event == "failed" else logging.INFO

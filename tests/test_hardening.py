@@ -182,3 +182,21 @@ def test_a_flood_of_malformed_messages_costs_a_few_log_lines_and_no_traceback_pe
     ours = [r for r in caplog.records if r.name.startswith("pdm_edge.ingest")]
     assert not any(r.exc_info for r in ours)
     assert len([r for r in ours if "dead-letter" in r.getMessage()]) <= len(st.deadletters)
+
+
+def test_label_author_is_the_topic_user_and_the_old_topic_needs_an_identity():
+    """Row 16 (decoding): on pdm/v1/{site}/{machine}/label/{user} the author is the user (checked
+    by the broker ACL); a different payload author is refused; the old topic without a user is
+    refused when an identity is required (the appliance's default)."""
+    from pdm_edge.feedback import decode_label_payload, label_topic
+    from pdm_edge.feedback.labels import LabelError
+
+    body = json.dumps({"start_ns": T0, "end_ns": T0 + S, "kind": "normal"}).encode()
+    assert decode_label_payload(label_topic("p", "m", "tech-anna"), body)["author"] == "tech-anna"
+    with pytest.raises(LabelError) as err:
+        decode_label_payload(label_topic("p", "m", "tech-anna"), json.dumps(
+            {"start_ns": T0, "end_ns": T0 + S, "kind": "normal", "author": "boss"}).encode())
+    assert err.value.field == "author"
+    with pytest.raises(LabelError) as err:
+        decode_label_payload(label_topic("p", "m"), body, require_identity=True)
+    assert err.value.field == "topic"

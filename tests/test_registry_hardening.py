@@ -125,3 +125,33 @@ def test_version_ids_are_validated_everywhere(tmp_path: Path) -> None:
         for bad in ("..", "../x", "a/b", "x" * 161, ""):
             with pytest.raises(RegistryError, match="version id"):
                 reg.path(bad)
+
+
+# -- row 16: the gate's label rule ----------------------------------------------------------------
+from tests.test_registry import STREAM, env  # noqa: E402,F401  (the module-scoped fixture)
+
+
+def test_normal_labels_over_a_live_fault_need_an_engineers_confirmation(tmp_path: Path, env) -> None:  # noqa: F811
+    """Row 16: five `normal` labels over a live fault made a retrain that stopped detecting it,
+    and it was promoted. Now the gate's label rule keeps such a candidate waiting for an
+    engineer, and says why; without the labels over the fault, the same retrain is promoted."""
+    from pdm_edge.registry import GateInputs
+
+    fault_as_normal = env.poisoned  # trained with fault windows labelled normal
+    labelled = [w for w in env.gate_fault]  # the windows those labels covered (the active version alarms on them)
+    with Registry(tmp_path / "reg") as reg:
+        active = reg.add_candidate(env.v1, **STREAM, trigger="initial")
+        reg.promote(active.id, "initial")
+        inputs = GateInputs(normal_windows=env.held, margin=1.0, labelled_normal_windows=labelled,
+                            confirm_far_above=3.0, confirm_silenced_alerts=True)
+        rec, metrics, reason = reg.submit(fault_as_normal, **STREAM, gate_inputs=inputs, trigger="labels")
+        assert rec.status == "candidate" and reg.active(**STREAM).id == active.id
+        assert reason.startswith("needs engineer confirmation") and "labelled normal" in reason, reason
+        assert metrics["label_rule"]["labelled_normal"] == len(labelled)
+        # an engineer who checked the machine may still promote it
+        assert reg.promote(rec.id, "confirmed by engineer after inspection").status == "active"
+        # the rule is about labels: a retrain without labelled windows is judged by the gate alone
+        rec2, _, reason2 = reg.submit(env.v2, **STREAM, gate_inputs=GateInputs(normal_windows=env.held, margin=1.0,
+                                                                              confirm_far_above=3.0,
+                                                                              confirm_silenced_alerts=True))
+        assert rec2.status == "active" and reason2.startswith("gate passed"), reason2
