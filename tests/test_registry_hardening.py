@@ -19,20 +19,33 @@ from pdm_edge.cli import main
 from pdm_edge.errors import RegistryError
 from pdm_edge.model.encoder import Encoder, EncoderConfig
 from pdm_edge.registry import Registry, generate_keypair, load_private_key
-from sensors.simulator import VibrationSimulator
-from tests.test_registry import ENCODER_SHA, SEED, _add, _rewrite, _scorer, _windows
+from sensors.simulator import FaultSpec, VibrationSimulator
+from tests.test_registry import ENCODER_SHA, SEED, STREAM, _add, _rewrite, _scorer, _windows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pkgs(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
+def models() -> types.SimpleNamespace:
+    """Two small trained versions (2 adapter epochs): v1 on 40 normal windows, and one trained
+    on normal windows with fault windows among them (as if a fault had been labelled normal),
+    plus held-back normal windows and the labelled fault windows."""
+    torch.manual_seed(0)
+    enc = Encoder(EncoderConfig())
+    sim = VibrationSimulator(sample_rate_hz=12_000.0, seed=SEED)
+    calib, held = _windows(sim, 40), _windows(sim, 60, first_index=40)
+    fault = _windows(VibrationSimulator(sample_rate_hz=12_000.0, seed=SEED, fault=FaultSpec(kind="outer", severity=0.5)), 20)
+    mixed = [w for pair in zip(calib, fault + fault) for w in pair]
+    return types.SimpleNamespace(enc=enc, v1=_scorer(enc, calib), poisoned=_scorer(enc, mixed, seed=2), held=held,
+                                 labelled=fault[:8])
+
+
+@pytest.fixture(scope="module")
+def pkgs(tmp_path_factory: pytest.TempPathFactory, models: types.SimpleNamespace) -> types.SimpleNamespace:
     """One trained version exported as: signed, unsigned, signed-then-tampered (version file
     altered and re-hashed, old signature), signed by a foreign key, and with hostile manifests."""
     d = tmp_path_factory.mktemp("pkgs")
-    torch.manual_seed(0)
-    enc = Encoder(EncoderConfig())
-    scorer = _scorer(enc, _windows(VibrationSimulator(sample_rate_hz=12_000.0, seed=SEED), 40))
+    scorer = models.v1
     priv, pub = generate_keypair(d / "keys")
     fpriv, fpub = generate_keypair(d / "keys", name="foreign")
     with Registry(d / "src") as src:
@@ -128,21 +141,19 @@ def test_version_ids_are_validated_everywhere(tmp_path: Path) -> None:
 
 
 # -- row 16: the gate's label rule ----------------------------------------------------------------
-from tests.test_registry import STREAM, env  # noqa: E402,F401  (the module-scoped fixture)
 
-
-def test_normal_labels_over_a_live_fault_need_an_engineers_confirmation(tmp_path: Path, env) -> None:  # noqa: F811
+def test_normal_labels_over_a_live_fault_need_an_engineers_confirmation(tmp_path: Path, models) -> None:
     """Row 16: five `normal` labels over a live fault made a retrain that stopped detecting it,
     and it was promoted. Now the gate's label rule keeps such a candidate waiting for an
     engineer, and says why; without the labels over the fault, the same retrain is promoted."""
     from pdm_edge.registry import GateInputs
 
-    fault_as_normal = env.poisoned  # trained with fault windows labelled normal
-    labelled = [w for w in env.gate_fault]  # the windows those labels covered (the active version alarms on them)
+    fault_as_normal = models.poisoned  # trained with fault windows labelled normal
+    labelled = models.labelled  # the windows those labels covered (the active version alarms on them)
     with Registry(tmp_path / "reg") as reg:
-        active = reg.add_candidate(env.v1, **STREAM, trigger="initial")
+        active = reg.add_candidate(models.v1, **STREAM, trigger="initial")
         reg.promote(active.id, "initial")
-        inputs = GateInputs(normal_windows=env.held, margin=1.0, labelled_normal_windows=labelled,
+        inputs = GateInputs(normal_windows=models.held, margin=1.0, labelled_normal_windows=labelled,
                             confirm_far_above=3.0, confirm_silenced_alerts=True)
         rec, metrics, reason = reg.submit(fault_as_normal, **STREAM, gate_inputs=inputs, trigger="labels")
         assert rec.status == "candidate" and reg.active(**STREAM).id == active.id
@@ -151,7 +162,7 @@ def test_normal_labels_over_a_live_fault_need_an_engineers_confirmation(tmp_path
         # an engineer who checked the machine may still promote it
         assert reg.promote(rec.id, "confirmed by engineer after inspection").status == "active"
         # the rule is about labels: a retrain without labelled windows is judged by the gate alone
-        rec2, _, reason2 = reg.submit(env.v2, **STREAM, gate_inputs=GateInputs(normal_windows=env.held, margin=1.0,
+        rec2, _, reason2 = reg.submit(models.v1, **STREAM, gate_inputs=GateInputs(normal_windows=models.held, margin=1.0,
                                                                               confirm_far_above=3.0,
                                                                               confirm_silenced_alerts=True))
         assert rec2.status == "active" and reason2.startswith("gate passed"), reason2
