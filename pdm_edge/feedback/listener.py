@@ -67,6 +67,7 @@ from pdm_edge.config import NAME_RE, MqttConfig
 from pdm_edge.errors import PayloadError
 from pdm_edge.feedback.labels import LabelError, parse_time
 from pdm_edge.ingest.chunk import DEADLETTER_TOPIC, deadletter_payload
+from pdm_edge.supervision import RateLimitedLog
 from pdm_edge.types import Label
 
 log = logging.getLogger(__name__)
@@ -252,6 +253,7 @@ class LabelListener:
         self.deadletter = deadletter
         self.max_payload_bytes = max_payload_bytes
         self.require_identity = require_identity
+        self._log_limited = RateLimitedLog(log, 60.0)  # one line per reason a minute, not one per message
         self._lock = threading.Lock()
         self._received = 0
         self._created = 0
@@ -332,7 +334,8 @@ class LabelListener:
             self._deadletter(client, msg.topic, payload, PayloadError(BAD_LABEL, str(err)))
             return
         except Exception as exc:  # storage failure or a bug: never let it stop the network loop
-            log.exception("could not handle a label on %s", msg.topic)
+            self._log_limited.log(logging.ERROR, "internal_error", "could not handle a label on %s: %r", msg.topic[:200],
+                                  exc, exc_info=exc)
             self._deadletter(client, msg.topic, payload, PayloadError(INTERNAL_ERROR, f"label not stored: {exc!r}"[:300]))
             return
         with self._lock:
@@ -347,8 +350,8 @@ class LabelListener:
         with self._lock:
             self._deadletters[err.reason] += 1
             n = self._deadletters[err.reason]
-        if n <= 10 or n % 1000 == 0:
-            log.warning("label dead-letter #%d %s on %s: %s", n, err.reason, topic[:200], err.detail)
+        self._log_limited.log(logging.WARNING, f"deadletter:{err.reason}", "label dead-letter #%d %s on %s: %s", n, err.reason,
+                              topic[:200], err.detail[:300])
         if self.deadletter:
             client.publish(DEADLETTER_TOPIC.format(reason=err.reason), deadletter_payload(topic, payload, err), qos=1)
 
