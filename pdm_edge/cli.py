@@ -28,7 +28,7 @@ import click
 import numpy as np
 
 from pdm_edge import __version__
-from pdm_edge.config import AppConfig, MqttConfig, config_from_dict, load_config
+from pdm_edge.config import PRIVATE_UMASK, AppConfig, MqttConfig, config_from_dict, load_config
 from pdm_edge.errors import ConfigError, PdmEdgeError
 from pdm_edge.types import Window
 
@@ -156,6 +156,7 @@ def window_line(w: Window) -> str:
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, log_level: str | None) -> None:
     """pdm-edge: predictive maintenance beside the machine."""
+    os.umask(PRIVATE_UMASK)  # every state file 0600, every directory 0700 (issue 15 row 12)
     ctx.obj = _Ctx(config_path)
     logging.basicConfig(level=log_level or os.environ.get("PDM_EDGE_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -795,8 +796,20 @@ def models_group() -> None:
 
 
 def _registry_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--registry", "registry_dir", type=click.Path(file_okay=False), default="var/registry",
-                        show_default=True, help="Model registry directory.")(fn)
+    return click.option("--registry", "registry_dir", type=click.Path(file_okay=False), default=None,
+                        help="Model registry directory [default: [registry] dir of --config, else var/registry].")(fn)
+
+
+def _open_registry(obj: _Ctx, registry_dir: str | None, *, create: bool = False) -> Any:
+    """The registry every ``models`` command works on: ``--registry`` when given, else the
+    configuration's ``[registry] dir``; the configuration's ``verify_key`` is enforced on import
+    either way (issue 15: the config's trust is not optional)."""
+    from pdm_edge.registry import Registry, load_trusted_keys
+
+    if obj.config_path is not None:
+        rcfg = obj.config().registry
+        return Registry(registry_dir or rcfg.dir, create=create, trusted_public_keys=load_trusted_keys(rcfg.verify_key))
+    return Registry(registry_dir or "var/registry", create=create)
 
 
 def _version_line(v: Any) -> str:
@@ -811,28 +824,28 @@ def _version_line(v: Any) -> str:
 @click.option("--machine", default=None, help="Only this machine.")
 @click.option("--sensor", default=None, help="Only this sensor.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
+@click.pass_obj
 @_handle_errors
-def models_list(registry_dir: str, site: str | None, machine: str | None, sensor: str | None, as_json: bool) -> None:
+def models_list(obj: _Ctx, registry_dir: str | None, site: str | None, machine: str | None, sensor: str | None,
+                as_json: bool) -> None:
     """List model versions, by stream, oldest first."""
-    from pdm_edge.registry import Registry
-
-    with Registry(registry_dir, create=False) as reg:
+    with _open_registry(obj, registry_dir) as reg:
         versions = reg.list(site=site, machine=machine, sensor=sensor)
+        root = reg.root
     for v in versions:
         click.echo(json.dumps(v.to_dict()) if as_json else _version_line(v))
     if not as_json:
-        click.echo(f"{len(versions)} version(s) in {registry_dir}")
+        click.echo(f"{len(versions)} version(s) in {root}")
 
 
 @models_group.command("show")
 @click.argument("version_id")
 @_registry_option
+@click.pass_obj
 @_handle_errors
-def models_show(version_id: str, registry_dir: str) -> None:
+def models_show(obj: _Ctx, version_id: str, registry_dir: str | None) -> None:
     """Print one version as JSON (metrics, training summary, hashes, status and reason)."""
-    from pdm_edge.registry import Registry
-
-    with Registry(registry_dir, create=False) as reg:
+    with _open_registry(obj, registry_dir) as reg:
         click.echo(json.dumps(reg.get(version_id).to_dict(), indent=2))
 
 
@@ -841,15 +854,14 @@ def models_show(version_id: str, registry_dir: str) -> None:
 @_registry_option
 @click.option("--reason", default="promoted from the command line", show_default=True)
 @click.option("--force", is_flag=True, help="Promote even a version the gate rejected.")
+@click.pass_obj
 @_handle_errors
-def models_promote(version_id: str, registry_dir: str, reason: str, force: bool) -> None:
+def models_promote(obj: _Ctx, version_id: str, registry_dir: str | None, reason: str, force: bool) -> None:
     """Make VERSION_ID its stream's active version (the previous one is retired).
 
     A running `pdm-edge run` in this process swaps models on its own; another process picks the
     change up from the registry."""
-    from pdm_edge.registry import Registry
-
-    with Registry(registry_dir, create=False) as reg:
+    with _open_registry(obj, registry_dir) as reg:
         v = reg.promote(version_id, reason, force=force)
     click.echo(f"active: {_version_line(v)}")
 
@@ -859,12 +871,11 @@ def models_promote(version_id: str, registry_dir: str, reason: str, force: bool)
 @click.option("--site", required=True)
 @click.option("--machine", required=True)
 @click.option("--sensor", required=True)
+@click.pass_obj
 @_handle_errors
-def models_rollback(registry_dir: str, site: str, machine: str, sensor: str) -> None:
+def models_rollback(obj: _Ctx, registry_dir: str | None, site: str, machine: str, sensor: str) -> None:
     """Re-activate the stream's previous active version (the current one is retired)."""
-    from pdm_edge.registry import Registry
-
-    with Registry(registry_dir, create=False) as reg:
+    with _open_registry(obj, registry_dir) as reg:
         v = reg.rollback(site, machine, sensor)
     click.echo(f"active: {_version_line(v)}")
 
@@ -903,7 +914,7 @@ def models_train(ctx: click.Context, stream: str, now: bool, state_dir: str | No
     from pdm_edge.registry import Registry
 
     encoder, sha = load_encoder()
-    with Registry(cfg.registry.dir) as reg:
+    with Registry.from_config(cfg.registry) as reg:
         book, buffer = LabelBook.in_dir(sd), LabelledWindowBuffer.in_dir(sd)
         loop = build_learning(cfg, reg, encoder, sha, labels=book, label_windows=buffer, state_dir=sd,
                               on_event=lambda st, ev, ver, det: click.echo(f"--- {st} {ev} {ver} {det}".rstrip()))
@@ -925,13 +936,14 @@ def models_train(ctx: click.Context, stream: str, now: bool, state_dir: str | No
 @_registry_option
 @click.option("--sign", "key_path", type=click.Path(dir_okay=False), default=None,
               help="Ed25519 private key (PEM) to sign the manifest with.")
+@click.pass_obj
 @_handle_errors
-def models_export(version_id: str, path: str, registry_dir: str, key_path: str | None) -> None:
+def models_export(obj: _Ctx, version_id: str, path: str, registry_dir: str | None, key_path: str | None) -> None:
     """Write VERSION_ID as one package (zip) at PATH."""
-    from pdm_edge.registry import Registry, load_private_key
+    from pdm_edge.registry import load_private_key
 
     key = load_private_key(key_path) if key_path else None
-    with Registry(registry_dir, create=False) as reg:
+    with _open_registry(obj, registry_dir) as reg:
         out = reg.export(version_id, path, signing_key=key)
     click.echo(f"exported {version_id} to {out} ({out.stat().st_size} bytes, {'signed' if key else 'unsigned'})")
 
@@ -945,17 +957,19 @@ def models_export(version_id: str, path: str, registry_dir: str, key_path: str |
 @click.option("--encoder", "encoder_path", type=click.Path(dir_okay=False), default=None,
               help="The appliance's encoder weights [default: models/encoder.pt].")
 @click.option("--encoder-sha256", default=None, help="The encoder's sha256 (instead of reading --encoder).")
+@click.pass_obj
 @_handle_errors
-def models_import(path: str, registry_dir: str, trusted: tuple[str, ...], require_signature: bool,
+def models_import(obj: _Ctx, path: str, registry_dir: str | None, trusted: tuple[str, ...], require_signature: bool,
                   encoder_path: str | None, encoder_sha256: str | None) -> None:
-    """Verify the package at PATH (hashes, signature, encoder) and add it as a candidate."""
-    from pdm_edge.registry import Registry
+    """Verify the package at PATH (hashes, signature, encoder) and add it as a candidate.
 
+    With [registry] verify_key in the configuration, a signature from one of those keys (or a
+    --trust key) is required: unsigned, tampered and foreign-signed packages are refused."""
     if encoder_sha256 is None:
         from pdm_edge.model import load_encoder
 
         _, encoder_sha256 = load_encoder(encoder_path)
-    with Registry(registry_dir) as reg:
+    with _open_registry(obj, registry_dir, create=True) as reg:
         v = reg.import_package(path, encoder_sha256=encoder_sha256, trusted_public_keys=list(trusted),
                                require_signature=require_signature)
     click.echo(f"imported: {_version_line(v)}  [{v.origin}]")

@@ -13,6 +13,15 @@ overridden this way. ``PDM_EDGE_CONFIG`` names the file when ``--config`` is not
 
 Per-sensor settings live in ``[sensors."site/machine/sensor"]`` tables: kind (vibration or
 acoustic), sample rate (Hz), unit, window and hop (s).
+
+**One state directory for every process** (issue 15): ``state_dir`` (top level) is where
+relative paths of the configuration resolve (``[store] sqlite_path``, ``[spool] path``,
+``[feedback] state_dir``, ``[registry] dir`` and ``verify_key`` files, ``[dashboard]
+users_file``, ``ca_file`` keys), never the working directory, so the appliance, the dashboard and
+the CLI started from different directories open the same files. ``state_dir`` itself, when
+relative or unset (``"."``), resolves against the directory of the configuration file (the
+working directory only for a configuration built from the environment alone). Every path of a
+loaded :class:`AppConfig` is absolute.
 """
 
 from __future__ import annotations
@@ -30,10 +39,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pdm_edge.errors import ConfigError
 from pdm_edge.types import SensorKind, Unit
 
+PRIVATE_UMASK = 0o077
+"""The process umask of every ``pdm-edge`` command (and of the systemd units' ``UMask=``): the
+state files it creates (spool, store, label book, registry, the demo's configuration, which may
+hold passwords) are 0600 and its directories 0700, readable by the service user alone."""
 ENV_PREFIX = "PDM_EDGE__"
 ENV_CONFIG_PATH = "PDM_EDGE_CONFIG"
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-"""Site, machine, sensor and appliance names: the characters allowed in a topic level."""
+MAX_NAME_CHARS = 64
+"""Longest site, machine, sensor or appliance name (a topic level), in characters: bounds the
+size of every per-stream line of ``/metrics`` and ``/healthz`` and of every stored tag."""
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,%d}$" % MAX_NAME_CHARS)
+"""Site, machine, sensor and appliance names: the characters allowed in a topic level, at most
+:data:`MAX_NAME_CHARS` of them."""
 
 
 class _Strict(BaseModel):
@@ -132,6 +149,24 @@ class IngestConfig(_Strict):
     """Most streams accepted without configuration (bounds memory against topic floods)."""
     deadletter: bool = True
     """Publish rejected payloads to ``pdm/v1/_deadletter/{reason}`` (they are counted either way)."""
+    min_sample_rate_hz: float = Field(1.0, gt=0)
+    max_sample_rate_hz: float = Field(1_000_000.0, gt=0, le=10_000_000)
+    """Plausible sample rates, Hz, whatever a stream's configuration says: a chunk outside is
+    dead-lettered as ``implausible_sample_rate`` (buffers are sized from the rate)."""
+    min_timestamp_ns: int = Field(0, ge=0)
+    """Earliest plausible chunk timestamp, ns since the epoch (0: any; recordings replayed with
+    their own clock may start at 0)."""
+    max_future_s: float = Field(86_400.0, gt=0)
+    """A chunk stamped more than this ahead of the appliance clock is dead-lettered as
+    ``implausible_time`` (a sensor clock in the year 2200 must not freeze its machine's state).
+    The default, one day, lets ``pdm-edge replay --speed max`` replay a day of recording stamped
+    from now; on a plant whose sensors keep time (NTP/PTP), 300 s is a tighter choice. Windows
+    of a stream never go back in time (``time_backwards``), so a stream whose clock ran ahead
+    loses, counted, the windows until its clock passes the newest one: at most this long."""
+    window_queue_max_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
+    """Bound of the window queue in bytes of samples (besides ``window_queue_size`` windows)."""
+    chunk_queue_max_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
+    """Bound of the chunk queue in bytes of samples (besides ``queue_size`` chunks)."""
 
 
 class BearingConfig(_Strict):
@@ -197,7 +232,7 @@ class StoreConfig(_Strict):
 
     backend: Literal["sqlite", "influxdb"] = "sqlite"
     sqlite_path: str = "var/pdm-edge.sqlite"
-    """SQLite store file (backend = "sqlite"); relative paths are relative to the working directory."""
+    """SQLite store file (backend = "sqlite"); a relative path resolves against ``state_dir``."""
     url: str | None = None
     """InfluxDB base URL, e.g. ``http://127.0.0.1:8086`` (backend = "influxdb")."""
     database: str = "pdm_edge"
@@ -254,14 +289,18 @@ class FeedbackConfig(_Strict):
     """Technician labels and the windows they cover: ``[feedback]`` (see :mod:`pdm_edge.feedback`)."""
 
     state_dir: str = "var"
-    """The appliance's state directory: the label book ``labels.sqlite`` and the labelled-window
-    buffer ``label_windows.sqlite`` live here (relative paths: to the working directory)."""
+    """The label book ``labels.sqlite`` and the labelled-window buffer ``label_windows.sqlite``
+    live here (a relative path resolves against the top-level ``state_dir``)."""
     max_span_s: float = Field(7 * 24 * 3600.0, gt=0)
     """Longest span a label may cover, seconds (a longer one is refused as a likely typo)."""
     max_note_chars: int = Field(2000, ge=0)
     """Longest note, in characters."""
     max_author_chars: int = Field(200, ge=1)
     """Longest author, in characters."""
+    mqtt_label_identity: bool = True
+    """Labels over MQTT must be published on ``pdm/v1/{site}/{machine}/label/{user}``; ``{user}``,
+    checked by the broker's ACL, is the label's author (see :mod:`pdm_edge.feedback.listener`).
+    False also accepts the old topic without the user level, with the payload's author."""
     buffer_max_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
     """Bound of the labelled-window buffer (sum of the stored samples, bytes); beyond it windows
     are evicted: unlabelled (held) first, then ``ignore``, then ``normal``, ``fault`` last,
@@ -296,6 +335,13 @@ class LearningConfig(_Strict):
     gate_margin: float = Field(0.01, ge=0, le=1)
     """How much higher (absolute fraction of held-back normal windows) a candidate's false-alarm
     rate may be than the active version's."""
+    confirm_far_above: float = Field(3.0, ge=0)
+    """Label rule of the gate (issue 15 row 16): a retrain whose ``normal`` labels cover windows
+    the active version scores above this many times its threshold needs an engineer's
+    confirmation (``pdm-edge models promote``) instead of being promoted. 0 turns it off."""
+    confirm_silenced_alerts: bool = True
+    """Label rule of the gate: a retrain that would stop alerting on a labelled ``normal`` span
+    the active version alerts on needs an engineer's confirmation."""
     max_train_seconds: float = Field(120.0, gt=0)
     """Wall-time budget of one adapter training."""
     lora_rank: int = Field(4, ge=1, le=64)
@@ -310,10 +356,12 @@ class RegistryConfig(_Strict):
     """Model versions: ``[registry]`` (see :mod:`pdm_edge.registry`)."""
 
     dir: str = "var/registry"
-    """The registry directory (index and version files); relative to the working directory."""
-    verify_key: str | None = None
-    """Ed25519 public key (PEM) that imported packages must be signed with; unsigned packages
-    are refused when it is set."""
+    """The registry directory (index and version files); relative to the top-level ``state_dir``."""
+    verify_key: str | list[str] | None = None
+    """Ed25519 public key(s) that imported packages must be signed with: a PEM file path or the
+    PEM text, or a list of them. When set, ``pdm-edge models import`` (and every import through
+    :meth:`pdm_edge.registry.Registry.from_config`) refuses unsigned, tampered and foreign-signed
+    packages."""
 
 
 class ServiceConfig(_Strict):
@@ -325,6 +373,13 @@ class ServiceConfig(_Strict):
     """torch intra-op threads of the scoring worker."""
     score_batch: int = Field(64, ge=1)
     """Most windows scored in one batch."""
+    backlog_max_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)
+    """Bytes of samples held, over all streams, in the backlogs of streams that wait for their
+    calibration (the oldest windows beyond it are dropped and counted as
+    ``pdm_edge_records_dropped_total{kind="window",reason="calibration_backlog"}``)."""
+    min_free_bytes: int = Field(64 * 1024 * 1024, ge=0)
+    """Below this many free bytes in a state directory (spool, store, registry, labels)
+    ``/healthz`` is degraded and says which directory."""
 
 
 class DashboardConfig(_Strict):
@@ -341,6 +396,10 @@ class DashboardConfig(_Strict):
 
 class AppConfig(_Strict):
     """The whole appliance configuration (the TOML file's top level)."""
+
+    state_dir: str = "."
+    """Where relative paths of this file resolve (see the module docstring); absolute once
+    loaded. The shipped configuration sets ``/var/lib/pdm-edge``."""
 
     appliance_id: str = "pdm-edge"
     """Names the appliance: MQTT client ids and ``pdm/v1/_appliance/{id}/status``."""
@@ -425,21 +484,53 @@ def _format_errors(err: ValidationError) -> ConfigError:
     return ConfigError(first[0], first[1] + extra)
 
 
-def config_from_dict(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AppConfig:
-    """Validate a configuration mapping (as parsed from TOML), after environment overrides.
+def config_from_dict(data: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+                     base_dir: str | os.PathLike[str] | None = None) -> AppConfig:
+    """Validate a configuration mapping (as parsed from TOML), after environment overrides, and
+    make every path absolute (see the module docstring).
 
     Args:
         data: the parsed TOML document.
         environ: environment to read ``PDM_EDGE__*`` overrides from (``os.environ`` if None).
+        base_dir: where a relative ``state_dir`` resolves (the configuration file's directory;
+            the working directory when None).
 
     Raises:
         ConfigError: naming the first offending key (unknown key, wrong type, missing broker).
     """
     merged = _apply_env(_deep_copy(data), os.environ if environ is None else environ)
     try:
-        return AppConfig.model_validate(merged)
+        cfg = AppConfig.model_validate(merged)
     except ValidationError as err:
         raise _format_errors(err) from None
+    return resolve_paths(cfg, base_dir)
+
+
+def resolve_paths(cfg: AppConfig, base_dir: str | os.PathLike[str] | None = None) -> AppConfig:
+    """``cfg`` with ``state_dir`` absolute (relative: against ``base_dir``, else the working
+    directory) and every relative path of the configuration resolved against it."""
+    state = Path(cfg.state_dir)
+    if not state.is_absolute():
+        state = Path(os.path.abspath(Path(base_dir) if base_dir is not None else Path.cwd())) / state
+    state = Path(os.path.normpath(state))
+
+    def r(p: str | None) -> str | None:
+        return p if p is None or os.path.isabs(p) else os.path.normpath(state / p)
+
+    vk = cfg.registry.verify_key
+    if isinstance(vk, str):
+        vk = vk if vk.lstrip().startswith("-----BEGIN") else r(vk)
+    elif vk is not None:
+        vk = [k if k.lstrip().startswith("-----BEGIN") else r(k) for k in vk]
+    return cfg.model_copy(update={
+        "state_dir": str(state),
+        "mqtt": cfg.mqtt.model_copy(update={"ca_file": r(cfg.mqtt.ca_file)}),
+        "store": cfg.store.model_copy(update={"sqlite_path": r(cfg.store.sqlite_path), "ca_file": r(cfg.store.ca_file)}),
+        "spool": cfg.spool.model_copy(update={"path": r(cfg.spool.path)}),
+        "feedback": cfg.feedback.model_copy(update={"state_dir": r(cfg.feedback.state_dir)}),
+        "registry": cfg.registry.model_copy(update={"dir": r(cfg.registry.dir), "verify_key": vk}),
+        "dashboard": cfg.dashboard.model_copy(update={"users_file": r(cfg.dashboard.users_file)}),
+    })
 
 
 def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -472,4 +563,5 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
             raise ConfigError("", f"cannot read configuration file {p}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("", f"{p} is not valid TOML: {exc}") from None
+        return config_from_dict(data, env, base_dir=Path(os.path.abspath(p)).parent)
     return config_from_dict(data, env)

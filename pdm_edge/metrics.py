@@ -82,6 +82,12 @@ METRIC_NAMES: tuple[str, ...] = (
     "pdm_edge_labels_received_total",
     "pdm_edge_stream_state",
     "pdm_edge_worker_heartbeat_age_seconds",
+    "pdm_edge_stage_errors_total",
+    "pdm_edge_stage_restarts_total",
+    "pdm_edge_records_dropped_total",
+    "pdm_edge_spool_deadletter_records",
+    "pdm_edge_disk_free_bytes",
+    "pdm_edge_queue_bytes",
 )
 """Every metric the appliance exposes (names as they appear in ``/metrics``)."""
 
@@ -100,7 +106,10 @@ class SnapshotCollector(Collector):
          "results": PublisherStats-like object,          # pdm_edge.alerts.publisher.PublisherStats
          "labels": ListenerStats-like object,            # pdm_edge.feedback.listener.ListenerStats
          "streams": {"site/machine/sensor": {"state": str}},
-         "worker_heartbeat_age_s": float}
+         "worker_heartbeat_age_s": float,
+         "stage_errors": {stage: int}, "stage_restarts": {stage: int},
+         "records_dropped": {(kind, reason): int},
+         "disk_free_bytes": {directory: int}}
 
     A snapshot that raises is logged and yields nothing (a scrape never fails because a stage
     is half-started).
@@ -198,6 +207,32 @@ def _families(s: Mapping[str, Any]) -> Iterable[Any]:
     if "worker_heartbeat_age_s" in s:
         yield GaugeMetricFamily("pdm_edge_worker_heartbeat_age_seconds", "Seconds since the scoring worker last looped.",
                                 value=float(s["worker_heartbeat_age_s"]))
+    for key, name, text in (("stage_errors", "pdm_edge_stage_errors", "Exceptions caught in a supervised stage."),
+                            ("stage_restarts", "pdm_edge_stage_restarts", "Restarts of a supervised stage's loop.")):
+        if key in s:
+            c = CounterMetricFamily(name, text, labels=["stage"])
+            for stage, n in sorted(s[key].items()):
+                c.add_metric([stage], n)
+            yield c
+    if "records_dropped" in s:
+        c = CounterMetricFamily("pdm_edge_records_dropped", "Windows and records not handled durably, by kind and reason "
+                                "(time_backwards, stop, scoring_failed, invalid, spool_write_failed).", labels=["kind", "reason"])
+        for (kind, reason), n in sorted(s["records_dropped"].items()):
+            c.add_metric([kind, reason], n)
+        yield c
+    if sp is not None and hasattr(sp, "deadletter_depth"):
+        yield GaugeMetricFamily("pdm_edge_spool_deadletter_records", "Records in the spool's dead-letter table (refused "
+                                "for good by the store, with their reason).", value=sp.deadletter_depth)
+    if s.get("disk_free_bytes"):
+        g = GaugeMetricFamily("pdm_edge_disk_free_bytes", "Free bytes in each state directory.", labels=["directory"])
+        for d, n in sorted(s["disk_free_bytes"].items()):
+            g.add_metric([d], n)
+        yield g
+    if ing is not None and hasattr(ing, "chunk_queue_bytes"):
+        g = GaugeMetricFamily("pdm_edge_queue_bytes", "Bytes of samples waiting in a bounded queue.", labels=["queue"])
+        g.add_metric(["chunks"], ing.chunk_queue_bytes)
+        g.add_metric(["windows"], ing.window_queue_bytes)
+        yield g
 
 
 class Metrics:

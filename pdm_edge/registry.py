@@ -28,6 +28,15 @@ version file and ``manifest.json`` (id, stream, configuration summary, sha256 of
 the encoder's sha256, format), plus ``manifest.sig`` (Ed25519 over the manifest's bytes) when
 signed. Import verifies the hashes, the signature and the encoder before anything is stored;
 imported versions enter as candidates.
+
+Trust comes from the configuration (issue 15): a registry opened with trusted keys
+(:meth:`Registry.from_config` reads ``[registry] verify_key``, one key or a list, each a PEM file
+path or the PEM text) refuses, on import, a package that is unsigned, tampered with (the
+signature no longer verifies) or signed by a key it does not trust, whatever the caller passes.
+Version ids are validated like names (:data:`VERSION_ID_RE`: ``[A-Za-z0-9_-]``, at most 160
+characters; a package whose manifest id is ``..`` or holds a path separator is refused), and
+every manifest field is checked for type and range before it reaches the index (``created_ns``
+must fit int64).
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pdm_edge.config import NAME_RE as _NAME_RE
 from pdm_edge.errors import ModelError, RegistryError
 from pdm_edge.types import ModelVersion, stream_id
 
@@ -67,8 +77,11 @@ MAX_PACKAGE_MEMBER_BYTES = 64 * 1024 * 1024
 """Largest file accepted inside a package (a version file is ~100 KB; this guards against a
 zip bomb)."""
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+VERSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,160}$")
+"""A model version id: the characters of a name (no dots, no separators), at most 160 of them
+(``{site}-{machine}-{sensor}-v{n}`` fits)."""
+_ID_RE = VERSION_ID_RE
+_MAX_TEXT = 500
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)
 
 _SCHEMA = """
@@ -149,6 +162,47 @@ class GateInputs:
     fault_windows: Sequence[Any] | np.ndarray = ()
     margin: float = 0.01
     fault_events: Sequence[str] | None = None
+    labelled_normal_windows: Sequence[Any] | np.ndarray = ()
+    """Windows technicians labelled ``normal`` that the candidate learnt from (time order), for
+    the label rule of :func:`label_rule` (issue 15 row 16)."""
+    confirm_far_above: float | None = None
+    """Label rule 1: labelled-normal windows that the active version scores above this many
+    times its threshold are "far above"; a candidate trained on them needs an engineer's
+    confirmation. ``None``: off."""
+    confirm_silenced_alerts: bool = False
+    """Label rule 2: a candidate that would raise no k-of-n alert on labelled-normal windows on
+    which the active version would raise one (it stops alerting on a span it alerted on) needs
+    an engineer's confirmation."""
+
+
+def label_rule(candidate: Scorer, active: Scorer | None, inputs: GateInputs) -> tuple[str | None, dict[str, Any]]:
+    """Whether labels could have silently blinded the detector: the two rules of
+    :class:`GateInputs` on its ``labelled_normal_windows``. Returns ``(why, metrics)``: ``why``
+    is None when neither rule fires (or there is no active version or no labelled window),
+    else one line saying which rule fired and on how many windows."""
+    lab = inputs.labelled_normal_windows
+    if active is None or not len(lab) or (inputs.confirm_far_above is None and not inputs.confirm_silenced_alerts):
+        return None, {}
+    a_thr, c_thr = float(active.threshold), float(candidate.threshold)  # type: ignore[arg-type]
+    a_scores, c_scores = active.score_many(lab), candidate.score_many(lab)
+    metrics: dict[str, Any] = {"labelled_normal": len(lab), "active_above": int((a_scores > a_thr).sum()),
+                               "candidate_above": int((c_scores > c_thr).sum())}
+    why = []
+    if inputs.confirm_far_above is not None:
+        far = int((a_scores > inputs.confirm_far_above * a_thr).sum())
+        metrics["far_above"] = far
+        if far:
+            why.append(f"{far} of {len(lab)} windows labelled normal score above {inputs.confirm_far_above:g} x the active "
+                       f"threshold (max {a_scores.max() / a_thr:.1f} x): they look like a fault, not a false alarm")
+    if inputs.confirm_silenced_alerts:
+        k, n = active.config.alert_k, active.config.alert_n
+        silenced = _detected(a_scores > a_thr, k, n) and not _detected(c_scores > c_thr, candidate.config.alert_k,
+                                                                        candidate.config.alert_n)
+        metrics["silenced_alert"] = bool(silenced)
+        if silenced:
+            why.append(f"the candidate stops alerting on the labelled span the active version alerts on "
+                       f"({metrics['active_above']} -> {metrics['candidate_above']} of {len(lab)} windows above threshold)")
+    return ("; ".join(why) or None), metrics
 
 
 def _window_name(windows: Sequence[Any] | np.ndarray, i: int) -> str:
@@ -323,6 +377,45 @@ def key_fingerprint(public_key: Any) -> str:
 # the registry
 
 
+def check_version_id(version_id: Any) -> str:
+    """Return ``version_id`` if it is a valid version id (:data:`VERSION_ID_RE`).
+
+    Raises:
+        RegistryError: otherwise, with the offending value (cut to 64 characters).
+    """
+    if not isinstance(version_id, str) or not VERSION_ID_RE.match(version_id):
+        raise RegistryError(f"version id {str(version_id)[:64]!r} must match {VERSION_ID_RE.pattern}")
+    return version_id
+
+
+def load_trusted_keys(spec: str | Sequence[str] | None) -> list[Any]:
+    """Ed25519 public keys from ``[registry] verify_key``: one entry or a list, each a PEM file
+    path or the PEM text itself.
+
+    Raises:
+        RegistryError: an entry that is not a readable Ed25519 public key.
+    """
+    if spec is None:
+        return []
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    keys = []
+    for e in entries:
+        if e.lstrip().startswith("-----BEGIN"):
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+            try:
+                key = serialization.load_pem_public_key(e.encode())
+            except (ValueError, TypeError) as exc:
+                raise RegistryError(f"[registry] verify_key is not a PEM public key: {exc}") from None
+            if not isinstance(key, Ed25519PublicKey):
+                raise RegistryError("[registry] verify_key is not an Ed25519 key")
+            keys.append(key)
+        else:
+            keys.append(load_public_key(e))
+    return keys
+
+
 def _check_name(what: str, value: str) -> None:
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise RegistryError(f"{what} must match [A-Za-z0-9_-]+, got {value!r}")
@@ -359,8 +452,12 @@ class Registry:
 
     FILENAME = "registry.sqlite"
 
-    def __init__(self, root_dir: str | os.PathLike[str], *, create: bool = True) -> None:
+    def __init__(self, root_dir: str | os.PathLike[str], *, create: bool = True,
+                 trusted_public_keys: Iterable[Any] | None = None) -> None:
         self.root = Path(root_dir)
+        self.trusted_public_keys = [load_public_key(k) if isinstance(k, (str, os.PathLike)) else k
+                                    for k in (trusted_public_keys or [])]
+        """Keys every imported package must be signed with (empty: signatures optional)."""
         self.db_path = self.root / self.FILENAME
         self.versions_dir = self.root / "versions"
         if not create and not self.db_path.is_file():
@@ -377,6 +474,16 @@ class Registry:
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot open model registry {self.db_path}: {exc}") from None
 
+    @classmethod
+    def from_config(cls, rcfg: Any, *, create: bool = True) -> Registry:
+        """The registry of ``[registry]`` (:class:`~pdm_edge.config.RegistryConfig`): its
+        directory, and its ``verify_key`` as the keys every import must be signed with.
+
+        Raises:
+            RegistryError: a key that cannot be read, or (``create=False``) no registry there.
+        """
+        return cls(rcfg.dir, create=create, trusted_public_keys=load_trusted_keys(rcfg.verify_key))
+
     # -- context ---------------------------------------------------------------------------
     def close(self) -> None:
         with self._lock:
@@ -390,8 +497,11 @@ class Registry:
 
     # -- reading ---------------------------------------------------------------------------
     def path(self, version_id: str) -> Path:
-        """The version file of ``version_id``."""
-        return self.versions_dir / f"{version_id}.pt"
+        """The version file of ``version_id``.
+
+        Raises:
+            RegistryError: an invalid version id (never a path outside the registry)."""
+        return self.versions_dir / f"{check_version_id(version_id)}.pt"
 
     @staticmethod
     def _record(row: sqlite3.Row) -> RegisteredVersion:
@@ -646,9 +756,13 @@ class Registry:
         """Add ``candidate`` as a candidate (parent: ``parent``, else the current active
         version), gate it against the active version and promote or reject it.
 
+        A candidate that passes the gate but fires the label rule (:func:`label_rule`) stays a
+        ``candidate`` with the reason "needs engineer confirmation: ..." (an engineer promotes
+        it with ``pdm-edge models promote``, or it is left).
+
         Returns:
-            ``(version, metrics, reason)``: the version's final state (``active`` or
-            ``rejected``, with the gate's metrics and reason recorded).
+            ``(version, metrics, reason)``: the version's final state (``active``, ``rejected``
+            or ``candidate`` awaiting confirmation, with the gate's metrics and reason recorded).
         """
         current = self.active(site, machine, sensor)
         rec = self.add_candidate(candidate, site=site, machine=machine, sensor=sensor,
@@ -659,7 +773,16 @@ class Registry:
                                        margin=gate_inputs.margin, fault_events=gate_inputs.fault_events)
         if current is not None:
             metrics["active_version"] = current.id
-        if passed:
+        why, label_metrics = label_rule(candidate, active_scorer, gate_inputs) if passed else (None, {})
+        if label_metrics:
+            metrics["label_rule"] = label_metrics
+        if why is not None:
+            reason = f"needs engineer confirmation: {why} ({reason})"
+            with self._lock:
+                self._db.execute("UPDATE versions SET reason = ?, metrics = ?, changed_ns = ? WHERE id = ?",
+                                 (reason, json.dumps(metrics), time.time_ns(), rec.id))
+            rec = self.get(rec.id)
+        elif passed:
             rec = self.promote(rec.id, reason, metrics=metrics)
         else:
             rec = self.reject(rec.id, reason, metrics=metrics)
@@ -718,9 +841,12 @@ class Registry:
         size match the manifest; the signature (when present and ``trusted_public_keys`` are
         given, it must verify with one of them; when ``require_signature``, a package without a
         signature or with no trusted key to check it against is refused); the version was made
-        for ``encoder_sha256`` (manifest and file agree).
+        for ``encoder_sha256`` (manifest and file agree); the manifest's fields have valid types
+        and ranges (id, parent, trigger, created_ns within int64).
 
-        ``trusted_public_keys``: ``Ed25519PublicKey`` objects or paths of PEM files.
+        ``trusted_public_keys``: ``Ed25519PublicKey`` objects or paths of PEM files, added to the
+        registry's own (from the configuration). When the registry has keys of its own, a
+        signature from one of the trusted keys is always required.
 
         The version keeps its id unless that id is taken by a different file (then it gets the
         stream's next id); re-importing the same file returns the existing version.
@@ -767,7 +893,10 @@ class Registry:
             if len(files[fname]) != meta.get("size_bytes"):
                 raise RegistryError(f"package {name}: size of {fname} does not match the manifest")
         # signature
-        keys = [load_public_key(k) if isinstance(k, (str, os.PathLike)) else k for k in (trusted_public_keys or [])]
+        keys = [*self.trusted_public_keys,
+                *(load_public_key(k) if isinstance(k, (str, os.PathLike)) else k for k in (trusted_public_keys or []))]
+        if self.trusted_public_keys:
+            require_signature = True
         sig = files.get(PACKAGE_SIGNATURE)
         signer = None
         if sig is None:
@@ -803,13 +932,34 @@ class Registry:
                 _check_name(what, val)  # type: ignore[arg-type]
             except RegistryError as exc:
                 raise RegistryError(f"package {name}: manifest {exc}") from None
-        src_id = str(manifest.get("id", ""))
+        src_id = manifest.get("id")
+        try:
+            check_version_id(src_id)
+        except RegistryError as exc:
+            raise RegistryError(f"package {name}: manifest {exc}") from None
+        parent = manifest.get("parent")
+        if parent is not None:
+            try:
+                check_version_id(parent)
+            except RegistryError as exc:
+                raise RegistryError(f"package {name}: manifest parent: {exc}") from None
+        trigger = manifest.get("trigger", "import")
+        if not isinstance(trigger, str) or len(trigger) > 64 or not re.match(r"^[A-Za-z0-9_ .:-]*$", trigger):
+            raise RegistryError(f"package {name}: manifest trigger {str(trigger)[:64]!r} must be at most 64 characters "
+                                "of letters, digits, space and _ . : -")
+        created_ns = manifest.get("created_ns", time.time_ns())
+        if isinstance(created_ns, bool) or not isinstance(created_ns, int) or not 0 <= created_ns < 2**63:
+            raise RegistryError(f"package {name}: manifest created_ns {str(created_ns)[:40]!r} must be an integer "
+                                "of ns in 0 .. 2**63-1")
+        for key in ("training_summary", "metrics"):
+            if not isinstance(manifest.get(key) or {}, dict):
+                raise RegistryError(f"package {name}: manifest {key} must be an object")
         sha = listed[PACKAGE_VERSION_FILE]["sha256"]
         with self._lock:
-            existing = self._get(src_id) if _ID_RE.match(src_id) else None
+            existing = self._get(src_id)
             if existing is not None and existing.sha256 == sha:
                 return existing
-            if existing is None and _ID_RE.match(src_id):
+            if existing is None:
                 vid = src_id
                 row = self._db.execute("SELECT MAX(seq) FROM versions WHERE site = ? AND machine = ? AND sensor = ?",
                                        (site, machine, sensor)).fetchone()
@@ -820,12 +970,11 @@ class Registry:
             from pdm_edge.model.version import atomic_write_bytes
 
             atomic_write_bytes(target, data)
-            parent = manifest.get("parent")
             try:
                 return self._insert(vid=vid, seq=seq, site=site, machine=machine, sensor=sensor,  # type: ignore[arg-type]
-                                    parent=parent if isinstance(parent, str) else None,
-                                    trigger=str(manifest.get("trigger", "import")),
-                                    created_ns=int(manifest.get("created_ns", time.time_ns())), encoder_sha256=encoder_sha256,
+                                    parent=parent,
+                                    trigger=trigger,
+                                    created_ns=created_ns, encoder_sha256=encoder_sha256,
                                     sha256=sha, size_bytes=len(data), training_summary=dict(manifest.get("training_summary") or {}),
                                     metrics=dict(manifest.get("metrics") or {}),
                                     origin=f"import:{name} ({sig_note}; exported as {src_id})")

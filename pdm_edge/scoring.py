@@ -37,13 +37,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pdm_edge.errors import PdmEdgeError
+from pdm_edge.errors import PdmEdgeError, StoreError
 from pdm_edge.learning.loop import LearningLoop
 from pdm_edge.model.scorer import Scorer
 from pdm_edge.registry import RegisteredVersion
+from pdm_edge.supervision import RateLimitedLog
 from pdm_edge.types import Score, Window
 
 log = logging.getLogger(__name__)
+_replay_log = RateLimitedLog(log, 60.0)
 
 
 @dataclasses.dataclass
@@ -64,16 +66,21 @@ class ScoringStage:
         loop: the learning loop (its registry, encoder and replay buffer).
         max_backlog: windows kept per stream while it calibrates (oldest dropped beyond it,
             counted in :attr:`dropped_backlog`).
+        max_backlog_bytes: bytes of samples kept in the backlogs of all streams together
+            (issue 15: 16 streams calibrating one after the other must not hold gigabytes);
+            beyond it the oldest windows of the stream being added to are dropped (counted).
         refresh_s: how often the active version is checked for changes made by other
             processes, seconds.
         on_swap: called with ``(stream, version id)`` after a new version is swapped in.
     """
 
     def __init__(self, loop: LearningLoop, *, max_backlog: int = 10_000, refresh_s: float = 2.0,
-                 on_swap: Callable[[str, str], None] | None = None) -> None:
+                 on_swap: Callable[[str, str], None] | None = None, max_backlog_bytes: int = 32 * 1024 * 1024) -> None:
         self.loop = loop
         self.registry = loop.registry
         self.max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
+        self._backlog_bytes = 0
         self.refresh_s = refresh_s
         self.on_swap = on_swap
         self._streams: dict[str, _Stream] = {}
@@ -111,6 +118,12 @@ class ScoringStage:
         with self._lock:
             names = list(self._streams)
         return {s: self.state(s) for s in names}
+
+    @property
+    def backlog_bytes(self) -> int:
+        """Bytes of samples held in the calibration backlogs now."""
+        with self._lock:
+            return self._backlog_bytes
 
     @property
     def dropped_backlog(self) -> int:
@@ -180,12 +193,15 @@ class ScoringStage:
                 calibrating = self.loop.has_job(st.name, ("queued", "running"))
                 if calibrating:
                     st.backlog.extend(ws)
-                    while len(st.backlog) > self.max_backlog:
-                        st.backlog.popleft()
+                    self._backlog_bytes += sum(w.samples.nbytes for w in ws)
+                    while st.backlog and (len(st.backlog) > self.max_backlog
+                                          or self._backlog_bytes > self.max_backlog_bytes):
+                        self._backlog_bytes -= st.backlog.popleft().samples.nbytes
                         st.dropped_backlog += 1
                     return []
             else:
                 ready = list(st.backlog) + ws
+                self._backlog_bytes -= sum(w.samples.nbytes for w in st.backlog)
                 st.backlog.clear()
         if scorer is None:
             tmpl = self.loop.template(st.name, ws[0])
@@ -216,7 +232,11 @@ class ScoringStage:
             normal.append(not any(st.recent_above))
         idx = np.flatnonzero(normal)
         if len(idx):
-            self.loop.offer(st.name, [ready[i].start_ns for i in idx], feats[idx])
+            try:  # the replay buffer is for later trainings: a full disk must not cost the scores
+                self.loop.offer(st.name, [ready[i].start_ns for i in idx], feats[idx])
+            except StoreError as exc:
+                _replay_log.log(logging.WARNING, st.name, "event=replay_offer_failed stream=%s windows=%d error=%r",
+                                st.name, len(idx), str(exc)[:200])
         return [(w, Score(w.site, w.machine, w.sensor, w.start_ns, float(s), thr, bool(s > thr), version))
                 for w, s in zip(ready, scores)]
 
@@ -236,7 +256,10 @@ class ScoringStage:
                 if st.scorer is not None:
                     out += self._handle_stream(st, [])
                 elif not self.loop.has_job(st.name, ("queued", "running")):
-                    st.backlog.clear()  # calibration failed: nothing can score them
+                    with self._lock:
+                        self._backlog_bytes -= sum(w.samples.nbytes for w in st.backlog)
+                        st.dropped_backlog += len(st.backlog)
+                        st.backlog.clear()  # calibration failed: nothing can score them (counted)
             if time.monotonic() > deadline:
                 return out
             time.sleep(0.2)

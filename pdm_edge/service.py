@@ -52,7 +52,26 @@ Decisions:
   JSON (``pdm-edge run --log-format``).
 - **Health** (``/healthz``): ``ok``; ``degraded`` with the reasons (broker unreachable, store
   unreachable or failing, spool backing up for more than a minute, a stream whose calibration
-  failed); ``down`` when the scoring worker is not running (HTTP 503).
+  failed, a supervised stage that failed in the last 5 minutes, records the store refused for
+  good in the last 5 minutes (they are in the spool's dead-letter table), records that could
+  not be written to the spool, a state directory with less than ``service.min_free_bytes``
+  free); ``down`` when the scoring worker is not running (HTTP 503). At most
+  :attr:`Service.HEALTH_MAX_STREAMS` streams are listed (the rest are counted), so the
+  document stays small whatever publishers do.
+- **Supervision** (:mod:`pdm_edge.supervision`): the scoring worker, the windowing worker and
+  the spool writer record every exception with the stream (``pdm_edge_stage_errors_total``,
+  ``/healthz``) and go on; a loop that ends by an exception is restarted.
+- **Nothing dropped silently**: a record that cannot be put in the spool is counted in
+  ``pdm_edge_records_dropped_total{kind, reason}`` with ``reason`` ``invalid`` (it could never
+  be stored; it goes to the spool's dead-letter table) or ``spool_write_failed`` (disk full, I/O
+  error). Alerts, labels and model events that fail that way are kept in memory (up to
+  :attr:`Service.MAX_HELD_RECORDS`) and put again with the next record, so an alert survives a
+  full disk; scores are shed first.
+- **Free space**: the health probe checks the free space of every state directory (spool,
+  SQLite store, registry, label book) every few seconds.
+- **Stop within the budget**: when the scoring worker has not emptied the window queue when
+  the budget is spent, it is told to abandon the rest (counted as dropped, reason ``stop``) and
+  joined, so the process never exits with the worker inside torch.
 """
 
 from __future__ import annotations
@@ -66,6 +85,7 @@ import math
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -77,6 +97,7 @@ from pdm_edge import __version__
 from pdm_edge.config import AppConfig
 from pdm_edge.errors import PdmEdgeError, StoreError
 from pdm_edge.metrics import HttpServer, Metrics
+from pdm_edge.supervision import RECENT_S, StageErrors, run_supervised
 from pdm_edge.types import Alert, Score, Window
 
 log = logging.getLogger(__name__)
@@ -327,6 +348,9 @@ class Service:
     IDLE_POLL_S = 0.2
     PROBE_INTERVAL_S = 5.0
     SPOOL_LAG_DEGRADED_S = 60.0
+    HEALTH_MAX_STREAMS = 200
+    _STAGES = {"ingest-window": 0, "score-worker": 0, "spool-writer": 0}
+    MAX_HELD_RECORDS = 10_000
 
     def __init__(self, config: AppConfig, *, encoder: Any = None, encoder_sha256: str | None = None,
                  hooks: ServiceHooks | None = None) -> None:
@@ -361,6 +385,15 @@ class Service:
         self._store_error: str | None = None
         self._store_probe_at: float | None = None
         self._stop_report: StopReport | None = None
+        self.errors = StageErrors(log)
+        """Errors of the scoring worker (stage ``score-worker``)."""
+        self._abandon = threading.Event()
+        self._dropped: collections.Counter[tuple[str, str]] = collections.Counter()  # (kind, reason) -> records
+        self._last_drop: tuple[float, str] | None = None
+        self._held: list[tuple[str, list[Any]]] = []  # alerts/labels/model events the spool could not take yet
+        self._held_lock = threading.RLock()
+        self._disk: dict[str, int] = {}  # state directory -> free bytes (probe thread)
+        self._losses: tuple[int, float] = (0, 0.0)  # overload losses seen by health(), when they last grew
 
     # -- construction of the stages -----------------------------------------------------------
     def _make_scoring(self) -> Any:
@@ -371,7 +404,7 @@ class Service:
 
         self.learning = build_learning(self.config, self.registry, self._encoder, self._sha, labels=self.feedback.book,
                                        label_windows=self.feedback.buffer, on_event=self._on_learning_event).start()
-        return ScoringStage(self.learning)
+        return ScoringStage(self.learning, max_backlog_bytes=self.config.service.backlog_max_bytes)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Service:
@@ -397,7 +430,7 @@ class Service:
             self.store = open_store(cfg.store)
             self.spool = Spool(cfg.spool.path, cfg.spool.max_records)
             self.writer = SpoolWriter(self.spool, self.store, cfg.spool).start()
-            self.registry = Registry(cfg.registry.dir)
+            self.registry = Registry.from_config(cfg.registry)
             for v in self.registry.list():
                 if v.status == "active":
                     self.metrics.set_active_model(v.site, v.machine, v.sensor, v.id)
@@ -411,14 +444,17 @@ class Service:
             self.ingestor = Ingestor(cfg)
             self.results = ResultPublisher(cfg.mqtt, cfg.alerts, cfg.appliance_id).start()
             self.labels = LabelListener(cfg.mqtt, cfg.appliance_id, self.feedback.submit,
-                                        deadletter=cfg.ingest.deadletter).start()
+                                        deadletter=cfg.ingest.deadletter,
+                                        require_identity=cfg.feedback.mqtt_label_identity).start()
             self.http = HttpServer(cfg.service.http, self.metrics, self.health)
             try:
                 self.http.start()
             except OSError as exc:
                 raise PdmEdgeError(f"cannot serve /healthz and /metrics on {cfg.service.http}: {exc.strerror or exc}") from None
             self._heartbeat = time.monotonic()
-            self._worker = threading.Thread(target=self._work, name="score-worker", daemon=True)
+            self._worker = threading.Thread(
+                target=lambda: run_supervised("score-worker", self._work, self.errors, stopped=self._worker_stop.is_set),
+                name="score-worker", daemon=True)
             self._worker.start()
             self.ingestor.start()  # last: windows start to flow
             self._spawn(self._probe_loop, "health-probe")
@@ -469,8 +505,11 @@ class Service:
         self._worker.join(left(reserve))
         unscored, unfinished = 0, []
         if self._worker.is_alive():
-            unscored = self.ingestor.windows.qsize()
-            log_event(log, logging.ERROR, "worker_not_finished", windows_left=unscored)
+            self._abandon.set()  # the worker ends after its current batch; the rest is counted dropped
+            self._worker.join(max(30.0, left()))
+            unscored = self._dropped.get(("window", "stop"), 0)
+            log_event(log, logging.ERROR, "worker_not_finished", windows_left=unscored,
+                      worker_alive=self._worker.is_alive())
         else:
             unfinished = self._finish_backlog(deadline - reserve)
         if self.learning is not None:  # a training still running writes its checkpoint, resumes at the next start
@@ -548,6 +587,9 @@ class Service:
         batch_max = self.config.service.score_batch
         while True:
             self._heartbeat = time.monotonic()
+            if self._abandon.is_set():
+                self._drop_queued_windows(q)
+                return
             try:
                 first = q.get(timeout=self.IDLE_POLL_S)
             except queue.Empty:
@@ -566,9 +608,8 @@ class Service:
                     break
             try:
                 self._process(batch)
-            except Exception:  # never let the worker die: count, log, go on
-                self.metrics.worker_errors.inc()
-                log.exception("scoring worker: a batch of %d windows failed", len(batch))
+            except Exception as exc:  # never let the worker die: count, log, go on
+                self._worker_error(exc, batch[0].stream)
             states = {w.stream: self.scoring.state(w.stream) for w in batch}
             with self._lock:
                 for stream, state in states.items():
@@ -583,22 +624,20 @@ class Service:
         for w in batch:
             try:
                 self.feedback.observe(w)
-            except Exception:
-                self.metrics.worker_errors.inc()
-                log.exception("feedback.observe failed for %s", w.stream)
+            except Exception as exc:
+                self._worker_error(exc, w.stream)
         t0 = time.perf_counter()
         try:
             pairs = self.scoring.handle_many(batch)
-        except Exception:
-            self.metrics.worker_errors.inc()
-            log.exception("scoring a batch of %d windows failed; retrying one by one", len(batch))
+        except Exception as exc:
+            self._worker_error(exc, batch[0].stream)
             pairs = []
             for w in batch:
                 try:
                     pairs += self.scoring.handle_many([w])
-                except Exception:
-                    self.metrics.worker_errors.inc()
-                    log.exception("scoring window %s #%d failed; skipped", w.stream, w.index)
+                except Exception as exc1:
+                    self._worker_error(exc1, w.stream)
+                    self._count_dropped("window", "scoring_failed", 1)
         self.metrics.scoring_latency.observe(time.perf_counter() - t0)
         self.metrics.score_batch.observe(len(batch))
         if self.hooks.on_window is not None:
@@ -635,18 +674,72 @@ class Service:
     def _drain_backlog(self) -> None:
         try:
             self._emit(self.scoring.drain())
-        except Exception:
-            self.metrics.worker_errors.inc()
-            log.exception("scoring the calibration backlog failed")
+        except Exception as exc:
+            self._worker_error(exc, None)
         with self._lock:  # after the scores are spooled, so that wait_idle cannot pass in between
             self._awaiting_backlog.clear()
 
+    def _worker_error(self, exc: BaseException, stream: str | None) -> None:
+        """An exception in the scoring worker: counted (``pdm_edge_worker_errors_total`` and the
+        stage errors), logged rate-limited with the stream, and shown in /healthz."""
+        self.metrics.worker_errors.inc()
+        self.errors.record("score-worker", exc, stream)
+
+    def _count_dropped(self, kind: str, reason: str, n: int) -> None:
+        with self._lock:
+            self._dropped[(kind, reason)] += n
+            self._last_drop = (time.monotonic(), f"{kind}: {reason}")
+
+    def _drop_queued_windows(self, q: Any) -> None:
+        n = 0
+        while True:
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                break
+            n += 1
+        if n:
+            self._count_dropped("window", "stop", n)
+
     def _spool_put(self, kind: str, records: list[Any]) -> None:
+        """Put records in the spool; what cannot go there is counted as dropped with a reason
+        (and, when it can never be stored, kept in the dead-letter table); alerts, labels and
+        model events that hit a write failure are held and put again with the next record."""
+        with self._held_lock:
+            if self._held:
+                held, self._held = self._held, []
+                for i, (hk, hrecs) in enumerate(held):
+                    if not self._spool_put_once(hk, hrecs):  # it is held again; so is the rest
+                        self._held.extend(held[i + 1:])
+                        break
+            self._spool_put_once(kind, records)
+
+    def _spool_put_once(self, kind: str, records: list[Any]) -> bool:
         try:
             self.spool.put(kind, records)
-        except (StoreError, ValueError, TypeError) as exc:
+            return True
+        except (ValueError, TypeError, OverflowError) as exc:
             self.metrics.spool_errors.inc(len(records))
-            log_event(log, logging.ERROR, "spool_put_failed", kind=kind, records=len(records), error=str(exc))
+            self._count_dropped(kind, "invalid", len(records))
+            log_event(log, logging.ERROR, "spool_put_refused", kind=kind, records=len(records), error=str(exc)[:300])
+            for r in records:
+                try:
+                    self.spool.deadletter(kind, repr(r), f"refused by the spool: {exc}")
+                except StoreError:
+                    pass
+            return True  # nothing to retry: they can never be stored
+        except StoreError as exc:
+            self.metrics.spool_errors.inc(len(records))
+            if kind != "score" and sum(len(r) for _, r in self._held) + len(records) <= self.MAX_HELD_RECORDS:
+                self._held.append((kind, list(records)))
+                reason = "spool_write_failed_held"
+            else:
+                self._count_dropped(kind, "spool_write_failed", len(records))
+                reason = "spool_write_failed"
+            self.errors.record("spool-put", exc, None)
+            log_event(log, logging.ERROR, "spool_put_failed", kind=kind, records=len(records), outcome=reason,
+                      error=str(exc)[:300])
+            return False
 
     def _hook(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -656,7 +749,7 @@ class Service:
 
     # -- events from the scoring stage and the registry ---------------------------------------
     _LEARNING_EVENTS = {"queued": "training_queued", "rejected": "rejected", "failed": "training_failed",
-                        "interrupted": "training_interrupted"}
+                        "interrupted": "training_interrupted", "awaiting_confirmation": "awaiting_confirmation"}
     _LEARNING_LOGS = {"training": "training_started", "promoted": "training_promoted"}
 
     def _on_learning_event(self, stream: str, event: str, version: str, detail: str) -> None:
@@ -667,7 +760,7 @@ class Service:
         from pdm_edge.store.base import ModelEvent
 
         site, machine, sensor = stream.split("/")
-        if event in ("promoted", "rejected", "failed", "interrupted"):
+        if event in ("promoted", "rejected", "failed", "interrupted", "awaiting_confirmation"):
             self.metrics.training_runs.labels(site, machine, sensor, event).inc()
         name = self._LEARNING_EVENTS.get(event)
         level = logging.ERROR if event == "failed" else logging.INFO
@@ -719,8 +812,41 @@ class Service:
                 log_event(log, logging.INFO if ok else logging.WARNING, "store_reachable" if ok else "store_unreachable",
                           backend=self.config.store.backend, error=err)
             self._store_reachable, self._store_error, self._store_probe_at = ok, err, time.monotonic()
+            self._check_disk()
             if self._closed.wait(self.PROBE_INTERVAL_S):
                 return
+
+    def state_dirs(self) -> list[str]:
+        """The directories the appliance writes its state to (spool, SQLite store, registry,
+        label book), absolute, without duplicates."""
+        cfg = self.config
+        dirs = [os.path.dirname(os.path.abspath(cfg.spool.path)), os.path.abspath(cfg.registry.dir),
+                os.path.abspath(cfg.feedback.state_dir)]
+        if cfg.store.backend == "sqlite":
+            dirs.append(os.path.dirname(os.path.abspath(cfg.store.sqlite_path)))
+        return sorted(set(dirs))
+
+    def _check_disk(self) -> None:
+        """Free bytes of every state directory (for /healthz and /metrics); logs a change of state."""
+        threshold = self.config.service.min_free_bytes
+        free: dict[str, int] = {}
+        devices: set[int] = set()
+        for d in self.state_dirs():  # one line per filesystem (the first directory on it)
+            try:
+                dev = os.stat(d).st_dev
+                if dev in devices:
+                    continue
+                devices.add(dev)
+                free[d] = int(shutil.disk_usage(d).free)
+            except OSError:
+                continue
+        was_low = {d for d, n in self._disk.items() if n < threshold}
+        now_low = {d for d, n in free.items() if n < threshold}
+        for d in sorted(now_low - was_low):
+            log_event(log, logging.ERROR, "disk_low", directory=d, free_bytes=free[d], min_free_bytes=threshold)
+        for d in sorted(was_low - now_low):
+            log_event(log, logging.INFO, "disk_ok", directory=d, free_bytes=free.get(d))
+        self._disk = free
 
     def _watchdog_loop(self, interval_s: float) -> None:
         stalled = False
@@ -795,10 +921,48 @@ class Service:
             reasons.append(f"store writes failing: {sp.last_error}")
         if sp.oldest_age_s is not None and sp.oldest_age_s > self.SPOOL_LAG_DEGRADED_S:
             reasons.append(f"spool backing up: {sp.depth} records, oldest {sp.oldest_age_s:.0f} s")
+        if sp.last_rejected_age_s is not None and sp.last_rejected_age_s <= RECENT_S:
+            reasons.append(f"store refused records for good ({sp.rejected} in all, {sp.deadletter_depth} in the spool's "
+                           f"dead-letter table); last {sp.last_rejected_age_s:.0f} s ago: {(sp.last_rejected or '')[:200]}")
+        threshold = self.config.service.min_free_bytes
+        for d, free in sorted(self._disk.items()):
+            if free < threshold:
+                reasons.append(f"disk almost full: {d} has {free / 2**20:.1f} MiB free "
+                               f"(< service.min_free_bytes {threshold / 2**20:.0f} MiB); new results may be dropped")
+        with self._lock:
+            last_drop = self._last_drop
+        dropped = {f"{k}:{r}": n for (k, r), n in sorted(self._dropped_snapshot().items())}
+        with self._held_lock:
+            held = sum(len(r) for _, r in self._held)
+        if last_drop is not None and now - last_drop[0] <= RECENT_S:
+            reasons.append(f"records dropped ({', '.join(f'{k} {n}' for k, n in dropped.items())}); "
+                           f"last {now - last_drop[0]:.0f} s ago ({last_drop[1]})")
+        if held:
+            reasons.append(f"{held} alert/label/model-event record(s) held in memory: the spool cannot be written")
+        icfg = self.config.ingest
+        for name, depth, cap, nbytes, cap_bytes in (
+                ("chunk", ing.chunk_queue_depth, icfg.queue_size, ing.chunk_queue_bytes, icfg.chunk_queue_max_bytes),
+                ("window", ing.window_queue_depth, icfg.window_queue_size, ing.window_queue_bytes, icfg.window_queue_max_bytes)):
+            if depth >= 0.9 * cap or nbytes >= 0.9 * cap_bytes:
+                reasons.append(f"overloaded: {name} queue {depth}/{cap} items, {nbytes / 2**20:.0f}/{cap_bytes / 2**20:.0f} MiB "
+                               "(the scorer is not keeping up)")
+        lost = ing.deadletters.get("queue_full", 0) + (self.scoring.dropped_backlog if self.scoring else 0)
+        if lost != self._losses[0]:
+            self._losses = (lost, now)
+        if lost and now - self._losses[1] <= RECENT_S:
+            reasons.append(f"overload losses: {ing.deadletters.get('queue_full', 0)} chunk(s) dead-lettered as queue_full, "
+                           f"{self.scoring.dropped_backlog if self.scoring else 0} calibration-backlog window(s) dropped")
+        for stage_errors in (self.ingestor.errors, self.writer.errors, self.errors):
+            reasons.extend(stage_errors.reasons())
         streams: dict[str, Any] = {}
         with self._lock:
             scored = dict(self._scored)
-        for name in self._streams():
+        all_streams = self._streams()
+        for name in all_streams:
+            state = self.scoring.state(name)
+            if state == "failed":
+                reasons.append(f"{name}: calibration failed")
+        for name in all_streams[:self.HEALTH_MAX_STREAMS]:
             state = self.scoring.state(name)
             s = ing.streams.get(name)
             streams[name] = {
@@ -808,8 +972,6 @@ class Service:
                 "scored": scored.get(name, 0),
                 "last_sample_ns": s.last_chunk_ns if s else None,
             }
-            if state == "failed":
-                reasons.append(f"{name}: calibration failed")
         alive = self.worker_alive()
         if not alive:
             status = "down"
@@ -828,15 +990,24 @@ class Service:
                       "probe_age_s": None if self._store_probe_at is None else round(now - self._store_probe_at, 3),
                       "writer": sp.state, "last_error": sp.last_error},
             "spool": {"depth": sp.depth, "oldest_age_s": sp.oldest_age_s, "drained": sp.drained, "dropped": sp.dropped,
-                      "rejected": sp.rejected},
+                      "rejected": sp.rejected, "deadletter_depth": sp.deadletter_depth,
+                      "last_rejected": sp.last_rejected},
+            "dropped": dropped,
+            "held_records": held,
+            "disk": {"min_free_bytes": threshold, "free_bytes": dict(self._disk)},
+            "stages": {"errors": {**self.ingestor.errors.errors(), **self.writer.errors.errors(), **self.errors.errors()},
+                       "restarts": {**self.ingestor.errors.restarts(), **self.writer.errors.restarts(),
+                                    **self.errors.restarts()}},
             "queues": {"chunks": ing.chunk_queue_depth, "windows": ing.window_queue_depth,
                        "chunk_capacity": self.config.ingest.queue_size, "window_capacity": self.config.ingest.window_queue_size},
             "worker": {"alive": alive, "heartbeat_age_s": round(now - self._heartbeat, 3)},
             "ingest": {"received": ing.received, "accepted": ing.accepted, "windows": ing.windows,
-                       "deadlettered": ing.deadlettered},
+                       "deadlettered": ing.deadlettered, "deadletters": dict(ing.deadletters),
+                       "windows_dropped": dict(ing.windows_dropped), "events": dict(ing.events)},
             "alerts": {"raised": res.alerts_raised, "cleared": res.alerts_cleared,
                        "open": res.alerts_raised - res.alerts_cleared},
             "streams": streams,
+            "streams_not_listed": max(0, len(all_streams) - self.HEALTH_MAX_STREAMS),
             "training": self.learning.status() if self.learning is not None else None,
         }
 
@@ -863,7 +1034,21 @@ class Service:
             "labels": self.labels.stats(),
             "streams": {s: {"state": self.scoring.state(s)} for s in self._streams()},
             "worker_heartbeat_age_s": time.monotonic() - self._heartbeat,
+            "stage_errors": {**self._STAGES, **self.ingestor.errors.errors(), **self.writer.errors.errors(), **self.errors.errors()},
+            "stage_restarts": {**self._STAGES, **self.ingestor.errors.restarts(), **self.writer.errors.restarts(),
+                               **self.errors.restarts()},
+            "records_dropped": self._dropped_snapshot(),
+            "disk_free_bytes": dict(self._disk),
         }
+
+    def _dropped_snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            out = dict(self._dropped)
+        for reason, n in self.ingestor.stats().windows_dropped.items():
+            out[("window", reason)] = out.get(("window", reason), 0) + n
+        if self.scoring is not None and self.scoring.dropped_backlog:
+            out[("window", "calibration_backlog")] = self.scoring.dropped_backlog
+        return out
 
 
 def run_forever(service: Service, *, stop_timeout: float = 60.0) -> int:

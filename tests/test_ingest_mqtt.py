@@ -115,6 +115,9 @@ def _bad_payloads() -> dict[str, tuple[str, bytes]]:
         "unit_mismatch": (acc, good(unit="Pa")),
         "sample_rate_mismatch": (acc, good(fs=12000)),
         "unknown_stream": (waveform_topic("p", "m", "nope"), good()),
+        "name_too_long": (waveform_topic("p", "m" * 65_000, "acc"), good()),
+        "implausible_sample_rate": (acc, good(fs=1e12)),
+        "implausible_time": (acc, good(ts=7_258_118_400_000_000_000)),  # 2200-01-01
     }
 
 
@@ -139,7 +142,7 @@ def test_every_deadletter_reason_is_published_and_counted(mosquitto):
     for topic, payload, _ in msgs:
         d = json.loads(payload)
         assert topic == f"pdm/v1/_deadletter/{d['reason']}"
-        assert d["topic"] == bad[d["reason"]][0] and d["detail"]
+        assert d["topic"] == bad[d["reason"]][0][:512] and d["detail"]  # topics are cut at 512 characters
         assert base64.b64decode(d["head_b64"]) == bad[d["reason"]][1][:256]
 
 
@@ -227,7 +230,7 @@ def test_gap_and_sample_rate_change_for_unconfigured_stream(mosquitto):
     pub.loop_stop()
     assert [w.index for w in wins] == [0, 1, 0, 0, 0]
     assert wins[-1].sample_rate_hz == 2000 and wins[-1].n_samples == 200
-    assert st.events == {"duplicate": 1, "gap_seq": 1, "gap_time": 1, "restart": 0, "rate_change": 1}
+    assert st.events == {"duplicate": 1, "gap_seq": 1, "gap_time": 1, "restart": 0, "rate_change": 1, "time_backwards": 0}
     assert st.streams["p/m/probe"].events == {"gap_seq": 1, "gap_time": 1, "rate_change": 1, "duplicate": 1}
 
 

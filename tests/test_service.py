@@ -240,7 +240,7 @@ def test_run_end_to_end(mosquitto, influxd_session, service_process, tmp_path: P
         names = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum").removesuffix("_created") for n, _, _ in samples}
         missing = {n for n in METRIC_NAMES if n not in names and n.removesuffix("_total") not in names}
         # series without samples yet: no promotion, no dead letter
-        assert missing <= {"pdm_edge_model_changes_total", "pdm_edge_deadletters_total"}, missing
+        assert missing <= {"pdm_edge_model_changes_total", "pdm_edge_deadletters_total", "pdm_edge_records_dropped_total"}, missing
         assert svc.metric("pdm_edge_mqtt_messages_received_total") == 300
         assert svc.metric("pdm_edge_ingest_windows_total") == total
         assert svc.metric("pdm_edge_alerts_total", state="raised") >= 1

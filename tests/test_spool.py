@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import signal
 import subprocess
 import sys
@@ -212,7 +214,12 @@ def test_rejected_records_are_isolated_and_counted(influxd, tmp_path: Path) -> N
     st = writer.stats()
     # 1.x rejects float "score" in the shard where it is a string: every point of that shard
     assert st.rejected == 40 and st.depth == 0
-    assert "field type conflict" in (st.last_error or "")
+    assert "field type conflict" in (st.last_rejected or "")
+    # issue 15 row 7: nothing is dropped silently; every refused record is in the dead-letter table
+    dead = spool.deadletters(100)
+    assert st.deadletter_depth == 40 and len(dead) == 40
+    assert all(k == "score" and "field type conflict" in r for k, _, r, _ in dead)
+    assert sorted(json.loads(p)["start_ns"] for _, p, _, _ in dead) == [s.start_ns for s in scores(0, 40)]
     spool.close()
 
 

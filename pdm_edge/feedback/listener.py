@@ -1,4 +1,4 @@
-"""Labels over MQTT: ``pdm/v1/{site}/{machine}/label`` (QoS 1), decoded, validated, handed on.
+"""Labels over MQTT: ``pdm/v1/{site}/{machine}/label/{user}`` (QoS 1), decoded, validated, handed on.
 
 Payload (JSON object, UTF-8, at most 64 KiB), the same fields the dashboard writes
 (:func:`~pdm_edge.feedback.labels.label_payload` produces exactly this shape)::
@@ -17,6 +17,15 @@ Payload (JSON object, UTF-8, at most 64 KiB), the same fields the dashboard writ
 
 Decisions:
 
+- **The author is the authenticated identity** (issue 15 row 16): a label is published on
+  ``pdm/v1/{site}/{machine}/label/{user}`` where ``{user}`` is the publisher's MQTT user name,
+  and the broker's ACL (``deploy/mosquitto.acl``: ``topic write pdm/v1/+/+/label/<name>`` per
+  technician; integrations may not write labels) lets each user publish only under its own
+  name, so the last topic level is an identity the broker checked. It becomes the label's
+  ``author``; a payload ``author`` that differs is refused (field ``author``). With
+  ``require_identity`` (the appliance: ``[feedback] mqtt_label_identity = true``, the default)
+  the old topic without a user level is refused (field ``topic``); without it (library use,
+  tests) it is accepted with the payload's author as before.
 - Site and machine come from the topic; a payload that names others is refused (a label must
   not be filed under a machine it does not talk about). ISO times need a UTC offset and have
   microsecond resolution; when both ``start`` and ``start_ns`` are given they must agree to the
@@ -46,6 +55,7 @@ import collections
 import dataclasses
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -57,12 +67,15 @@ from pdm_edge.config import NAME_RE, MqttConfig
 from pdm_edge.errors import PayloadError
 from pdm_edge.feedback.labels import LabelError, parse_time
 from pdm_edge.ingest.chunk import DEADLETTER_TOPIC, deadletter_payload
+from pdm_edge.supervision import RateLimitedLog
 from pdm_edge.types import Label
 
 log = logging.getLogger(__name__)
 
 LABEL_TOPIC = "pdm/v1/{site}/{machine}/label"
 LABEL_TOPIC_FILTER = "pdm/v1/+/+/label"
+LABEL_USER_TOPIC = "pdm/v1/{site}/{machine}/label/{user}"
+LABEL_USER_TOPIC_FILTER = "pdm/v1/+/+/label/+"
 BAD_LABEL = "bad_label"
 """Dead-letter reason of an invalid label (``pdm/v1/_deadletter/bad_label``)."""
 INTERNAL_ERROR = "internal_error"
@@ -76,25 +89,38 @@ PAYLOAD_FIELDS = frozenset({"id", "site", "machine", "sensor", "alert_id", "star
 OnLabel = Callable[..., tuple[Label, bool]]
 
 
-def label_topic(site: str, machine: str) -> str:
-    """``pdm/v1/{site}/{machine}/label``."""
-    return LABEL_TOPIC.format(site=site, machine=machine)
+def label_topic(site: str, machine: str, user: str | None = None) -> str:
+    """``pdm/v1/{site}/{machine}/label/{user}`` (``pdm/v1/{site}/{machine}/label`` without a user)."""
+    if user is None:
+        return LABEL_TOPIC.format(site=site, machine=machine)
+    return LABEL_USER_TOPIC.format(site=site, machine=machine, user=user)
+
+
+_USER_RE = re.compile(r"^[A-Za-z0-9_.@+-]{1,128}$")
+"""An MQTT user name in a label topic (the dashboard's user-name rule)."""
 
 
 def parse_label_topic(topic: str) -> tuple[str, str]:
-    """``(site, machine)`` of a label topic.
+    """``(site, machine)`` of a label topic (with or without the user level).
 
     Raises:
-        LabelError: field ``topic``, when it is not ``pdm/v1/{site}/{machine}/label`` with
-            names ``[A-Za-z0-9_-]+``.
+        LabelError: field ``topic``, when it is not ``pdm/v1/{site}/{machine}/label[/{user}]``
+            with names ``[A-Za-z0-9_-]+``.
     """
+    return _parse_label_topic(topic)[:2]
+
+
+def _parse_label_topic(topic: str) -> tuple[str, str, str | None]:
     parts = topic.split("/")
-    if len(parts) != 5 or parts[:2] != ["pdm", "v1"] or parts[4] != "label":
+    if len(parts) not in (5, 6) or parts[:2] != ["pdm", "v1"] or parts[4] != "label":
         raise LabelError("topic", f"unexpected topic {topic[:200]!r}")
     for name in parts[2:4]:
         if not NAME_RE.match(name):
             raise LabelError("topic", f"topic level {name[:64]!r} is not [A-Za-z0-9_-]+")
-    return parts[2], parts[3]
+    user = parts[5] if len(parts) == 6 else None
+    if user is not None and not _USER_RE.match(user):
+        raise LabelError("topic", f"user level {user[:64]!r} is not a user name")
+    return parts[2], parts[3], user
 
 
 def _time_pair(obj: Mapping[str, Any], name: str, *, required: bool) -> int | None:
@@ -114,15 +140,22 @@ def _time_pair(obj: Mapping[str, Any], name: str, *, required: bool) -> int | No
     return ns_val if ns_val is not None else iso_val
 
 
-def decode_label_payload(topic: str, payload: bytes, *, max_bytes: int = MAX_LABEL_PAYLOAD_BYTES) -> dict[str, Any]:
+def decode_label_payload(topic: str, payload: bytes, *, max_bytes: int = MAX_LABEL_PAYLOAD_BYTES,
+                         require_identity: bool = False) -> dict[str, Any]:
     """Decode a label message into the keyword arguments of
     :func:`~pdm_edge.feedback.labels.submit_label` (values not yet validated, times as ns).
+    On ``.../label/{user}`` the author is ``{user}`` (see the module docstring).
 
     Raises:
-        LabelError: bad topic, payload too large, not UTF-8, not a JSON object, an unknown
-            field, a malformed or missing time, or a site/machine that disagrees with the topic.
+        LabelError: bad topic (or, with ``require_identity``, a topic without the user level),
+            payload too large, not UTF-8, not a JSON object, an unknown field, a malformed or
+            missing time, a site/machine that disagrees with the topic, or an author that is not
+            the topic's user.
     """
-    site, machine = parse_label_topic(topic)
+    site, machine, user = _parse_label_topic(topic)
+    if user is None and require_identity:
+        raise LabelError("topic", f"labels are published on {LABEL_USER_TOPIC} with your MQTT user name as the last "
+                         f"level (the label's author); got {topic[:200]!r}")
     if len(payload) > max_bytes:
         raise LabelError("payload", f"{len(payload)} bytes, more than {max_bytes}")
     try:
@@ -145,13 +178,16 @@ def decode_label_payload(topic: str, payload: bytes, *, max_bytes: int = MAX_LAB
         "start_ns": _time_pair(obj, "start", required=True),
         "end_ns": _time_pair(obj, "end", required=True),
         "kind": obj.get("kind"),
-        "author": obj.get("author"),
+        "author": obj.get("author") if user is None else user,
         "fault_type": obj.get("fault_type"),
         "sensor": obj.get("sensor"),
         "alert_id": obj.get("alert_id"),
         "note": obj.get("note"),
         "created_ns": _time_pair(obj, "created", required=False),
     }
+    if user is not None and obj.get("author") not in (None, user):
+        raise LabelError("author", f"the payload says {str(obj['author'])[:64]!r} but the label was published by user "
+                         f"{user!r} (the author is the authenticated publisher)")
     if obj.get("id") is not None:
         fields["expected_id"] = obj["id"]
     return fields
@@ -202,17 +238,22 @@ class LabelListener:
             ``(label, created)`` and raises :class:`~pdm_edge.feedback.labels.LabelError` for an
             invalid label. Runs in the MQTT network thread: it must be quick.
         deadletter: publish rejected messages (they are counted either way).
+        require_identity: refuse labels on the topic without the user level (see the module
+            docstring); the appliance sets it from ``[feedback] mqtt_label_identity``.
         max_payload_bytes: larger messages are refused.
         client_id: overrides the client id (tests).
     """
 
     def __init__(self, mqtt_cfg: MqttConfig, appliance_id: str, on_label: OnLabel, *, deadletter: bool = True,
-                 max_payload_bytes: int = MAX_LABEL_PAYLOAD_BYTES, client_id: str | None = None) -> None:
+                 max_payload_bytes: int = MAX_LABEL_PAYLOAD_BYTES, client_id: str | None = None,
+                 require_identity: bool = False) -> None:
         self.mqtt_cfg = mqtt_cfg
         self.client_id = client_id or f"{appliance_id}-labels"
         self.on_label = on_label
         self.deadletter = deadletter
         self.max_payload_bytes = max_payload_bytes
+        self.require_identity = require_identity
+        self._log_limited = RateLimitedLog(log, 60.0)  # one line per reason a minute, not one per message
         self._lock = threading.Lock()
         self._received = 0
         self._created = 0
@@ -265,7 +306,7 @@ class LabelListener:
         with self._lock:
             self._connects += 1
         self._connected.set()
-        client.subscribe(LABEL_TOPIC_FILTER, qos=1)
+        client.subscribe([(LABEL_TOPIC_FILTER, 1), (LABEL_USER_TOPIC_FILTER, 1)])
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         if any(rc.is_failure for rc in reason_codes):
@@ -284,7 +325,8 @@ class LabelListener:
             self._received += 1
         payload = msg.payload
         try:
-            fields = decode_label_payload(msg.topic, payload, max_bytes=self.max_payload_bytes)
+            fields = decode_label_payload(msg.topic, payload, max_bytes=self.max_payload_bytes,
+                                          require_identity=self.require_identity)
             label, created = self.on_label(**fields)
         except LabelError as err:
             with self._lock:
@@ -292,7 +334,8 @@ class LabelListener:
             self._deadletter(client, msg.topic, payload, PayloadError(BAD_LABEL, str(err)))
             return
         except Exception as exc:  # storage failure or a bug: never let it stop the network loop
-            log.exception("could not handle a label on %s", msg.topic)
+            self._log_limited.log(logging.ERROR, "internal_error", "could not handle a label on %s: %r", msg.topic[:200],
+                                  exc, exc_info=exc)
             self._deadletter(client, msg.topic, payload, PayloadError(INTERNAL_ERROR, f"label not stored: {exc!r}"[:300]))
             return
         with self._lock:
@@ -307,8 +350,8 @@ class LabelListener:
         with self._lock:
             self._deadletters[err.reason] += 1
             n = self._deadletters[err.reason]
-        if n <= 10 or n % 1000 == 0:
-            log.warning("label dead-letter #%d %s on %s: %s", n, err.reason, topic[:200], err.detail)
+        self._log_limited.log(logging.WARNING, f"deadletter:{err.reason}", "label dead-letter #%d %s on %s: %s", n, err.reason,
+                              topic[:200], err.detail[:300])
         if self.deadletter:
             client.publish(DEADLETTER_TOPIC.format(reason=err.reason), deadletter_payload(topic, payload, err), qos=1)
 

@@ -17,6 +17,19 @@ This module is the one codec: the publishers in ``sensors/`` encode with :func:`
 and the ingestion stage decodes with :func:`decode_chunk`. Decoding is pure (no I/O) and cheap
 enough to run in the MQTT network thread; every failure raises
 :class:`~pdm_edge.errors.PayloadError` with one of :data:`DEADLETTER_REASONS`.
+
+Physical plausibility (issue 15): a hostile or broken publisher must not be able to make the
+appliance allocate without bound or fail later in a worker thread, so decoding refuses
+
+- names (topic levels) longer than :data:`~pdm_edge.config.MAX_NAME_CHARS` (``name_too_long``);
+- a sample rate outside ``[min_sample_rate_hz, max_sample_rate_hz]`` (``implausible_sample_rate``;
+  a window buffer is sized from it);
+- integers that do not fit a signed 64-bit integer in ``seq``, ``fs``, ``scale`` or ``values``
+  (a 400-digit integer is valid JSON; ``bad_schema``), timestamps outside int64
+  (``bad_timestamp``).
+
+Checks that need the configuration or the clock (configured rate, the plausible time range)
+are made by :mod:`pdm_edge.ingest.service`.
 """
 
 from __future__ import annotations
@@ -24,6 +37,8 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import time
@@ -33,7 +48,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pdm_edge.config import NAME_RE
+from pdm_edge.config import MAX_NAME_CHARS, NAME_RE
 from pdm_edge.errors import PayloadError
 from pdm_edge.types import UNITS
 
@@ -42,6 +57,7 @@ DEADLETTER_TOPIC = "pdm/v1/_deadletter/{reason}"
 
 DEADLETTER_REASONS: dict[str, str] = {
     "bad_topic": "topic is not pdm/v1/{site}/{machine}/{sensor}/waveform with names [A-Za-z0-9_-]+",
+    "name_too_long": f"a site, machine or sensor name longer than {MAX_NAME_CHARS} characters",
     "too_large": "payload bytes or sample count above the configured limit",
     "bad_encoding": "payload is not UTF-8",
     "bad_json": "payload is not a JSON object",
@@ -53,6 +69,8 @@ DEADLETTER_REASONS: dict[str, str] = {
     "non_finite": "a sample (or the scale) is NaN or infinite",
     "unit_mismatch": "unit differs from the configured unit and cannot be converted",
     "sample_rate_mismatch": "fs differs from the configured sample rate",
+    "implausible_sample_rate": "fs outside ingest.min_sample_rate_hz .. ingest.max_sample_rate_hz",
+    "implausible_time": "ts before ingest.min_timestamp or more than ingest.max_future_s ahead of the appliance clock",
     "unknown_stream": "no [sensors] table for this stream and unknown_streams = reject",
     "stream_limit": "a new unconfigured stream beyond ingest.max_streams",
     "queue_full": "ingestion queue stayed full for enqueue_timeout_s (overload)",
@@ -66,6 +84,9 @@ counter."""
 _DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2")}
 _KNOWN_FIELDS = frozenset({"ts", "fs", "unit", "seq", "dtype", "scale", "data", "values"})
 _MAX_NS = 2**63 - 1
+_MAX_INT = 2**63 - 1
+DEFAULT_MIN_SAMPLE_RATE_HZ = 1.0
+DEFAULT_MAX_SAMPLE_RATE_HZ = 1_000_000.0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -80,6 +101,10 @@ class Chunk:
         seq: the per-stream sequence number.
         samples: shape ``(n,)``, ``float32``, in ``unit`` (int16 already multiplied by scale).
         payload_bytes: size of the MQTT payload it came from.
+
+    :attr:`digest` identifies the chunk's content (timestamp, seq, rate, samples): an MQTT QoS 1
+    redelivery has the same digest, a restarted publisher's new chunk with a reused ``seq``
+    does not.
     """
 
     site: str
@@ -95,6 +120,14 @@ class Chunk:
     @property
     def stream(self) -> str:
         return f"{self.site}/{self.machine}/{self.sensor}"
+
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """16-byte BLAKE2b of ``(ts_ns, seq, sample_rate_hz, samples)``."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.ts_ns}/{self.seq}/{self.sample_rate_hz!r}/".encode())
+        h.update(np.ascontiguousarray(self.samples).tobytes())
+        return h.digest()
 
 
 def waveform_topic(site: str, machine: str, sensor: str) -> str:
@@ -113,6 +146,8 @@ def parse_waveform_topic(topic: str) -> tuple[str, str, str]:
         raise PayloadError("bad_topic", f"unexpected topic {topic[:200]!r}")
     site, machine, sensor = parts[2:5]
     for name in (site, machine, sensor):
+        if len(name) > MAX_NAME_CHARS:
+            raise PayloadError("name_too_long", f"topic level of {len(name)} characters > {MAX_NAME_CHARS}: {name[:32]!r}...")
         if not NAME_RE.match(name):
             raise PayloadError("bad_topic", f"topic level {name[:64]!r} is not [A-Za-z0-9_-]+")
     return site, machine, sensor
@@ -155,10 +190,14 @@ def _number(obj: dict[str, Any], key: str) -> float:
     v = obj.get(key)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise PayloadError("bad_schema", f"{key} must be a number, got {type(v).__name__}")
+    if isinstance(v, int) and not -_MAX_INT <= v <= _MAX_INT:
+        raise PayloadError("bad_schema", f"{key} is an integer of {len(str(abs(v)))} digits, beyond int64")
     return float(v)
 
 
-def decode_chunk(topic: str, payload: bytes, *, max_payload_bytes: int, max_samples: int) -> Chunk:
+def decode_chunk(topic: str, payload: bytes, *, max_payload_bytes: int, max_samples: int,
+                 min_sample_rate_hz: float = DEFAULT_MIN_SAMPLE_RATE_HZ,
+                 max_sample_rate_hz: float = DEFAULT_MAX_SAMPLE_RATE_HZ) -> Chunk:
     """Decode and validate one waveform payload (everything that needs no configuration).
 
     Args:
@@ -166,6 +205,8 @@ def decode_chunk(topic: str, payload: bytes, *, max_payload_bytes: int, max_samp
         payload: the raw MQTT payload.
         max_payload_bytes: payloads above this are rejected before parsing.
         max_samples: chunks with more samples are rejected.
+        min_sample_rate_hz, max_sample_rate_hz: the plausible range of ``fs``, Hz (whatever
+            the configuration says for a stream; ``ingest.min/max_sample_rate_hz``).
 
     Returns:
         the :class:`Chunk`, samples as ``float32`` of shape ``(n,)``.
@@ -198,13 +239,16 @@ def decode_chunk(topic: str, payload: bytes, *, max_payload_bytes: int, max_samp
     ts_ns = parse_timestamp(obj["ts"])
     fs = _number(obj, "fs")
     if not math.isfinite(fs) or fs <= 0:
-        raise PayloadError("bad_schema", f"fs must be a positive finite number of Hz, got {obj['fs']!r}")
+        raise PayloadError("bad_schema", f"fs must be a positive finite number of Hz, got {str(obj['fs'])[:32]!r}")
+    if not min_sample_rate_hz <= fs <= max_sample_rate_hz:
+        raise PayloadError("implausible_sample_rate",
+                           f"fs {fs:g} Hz outside {min_sample_rate_hz:g} .. {max_sample_rate_hz:g} Hz")
     unit = obj["unit"]
     if unit not in UNITS:
         raise PayloadError("bad_schema", f"unit must be one of {UNITS}, got {str(unit)[:32]!r}")
     seq = obj["seq"]
-    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
-        raise PayloadError("bad_schema", f"seq must be a non-negative integer, got {str(seq)[:32]!r}")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= _MAX_INT:
+        raise PayloadError("bad_schema", f"seq must be an integer in 0 .. 2**63-1, got {str(seq)[:32]!r}")
 
     if "values" in obj:
         if any(k in obj for k in ("data", "dtype", "scale")):
@@ -218,7 +262,10 @@ def decode_chunk(topic: str, payload: bytes, *, max_payload_bytes: int, max_samp
             raise PayloadError("bad_length", "values is empty")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise PayloadError("bad_schema", "values must all be numbers")
-        samples = np.asarray(values, dtype=np.float64)
+        try:
+            samples = np.asarray(values, dtype=np.float64)
+        except OverflowError:  # an integer beyond float64 (valid JSON)
+            raise PayloadError("non_finite", "values hold an integer beyond float64") from None
         if not np.isfinite(samples).all():
             raise PayloadError("non_finite", "values contain NaN or infinity")
         with np.errstate(over="ignore"):

@@ -22,6 +22,24 @@ Threads and queues (DESIGN.md section 1)::
 - ``pdm/v1/_appliance/{id}/status`` is ``online`` (retained) while connected; the broker
   publishes the retained last will ``offline`` when the appliance disappears, and a clean
   stop publishes it itself.
+- **Both queues are bounded in items and in bytes of samples** (:class:`BytesBoundedQueue`,
+  ``ingest.queue_size`` / ``chunk_queue_max_bytes`` and ``window_queue_size`` /
+  ``window_queue_max_bytes``), so an overload costs bounded memory whatever the chunk size.
+- **Validation needing the configuration or the clock** (:meth:`Ingestor._validate`): known
+  stream, configured sample rate and unit, and a plausible timestamp (not before
+  ``ingest.min_timestamp_ns``, not more than ``ingest.max_future_s`` ahead of the appliance
+  clock: ``implausible_time``).
+- **Time only moves forward per stream**: the newest window start emitted for each stream is
+  kept (across stream restarts); a window that would start at or before it (a sensor clock
+  that went backwards, a restarted sensor with a reset clock) is not emitted but counted as
+  ``time_backwards`` with the stream and logged, so stored scores are never overwritten and no
+  alert is raised for a span already scored. The stream's later windows flow once its clock
+  has passed that point.
+- **Supervised worker** (:mod:`pdm_edge.supervision`): an exception while windowing one chunk
+  is recorded with the stream (:attr:`Ingestor.errors`, stage ``ingest-window``), the chunk is
+  dead-lettered as ``internal_error``, the stream restarts, and the worker goes on; the loop
+  itself is restarted if it ever ends by an exception. Dead-letter and decode-error logs are
+  rate-limited per reason (the first with its traceback), never a traceback per message.
 """
 
 from __future__ import annotations
@@ -47,14 +65,69 @@ from pdm_edge.ingest.chunk import (
     Chunk,
     deadletter_payload,
     decode_chunk,
+    waveform_topic,
 )
 from pdm_edge.ingest.windowing import EVENTS, StreamSettings, StreamWindower
+from pdm_edge.supervision import RateLimitedLog, StageErrors, run_supervised
 from pdm_edge.types import STANDARD_GRAVITY_M_S2, Window
 
 log = logging.getLogger(__name__)
 
 _STOP = object()
 _UNIT_FACTORS = {("m/s2", "g"): 1.0 / STANDARD_GRAVITY_M_S2, ("g", "m/s2"): STANDARD_GRAVITY_M_S2}
+
+
+class BytesBoundedQueue(queue.Queue):  # type: ignore[type-arg]
+    """A FIFO bounded both in items (``maxsize``) and in bytes (``max_bytes``, the sum of each
+    item's ``samples.nbytes``; other items count 0). An item larger than ``max_bytes`` still
+    enters an empty queue, so a single oversized item cannot block forever.
+
+    Same interface as :class:`queue.Queue` (``put`` with ``timeout`` raises :class:`queue.Full`)."""
+
+    def __init__(self, maxsize: int, max_bytes: int) -> None:
+        super().__init__(maxsize)
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+
+    @staticmethod
+    def _size(item: Any) -> int:
+        samples = getattr(item, "samples", None)
+        return int(getattr(samples, "nbytes", 0))
+
+    def _full_for(self, size: int) -> bool:
+        n = self._qsize()
+        return (0 < self.maxsize <= n) or (n > 0 and self.nbytes + size > self.max_bytes)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        size = self._size(item)
+        with self.not_full:
+            if not block:
+                if self._full_for(size):
+                    raise queue.Full
+            elif timeout is None:
+                while self._full_for(size):
+                    self.not_full.wait()
+            else:
+                if timeout < 0:
+                    raise ValueError("'timeout' must be a non-negative number")
+                end = time.monotonic() + timeout
+                while self._full_for(size):
+                    remaining = end - time.monotonic()
+                    if remaining <= 0.0:
+                        raise queue.Full
+                    self.not_full.wait(remaining)
+            self._put(item)
+            self.unfinished_tasks += 1
+            self.not_empty.notify()
+
+    def _put(self, item: Any) -> None:
+        self.nbytes += self._size(item)
+        super()._put(item)
+
+    def _get(self) -> Any:
+        item = super()._get()
+        self.nbytes -= self._size(item)
+        return item
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +163,10 @@ class IngestStats:
     connected: bool
     connects: int
     disconnects: int
+    windows_dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Windows cut but not emitted, by reason (``time_backwards``)."""
+    chunk_queue_bytes: int = 0
+    window_queue_bytes: int = 0
 
     @property
     def deadlettered(self) -> int:
@@ -122,10 +199,16 @@ class Ingestor:
     def __init__(self, config: AppConfig, windows: queue.Queue[Window] | None = None, client_id: str | None = None) -> None:
         self.config = config
         self.icfg = config.ingest
-        self.windows: queue.Queue[Window] = windows if windows is not None else queue.Queue(self.icfg.window_queue_size)
+        self.windows: queue.Queue[Window] = windows if windows is not None else BytesBoundedQueue(
+            self.icfg.window_queue_size, self.icfg.window_queue_max_bytes)
         self.client_id = client_id or f"{config.appliance_id}-ingest"
         self.status_topic = mqtt_util.APPLIANCE_STATUS_TOPIC.format(id=config.appliance_id)
-        self._chunks: queue.Queue[Any] = queue.Queue(self.icfg.queue_size)
+        self._chunks: queue.Queue[Any] = BytesBoundedQueue(self.icfg.queue_size, self.icfg.chunk_queue_max_bytes)
+        self.errors = StageErrors(log)
+        """Errors of the windowing worker (stage ``ingest-window``), for /healthz and /metrics."""
+        self._log_limited = RateLimitedLog(log, 60.0)
+        self._newest_start: dict[str, int] = {}  # newest window start emitted per stream (worker thread)
+        self._dropped: collections.Counter[str] = collections.Counter()
         self._windowers: dict[str, StreamWindower] = {}  # owned by the worker thread
         self._unconfigured: set[str] = set()  # owned by the MQTT thread
         self._lock = threading.Lock()
@@ -150,7 +233,9 @@ class Ingestor:
         """Start the windowing worker and begin connecting (in the background, with retries)."""
         if self._client is not None:
             raise RuntimeError("Ingestor already started")
-        self._worker = threading.Thread(target=self._work, name="ingest-window", daemon=True)
+        self._worker = threading.Thread(
+            target=lambda: run_supervised("ingest-window", self._work, self.errors, stopped=self._abort.is_set),
+            name="ingest-window", daemon=True)
         self._worker.start()
         client = mqtt_util.make_client(self.config.mqtt, self.client_id, persistent=True)
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
@@ -240,13 +325,16 @@ class Ingestor:
                 msg.topic, payload,
                 max_payload_bytes=self.icfg.max_payload_bytes,
                 max_samples=self.icfg.max_samples_per_chunk,
+                min_sample_rate_hz=self.icfg.min_sample_rate_hz,
+                max_sample_rate_hz=self.icfg.max_sample_rate_hz,
             ))
         except PayloadError as err:
             self._deadletter(client, msg.topic, payload, err)
             return
         except Exception as exc:  # a bug must not stop ingestion: count it and keep going
-            log.exception("unexpected error decoding a payload on %s", msg.topic)
-            self._deadletter(client, msg.topic, payload, PayloadError("internal_error", repr(exc)[:200]))
+            self._log_limited.log(logging.ERROR, "decode:internal_error", "unexpected error decoding a payload on %s: %r",
+                                  msg.topic[:200], exc, exc_info=exc)
+            self._deadletter(client, msg.topic, payload, PayloadError("internal_error", repr(exc)[:200]), logged=True)
             return
         try:
             self._chunks.put(chunk, timeout=self.icfg.enqueue_timeout_s)
@@ -261,7 +349,14 @@ class Ingestor:
                 self._high_water = depth
 
     def _validate(self, chunk: Chunk) -> Chunk:
-        """Checks that need the configuration: known stream, sample rate, unit."""
+        """Checks that need the configuration or the clock: plausible time, known stream,
+        sample rate, unit."""
+        if chunk.ts_ns < self.icfg.min_timestamp_ns:
+            raise PayloadError("implausible_time", f"ts {chunk.ts_ns} ns before ingest.min_timestamp_ns {self.icfg.min_timestamp_ns}")
+        ahead_s = (chunk.ts_ns - time.time_ns()) / 1e9
+        if ahead_s > self.icfg.max_future_s:
+            raise PayloadError("implausible_time", f"ts {ahead_s:.0f} s ahead of the appliance clock "
+                               f"(ingest.max_future_s = {self.icfg.max_future_s:g})")
         sc = self.config.sensor(chunk.site, chunk.machine, chunk.sensor)
         if sc is None:
             if self.icfg.unknown_streams == "reject":
@@ -280,13 +375,15 @@ class Ingestor:
             chunk = dataclasses.replace(chunk, unit=sc.unit, samples=(chunk.samples * np.float32(factor)).astype(np.float32))
         return chunk
 
-    def _deadletter(self, client: mqtt.Client, topic: str, payload: bytes, err: PayloadError) -> None:
+    def _deadletter(self, client: mqtt.Client | None, topic: str, payload: bytes, err: PayloadError, *,
+                    logged: bool = False) -> None:
         with self._lock:
             self._deadletters[err.reason] += 1
             n = self._deadletters[err.reason]
-        if n <= 10 or n % 1000 == 0:
-            log.warning("dead-letter #%d %s on %s: %s", n, err.reason, topic[:200], err.detail)
-        if self.icfg.deadletter:
+        if not logged:
+            self._log_limited.log(logging.WARNING, f"deadletter:{err.reason}", "dead-letter #%d %s on %s: %s",
+                                  n, err.reason, topic[:200], err.detail[:300])
+        if self.icfg.deadletter and client is not None:
             client.publish(DEADLETTER_TOPIC.format(reason=err.reason), deadletter_payload(topic, payload, err), qos=1)
 
     # -- windowing worker ------------------------------------------------------------------
@@ -310,32 +407,56 @@ class Ingestor:
             if item is _STOP:
                 return
             chunk: Chunk = item
-            windower = self._windowers.get(chunk.stream)
-            if windower is None:
-                windower = StreamWindower(chunk.site, chunk.machine, chunk.sensor, self._settings_for(chunk))
-                self._windowers[chunk.stream] = windower
             try:
-                result = windower.push(chunk)
-            except Exception:  # never let one stream's bug stop the others
-                log.exception("windowing failed for %s; resetting the stream", chunk.stream)
+                self._window_one(chunk)
+            except Exception as exc:  # never let one chunk or stream stop the others
+                self.errors.record("ingest-window", exc, chunk.stream)
                 self._windowers.pop(chunk.stream, None)
-                continue
+                with self._lock:
+                    self._windowed += 1
+                self._deadletter(self._client, waveform_topic(chunk.site, chunk.machine, chunk.sensor), b"",
+                                 PayloadError("internal_error", f"windowing failed: {exc!r}"[:200]), logged=True)
+
+    def _window_one(self, chunk: Chunk) -> None:
+        windower = self._windowers.get(chunk.stream)
+        if windower is None:
+            windower = StreamWindower(chunk.site, chunk.machine, chunk.sensor, self._settings_for(chunk))
+            self._windowers[chunk.stream] = windower
+        result = windower.push(chunk)
+        windows = result.windows
+        newest = self._newest_start.get(chunk.stream)
+        if newest is not None and windows and windows[0].start_ns <= newest:
+            kept = tuple(w for w in windows if w.start_ns > newest)
+            dropped = len(windows) - len(kept)
+            windows = kept
             with self._lock:
-                st = self._streams.setdefault(chunk.stream, {"chunks": 0, "samples": 0, "windows": 0, "last": None, "events": collections.Counter()})
-                if result.event is not None:
-                    self._events[result.event] += 1
-                    st["events"][result.event] += 1
-                if result.event != "duplicate":
-                    st["chunks"] += 1
-                    st["samples"] += chunk.samples.size
-                    st["last"] = windower.end_ns
-                st["windows"] += len(result.windows)
+                self._dropped["time_backwards"] += dropped
+                self._events["time_backwards"] += 1
+                st = self._streams.get(chunk.stream)
+                if st is not None:
+                    st["events"]["time_backwards"] += 1
+            self._log_limited.log(logging.WARNING, f"time_backwards:{chunk.stream}",
+                                  "event=time_backwards stream=%s seq=%d windows_dropped=%d behind_s=%.3f",
+                                  chunk.stream, chunk.seq, dropped, (newest - result.windows[0].start_ns) / 1e9)
+        if windows:
+            self._newest_start[chunk.stream] = windows[-1].start_ns
+        with self._lock:
+            st = self._streams.setdefault(chunk.stream, {"chunks": 0, "samples": 0, "windows": 0, "last": None, "events": collections.Counter()})
             if result.event is not None:
-                log.info("%s: %s at seq %d", chunk.stream, result.event, chunk.seq)
-            for w in result.windows:
-                self._emit(w)
-            with self._lock:
-                self._windowed += 1
+                self._events[result.event] += 1
+                st["events"][result.event] += 1
+            if result.event != "duplicate":
+                st["chunks"] += 1
+                st["samples"] += chunk.samples.size
+                st["last"] = windower.end_ns
+            st["windows"] += len(windows)
+        if result.event is not None:
+            self._log_limited.log(logging.INFO, f"event:{chunk.stream}:{result.event}", "%s: %s at seq %d",
+                                  chunk.stream, result.event, chunk.seq)
+        for w in windows:
+            self._emit(w)
+        with self._lock:
+            self._windowed += 1
 
     def _emit(self, window: Window) -> None:
         while not self._abort.is_set():
@@ -368,6 +489,9 @@ class Ingestor:
                 connected=self._connected.is_set(),
                 connects=self._connects,
                 disconnects=self._disconnects,
+                windows_dropped=dict(self._dropped),
+                chunk_queue_bytes=getattr(self._chunks, "nbytes", 0),
+                window_queue_bytes=getattr(self.windows, "nbytes", 0),
             )
 
     def wait_idle(self, timeout: float = 10.0) -> bool:

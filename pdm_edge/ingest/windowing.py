@@ -10,11 +10,14 @@ Decisions (DESIGN.md section 2):
   within ``max(max_time_jitter_s, 1 / fs)`` of the time implied by the samples so far.
   Otherwise:
 
-  * ``seq <= last seq`` with a timestamp before the stream's end: a **duplicate** (MQTT QoS 1
-    redelivers at least once). It is dropped and counted, so every chunk is windowed exactly
-    once.
-  * ``seq <= last seq`` with a timestamp at or after the stream's end: the publisher
-    **restarted** (its seq counter began again); the stream restarts.
+  * ``seq <= last seq`` with the same content (:attr:`Chunk.digest`: timestamp, seq, rate and
+    samples) as the chunk accepted with that seq: a **duplicate** (MQTT QoS 1 redelivers at
+    least once). It is dropped and counted, so every chunk is windowed exactly once. The
+    digests of the last :data:`SEEN_SEQS` chunks are kept.
+  * ``seq <= last seq`` with other content: the publisher **restarted** (its seq counter began
+    again, whatever its clock says); the stream restarts at the new chunk. Whether its windows
+    may be emitted (a clock that went backwards) is decided by the ingestion stage, which keeps
+    the newest window start of every stream (:mod:`pdm_edge.ingest.service`).
   * a ``seq`` jump, or a timestamp jump: a **gap**; the partial window is discarded and the
     stream restarts at the new chunk. Snapshot sensors (FEMTO: 0.1 s every 10 s) therefore
     give one or more whole windows per snapshot and never a window that spans a gap.
@@ -26,6 +29,7 @@ Decisions (DESIGN.md section 2):
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from fractions import Fraction
 
@@ -34,7 +38,12 @@ import numpy as np
 from pdm_edge.ingest.chunk import Chunk
 from pdm_edge.types import SensorKind, Window
 
-EVENTS = ("duplicate", "gap_seq", "gap_time", "restart", "rate_change")
+EVENTS = ("duplicate", "gap_seq", "gap_time", "restart", "rate_change", "time_backwards")
+"""Stream events, counted per stream. ``time_backwards`` is counted by the ingestion stage
+(a chunk whose windows would start at or before windows already emitted)."""
+
+SEEN_SEQS = 256
+"""How many recent (seq, digest) pairs a stream remembers to recognise QoS 1 redeliveries."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +93,7 @@ class StreamWindower:
         cap = settings.window_samples + settings.hop_samples
         self._buf = np.empty(cap, dtype=np.float32)
         self._started = False
+        self._seen: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # kept across restarts
         self._reset_state()
 
     # -- state ---------------------------------------------------------------------------
@@ -135,6 +145,10 @@ class StreamWindower:
             self._anchor_ns = chunk.ts_ns
             self._started = True
         self._last_seq = chunk.seq
+        self._seen[chunk.seq] = chunk.digest
+        self._seen.move_to_end(chunk.seq)
+        while len(self._seen) > SEEN_SEQS:
+            self._seen.popitem(last=False)
         return PushResult(self._append(chunk.samples), event)
 
     def _classify(self, chunk: Chunk) -> str | None:
@@ -143,7 +157,7 @@ class StreamWindower:
         assert self._last_seq is not None
         end = self.end_ns
         if chunk.seq <= self._last_seq:
-            return "duplicate" if chunk.ts_ns < end - self._tol_ns else "restart"
+            return "duplicate" if self._seen.get(chunk.seq) == chunk.digest else "restart"
         if chunk.seq != self._last_seq + 1:
             return "gap_seq"
         if abs(chunk.ts_ns - end) > self._tol_ns:

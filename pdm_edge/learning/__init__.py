@@ -57,4 +57,5 @@ def build_learning(cfg: Any, registry: Any, encoder: Any, encoder_sha256: str, *
                         scorer_config=scorer_config_for(cfg, train), calibration_s=lc.calibration_s,
                         retrain_after_labels=lc.retrain_after_labels, replay_capacity=lc.replay_normal_windows,
                         gate_fraction=lc.gate_fraction, gate_margin=lc.gate_margin, labels=labels,
-                        label_windows=label_windows, nice=lc.nice, on_event=on_event)
+                        label_windows=label_windows, nice=lc.nice, on_event=on_event,
+                        confirm_far_above=lc.confirm_far_above or None, confirm_silenced_alerts=lc.confirm_silenced_alerts)

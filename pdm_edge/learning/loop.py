@@ -183,6 +183,8 @@ class LearningLoop:
         retrain_after_labels: new labels of a stream that trigger a retrain.
         replay_capacity, gate_fraction: the replay buffer's size per stream and held-back share.
         gate_margin: the gate's false-alarm-rate margin.
+        confirm_far_above, confirm_silenced_alerts: the label rule of the gate
+            (:func:`pdm_edge.registry.label_rule`; off by default here, on in ``pdm-edge run``).
         labels, label_windows: the label book and the labelled-window buffer (``None``: labels
             are not used).
         nice: niceness added to the worker thread (Linux).
@@ -197,7 +199,8 @@ class LearningLoop:
                  gate_margin: float = 0.01, labels: LabelBook | None = None,
                  label_windows: LabelledWindowBuffer | None = None, nice: int = 10,
                  on_event: Callable[[str, str, str, str], None] | None = None, poll_s: float = 2.0,
-                 label_settle_s: float = LABEL_SETTLE_S) -> None:
+                 label_settle_s: float = LABEL_SETTLE_S, confirm_far_above: float | None = None,
+                 confirm_silenced_alerts: bool = False) -> None:
         self.registry = registry
         self.encoder, self.sha = encoder, encoder_sha256
         self.state_dir = Path(state_dir)
@@ -205,6 +208,8 @@ class LearningLoop:
         self.calibration_s = calibration_s
         self.retrain_after_labels = retrain_after_labels
         self.gate_margin = gate_margin
+        self.confirm_far_above = confirm_far_above
+        self.confirm_silenced_alerts = confirm_silenced_alerts
         self.labels, self.label_windows = labels, label_windows
         self.nice = nice
         self.on_event = on_event
@@ -411,7 +416,7 @@ class LearningLoop:
             self._con.execute("INSERT OR REPLACE INTO watermark (stream, label_seq) VALUES (?, ?)", (stream, label_seq))
         # labels that arrived while it trained still count towards the next retrain
         self._pending_labels[stream] = [p for p in self._pending_labels.get(stream, []) if p[0] > label_seq]
-        event = "promoted" if rec.status == "active" else "rejected"
+        event = {"active": "promoted", "candidate": "awaiting_confirmation"}.get(rec.status, "rejected")
         self.runs[event] += 1
         log.info("training job %d of %s: %s %s (%s)", job.id, stream, rec.id, event, reason)
         self._event(stream, event, rec.id, reason)
@@ -464,9 +469,11 @@ class LearningLoop:
             t_norm, f_norm = t_all[order], f_all[order]
         faults = sorted(labelled["fault"], key=lambda p: (p[2], p[0]))  # by event, each in time order
         f_fault = np.stack([x for _, x, _ in faults]) if faults else np.zeros((0, *f_norm.shape[1:]), np.float32)
+        lab_sorted = sorted(labelled["normal"], key=lambda p: p[0])
+        f_lab = np.stack([x for _, x, _ in lab_sorted]) if lab_sorted else np.zeros((0, *f_norm.shape[1:]), np.float32)
         return {"t_normal": t_norm, "normal": f_norm, "fault": f_fault, "fault_events": [ev for _, _, ev in faults],
                 "fault_info": [fault_info[ev] for _, _, ev in faults], "gate": f_gate,
-                "labelled_normal_windows": len(labelled["normal"]), "labels": n_labels}
+                "labelled_normal_windows": len(labelled["normal"]), "labels": n_labels, "labelled_normal": f_lab}
 
     # -- 3. training and 4. checkpoints -------------------------------------------------------------
     def _checkpoint_path(self, job: Job) -> Path:
@@ -511,7 +518,9 @@ class LearningLoop:
             "resumed_from_epoch": int(resume["epoch"]) if resume else None, "threshold": info["threshold"],
         }
         return cand, summary, GateInputs(normal_windows=data["gate"], fault_windows=data["fault"], margin=self.gate_margin,
-                                         fault_events=data["fault_events"])
+                                         fault_events=data["fault_events"], labelled_normal_windows=data["labelled_normal"],
+                                         confirm_far_above=self.confirm_far_above,
+                                         confirm_silenced_alerts=self.confirm_silenced_alerts)
 
     # -- events --------------------------------------------------------------------------------------
     def _event(self, stream: str, event: str, version: str, detail: str) -> None:

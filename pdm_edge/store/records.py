@@ -25,6 +25,8 @@ Decisions:
   cannot be written losslessly as InfluxDB line-protocol tag values (a trailing backslash
   escapes the separator that follows it; control characters have no escape), so both stores
   refuse them. MQTT topic names (``[A-Za-z0-9_-]+``) always pass.
+- **Times must fit int64** (ns): SQLite and InfluxDB hold 64-bit integers; a bigger one
+  would otherwise fail inside the store and (before issue 15) block the spool.
 - **Numbers must be finite**: InfluxDB cannot store NaN or infinity, and a NaN score is a bug
   upstream, not a measurement. ``threshold`` may be ``None`` (uncalibrated).
 - Field types are fixed (InfluxDB keeps one type per field): scores, thresholds and peak scores
@@ -151,6 +153,8 @@ def check_record(kind: str, record: Any) -> Any:
             continue
         if isinstance(v, bool) or not isinstance(v, int):
             raise TypeError(f"{kind}.{field} must be an int (ns), got {type(v).__name__} {v!r}")
+        if not -(2**63) <= v < 2**63:
+            raise ValueError(f"{kind}.{field} = {str(v)[:40]} is beyond int64 (ns); no store can hold it")
     if kind == "score" and not isinstance(record.is_anomaly, bool):
         changes["is_anomaly"] = bool(record.is_anomaly)
     if kind == "alert" and record.state not in ("raised", "cleared"):

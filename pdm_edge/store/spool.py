@@ -21,11 +21,19 @@ Decisions:
 - **Outages**: a :class:`~pdm_edge.errors.StoreError` (unreachable, 5xx, auth, database missing)
   leaves the batch in the spool and the writer waits with exponential back-off, doubling from
   ``backoff_min_s`` to ``backoff_max_s``, then retries the same batch; one success resets it.
-- **Poison records**: a :class:`~pdm_edge.store.base.StoreRejectedError` (HTTP 400: the server
-  refuses the points themselves) or a record that fails to decode would block the queue forever,
-  so the writer bisects the group until the offending records are isolated, drops them, logs
-  them and counts them as ``rejected``; the rest is written. Records are checked by ``put``,
-  so this takes an unusual server (a field type changed by hand, a retention policy too short).
+- **Poison records never block the spool**: a :class:`~pdm_edge.store.base.StoreRejectedError`
+  (HTTP 400: the server refuses the points themselves), a ``ValueError`` / ``TypeError`` /
+  ``OverflowError`` from the store (a number the store cannot hold, e.g. an integer beyond
+  int64 in SQLite) or a row that fails to decode would block the queue forever, so the writer
+  bisects the group until the offending records are isolated and moves each one, with its
+  reason, to the **dead-letter table** ``spool_deadletter(id, kind, payload, reason,
+  rejected_ns)`` in the same transaction that deletes the batch; the rest is written. They are
+  counted as ``rejected`` (persisted), logged (rate-limited), and reported by
+  :meth:`SpoolWriter.stats` (``rejected``, ``deadletter_depth``, ``last_rejected_age_s``), so
+  ``/healthz`` is degraded after a rejection and ``/metrics`` counts them. A record that
+  :meth:`Spool.put` refuses (it could never be stored) goes to the same table through
+  :meth:`Spool.deadletter`. ``pdm-edge store deadletters`` is not provided; the table is
+  plain SQLite (``sqlite3 spool.sqlite 'SELECT * FROM spool_deadletter'``).
 - **Bound**: at most ``max_records`` rows. When a ``put`` would exceed it, the **oldest score
   rows** are deleted first (the newest data is the most useful after a long outage) and counted
   as ``dropped`` (persisted in the spool file, reported by :meth:`SpoolWriter.stats`, logged).
@@ -44,13 +52,14 @@ Decisions:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +67,7 @@ from pdm_edge.config import SpoolConfig
 from pdm_edge.errors import StoreError
 from pdm_edge.store.base import StoreRejectedError
 from pdm_edge.store.records import KINDS, from_json, to_json, write_records
+from pdm_edge.supervision import RateLimitedLog, StageErrors, run_supervised
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +80,18 @@ CREATE TABLE IF NOT EXISTS spool (
 );
 CREATE INDEX IF NOT EXISTS spool_by_kind ON spool (kind, seq);
 CREATE TABLE IF NOT EXISTS spool_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS spool_deadletter (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    rejected_ns INTEGER NOT NULL
+);
 """
+
+MAX_DEADLETTER_ROWS = 100_000
+"""Bound of the dead-letter table: beyond it the oldest dead letters are deleted (they stay
+counted in ``rejected``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +131,7 @@ class Spool:
             self._depth = int(self._con.execute("SELECT count(*) FROM spool").fetchone()[0])
             self._dropped = self._meta("dropped")
             self._rejected = self._meta("rejected")
+            self._dl_depth = int(self._con.execute("SELECT count(*) FROM spool_deadletter").fetchone()[0])
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the spool {self.path}: {exc}") from None
         self._closed = False
@@ -146,25 +168,17 @@ class Spool:
         dropped = 0
         with self._lock:
             self._check_open()
-            try:
-                self._con.execute("BEGIN IMMEDIATE")
-                try:
-                    self._con.executemany("INSERT INTO spool (kind, payload, enqueued_ns) VALUES (?, ?, ?)",
-                                          [(kind, p, now) for p in payloads])
-                    excess = self._depth + len(payloads) - self.max_records
-                    if excess > 0:
-                        cur = self._con.execute(
-                            "DELETE FROM spool WHERE seq IN (SELECT seq FROM spool WHERE kind = 'score' ORDER BY seq LIMIT ?)",
-                            (excess,))
-                        dropped = max(cur.rowcount, 0)
-                        if dropped:
-                            self._bump_meta("dropped", dropped)
-                except BaseException:
-                    self._con.execute("ROLLBACK")
-                    raise
-                self._con.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot write to the spool {self.path}: {exc}") from None
+            with self._write_tx():
+                self._con.executemany("INSERT INTO spool (kind, payload, enqueued_ns) VALUES (?, ?, ?)",
+                                      [(kind, p, now) for p in payloads])
+                excess = self._depth + len(payloads) - self.max_records
+                if excess > 0:
+                    cur = self._con.execute(
+                        "DELETE FROM spool WHERE seq IN (SELECT seq FROM spool WHERE kind = 'score' ORDER BY seq LIMIT ?)",
+                        (excess,))
+                    dropped = max(cur.rowcount, 0)
+                    if dropped:
+                        self._bump_meta("dropped", dropped)
             self._depth += len(payloads) - dropped
             self._dropped += dropped
             self._data.notify_all()
@@ -189,33 +203,99 @@ class Spool:
                 raise StoreError(f"cannot read the spool {self.path}: {exc}") from None
         return [SpoolRow(*r) for r in rows]
 
-    def ack(self, last_seq: int, rejected: int = 0) -> int:
+    def ack(self, last_seq: int, rejected: Sequence[tuple[SpoolRow, str]] = ()) -> int:
         """Delete every row with ``seq <= last_seq`` (a drained batch); returns how many.
 
         Args:
             last_seq: the batch's highest seq.
-            rejected: how many of them the store refused for good (added to the counter).
+            rejected: the rows of the batch the store refused for good, each with the reason:
+                moved to the dead-letter table and counted, in the same transaction.
 
         Raises:
             StoreError: the spool file cannot be written.
         """
         with self._lock:
             self._check_open()
-            try:
-                self._con.execute("BEGIN IMMEDIATE")
+            dead = 0
+            with self._write_tx():
                 n = self._con.execute("DELETE FROM spool WHERE seq <= ?", (int(last_seq),)).rowcount
                 if rejected:
-                    self._bump_meta("rejected", rejected)
-                self._con.execute("COMMIT")
-            except sqlite3.Error as exc:
-                try:
-                    self._con.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
-                raise StoreError(f"cannot write to the spool {self.path}: {exc}") from None
+                    dead = self._insert_deadletters([(r.kind, r.payload, reason[:2000]) for r, reason in rejected])
             self._depth -= max(n, 0)
-            self._rejected += rejected
+            self._counted_deadletters(len(rejected), dead)
             return max(n, 0)
+
+    @contextlib.contextmanager
+    def _write_tx(self) -> Iterator[None]:
+        """One write transaction (caller holds the lock). Whatever fails, COMMIT included (a full
+        disk fails at COMMIT), is rolled back, so a failed write never lands later with the next
+        one; sqlite errors become :class:`StoreError`."""
+        try:
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._con.execute("COMMIT")
+            except BaseException:
+                if self._con.in_transaction:
+                    try:
+                        self._con.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to the spool {self.path}: {exc}") from None
+
+    def _counted_deadletters(self, added: int, deleted: int) -> None:
+        self._rejected += added
+        self._dl_depth += added - deleted
+
+    def _insert_deadletters(self, rows: Sequence[tuple[str, str, str]]) -> int:
+        """Inside a transaction: add dead letters ``(kind, payload, reason)`` and count them in
+        the file; returns how many old ones the bound deleted (the caller updates the in-memory
+        counters with :meth:`_counted_deadletters` after the commit)."""
+        now = time.time_ns()
+        self._con.executemany("INSERT INTO spool_deadletter (kind, payload, reason, rejected_ns) VALUES (?, ?, ?, ?)",
+                              [(k, p, r, now) for k, p, r in rows])
+        self._bump_meta("rejected", len(rows))
+        excess = self._dl_depth + len(rows) - MAX_DEADLETTER_ROWS
+        if excess > 0:
+            self._con.execute("DELETE FROM spool_deadletter WHERE id IN (SELECT id FROM spool_deadletter ORDER BY id LIMIT ?)",
+                              (excess,))
+            return excess
+        return 0
+
+    def deadletter(self, kind: str, payload: str, reason: str) -> None:
+        """Put a record that can never be stored (``payload``: its JSON or ``repr``) in the
+        dead-letter table with ``reason``, and count it as rejected.
+
+        Raises:
+            StoreError: the spool file cannot be written.
+        """
+        with self._lock:
+            self._check_open()
+            with self._write_tx():
+                dead = self._insert_deadletters([(str(kind)[:64], str(payload)[:100_000], str(reason)[:2000])])
+            self._counted_deadletters(1, dead)
+
+    def deadletters(self, limit: int = 100) -> list[tuple[str, str, str, int]]:
+        """The newest dead letters, newest first: ``(kind, payload, reason, rejected_ns)``.
+
+        Raises:
+            StoreError: the spool file cannot be read.
+        """
+        with self._lock:
+            self._check_open()
+            try:
+                rows = self._con.execute("SELECT kind, payload, reason, rejected_ns FROM spool_deadletter "
+                                         "ORDER BY id DESC LIMIT ?", (int(limit),)).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read the spool {self.path}: {exc}") from None
+        return [(str(k), str(p), str(r), int(t)) for k, p, r, t in rows]
+
+    def deadletter_depth(self) -> int:
+        """Rows in the dead-letter table."""
+        with self._lock:
+            return self._dl_depth
 
     def wait_for_data(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until the spool is not empty; True if it is not."""
@@ -315,7 +395,12 @@ class SpoolStats:
         drained: rows written to the store since this writer started.
         drain_rate: rows/s written over the last ``rate_window_s`` seconds (10 s).
         dropped: score rows dropped by the bound (over the spool file's life).
-        rejected: rows the store refused for good (over the spool file's life).
+        rejected: rows the store refused for good (over the spool file's life), all of them
+            moved to the dead-letter table.
+        deadletter_depth: rows in the dead-letter table now.
+        last_rejected_age_s: seconds since this writer last dead-lettered a row (``None``
+            if it has not).
+        last_rejected: the reason of that rejection.
         state: ``"idle"`` (empty, connected), ``"draining"``, ``"backoff"`` (store failing,
             waiting to retry), ``"stopped"``.
         connected: whether the last store write succeeded (``None`` before the first one).
@@ -337,6 +422,9 @@ class SpoolStats:
     last_error: str | None
     last_error_age_s: float | None
     failures: int
+    deadletter_depth: int = 0
+    last_rejected_age_s: float | None = None
+    last_rejected: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The stats as a plain dict (JSON-ready)."""
@@ -375,6 +463,11 @@ class SpoolWriter:
         self._failures = 0
         self._last_error: str | None = None
         self._last_error_at: float | None = None
+        self._last_rejected: str | None = None
+        self._last_rejected_at: float | None = None
+        self.errors = StageErrors(log)
+        """Unexpected errors of the writer loop (stage ``spool-writer``)."""
+        self._log_limited = RateLimitedLog(log, 60.0)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> SpoolWriter:
@@ -383,7 +476,9 @@ class SpoolWriter:
             raise RuntimeError("SpoolWriter already started")
         self._started_at = time.monotonic()
         self._state = "idle"
-        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: run_supervised("spool-writer", self._run, self.errors, stopped=self._stopping_done),
+            name="spool-writer", daemon=True)
         self._thread.start()
         return self
 
@@ -449,7 +544,7 @@ class SpoolWriter:
                 delay = min(delay * 2, self.backoff_max_s)
                 continue
             except Exception as exc:  # a bug must not kill the writer silently; back off and retry
-                log.exception("spool writer: unexpected error")
+                self.errors.record("spool-writer", exc)
                 self._failed(exc, delay)
                 self._sleep(delay)
                 delay = min(delay * 2, self.backoff_max_s)
@@ -489,37 +584,38 @@ class SpoolWriter:
         if first:
             log.warning("spool writer: %s; keeping %d records in the spool, retrying with back-off", msg, self.spool.depth())
 
-    def _write_batch(self, rows: Sequence[SpoolRow]) -> int:
-        """Write one batch grouped by kind (seq order kept within a kind); returns how many
-        records were refused for good. Raises StoreError for anything worth retrying."""
-        groups: dict[str, list[Any]] = {}
-        rejected = 0
+    def _write_batch(self, rows: Sequence[SpoolRow]) -> list[tuple[SpoolRow, str]]:
+        """Write one batch grouped by kind (seq order kept within a kind); returns the rows
+        refused for good, each with its reason. Raises StoreError for anything worth retrying."""
+        groups: dict[str, list[tuple[SpoolRow, Any]]] = {}
+        rejected: list[tuple[SpoolRow, str]] = []
         for row in rows:
             try:
-                groups.setdefault(row.kind, []).append(from_json(row.kind, row.payload))
+                groups.setdefault(row.kind, []).append((row, from_json(row.kind, row.payload)))
             except (ValueError, TypeError) as exc:
-                rejected += 1
-                self._note_rejected(f"spool row {row.seq} ({row.kind}) cannot be decoded: {exc}")
-        for kind, records in groups.items():
-            rejected += self._write_group(kind, records)
+                rejected.append((row, self._note_rejected(row, f"cannot be decoded: {exc}")))
+        for kind, items in groups.items():
+            rejected += self._write_group(kind, items)
         return rejected
 
-    def _write_group(self, kind: str, records: list[Any]) -> int:
+    def _write_group(self, kind: str, items: list[tuple[SpoolRow, Any]]) -> list[tuple[SpoolRow, str]]:
         try:
-            write_records(self.store, kind, records)
-            return 0
-        except (StoreRejectedError, ValueError, TypeError) as exc:
-            if len(records) == 1:
-                self._note_rejected(f"the store refused a {kind} record for good, dropped it: {exc} ({records[0]!r})")
-                return 1
-        mid = len(records) // 2
-        return self._write_group(kind, records[:mid]) + self._write_group(kind, records[mid:])
+            write_records(self.store, kind, [rec for _, rec in items])
+            return []
+        except (StoreRejectedError, ValueError, TypeError, OverflowError) as exc:
+            if len(items) == 1:
+                return [(items[0][0], self._note_rejected(items[0][0], f"{type(exc).__name__}: {exc}"))]
+        mid = len(items) // 2
+        return self._write_group(kind, items[:mid]) + self._write_group(kind, items[mid:])
 
-    def _note_rejected(self, msg: str) -> None:
-        log.error("spool writer: %s", msg)
+    def _note_rejected(self, row: SpoolRow, reason: str) -> str:
+        reason = reason[:1000]
+        self._log_limited.log(logging.ERROR, "rejected", "event=spool_rejected kind=%s seq=%d reason=%r "
+                              "(moved to the dead-letter table)", row.kind, row.seq, reason)
         with self._lock:
-            self._last_error = msg
-            self._last_error_at = time.monotonic()
+            self._last_rejected = reason
+            self._last_rejected_at = time.monotonic()
+        return reason
 
     # -- health ----------------------------------------------------------------------------------
     def stats(self) -> SpoolStats:
@@ -547,4 +643,7 @@ class SpoolWriter:
                 last_error=self._last_error,
                 last_error_age_s=None if self._last_error_at is None else now - self._last_error_at,
                 failures=self._failures,
+                deadletter_depth=self.spool.deadletter_depth(),
+                last_rejected_age_s=None if self._last_rejected_at is None else now - self._last_rejected_at,
+                last_rejected=self._last_rejected,
             )
