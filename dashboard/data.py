@@ -723,8 +723,20 @@ class ServiceHealth:
 
 
 def service_health(cfg: AppConfig, timeout_s: float = 1.5) -> ServiceHealth:
-    """Read ``/healthz`` and ``/metrics`` of the service at ``[service] http``."""
-    host, port = parse_host_port(cfg.service.http, 9108)
+    """Read ``/healthz`` and ``/metrics`` of the service at ``[service] http``.
+
+    An address the dashboard cannot reach by construction (``"127.0.0.1:0"``: the service binds
+    a free port that only it knows; or an invalid address) is reported as unreachable with the
+    reason, never raised."""
+    if cfg.service.http.strip().rsplit(":", 1)[-1] == "0":
+        why = (f"[service] http = {cfg.service.http!r}: port 0 lets the service take any free port, which the dashboard "
+               "cannot know; set a fixed port to see the service here")
+        return ServiceHealth(f"http://{cfg.service.http}", None, why, (), "not asked", time.time_ns())
+    try:
+        host, port = parse_host_port(cfg.service.http, 9108)
+    except ValueError as exc:
+        return ServiceHealth(f"http://{cfg.service.http}", None, f"[service] http = {cfg.service.http!r}: {exc}", (),
+                             "not asked", time.time_ns())
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
     base = f"http://{host if ':' not in host else '[' + host + ']'}:{port}"

@@ -132,6 +132,14 @@ def test_missing_config_file_and_env_override(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("configuration error: mqtt.qos")
 
 
+def test_ingest_without_a_broker_says_so(tmp_path):
+    from pdm_edge.broker import free_port
+
+    r = run_cli("ingest", "--broker", f"127.0.0.1:{free_port()}", timeout=60, cwd=tmp_path, env={"PDM_EDGE_CONFIG": ""})
+    assert r.returncode == 1 and "cannot reach the MQTT broker at 127.0.0.1:" in r.stderr, r.stderr
+    assert "ingesting from" not in r.stderr and "Traceback" not in r.stderr
+
+
 def test_unreachable_broker_is_a_clear_error(tmp_path):
     from pdm_edge.broker import free_port
 
@@ -243,3 +251,31 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path):
         assert [e.event for e in store.query_model_events("demo", "pump-01", 0, 2**62)] == ["training_queued", "calibrated"]
     finally:
         store.close()
+    # why 119 windows gave 78 scores is said, and adds up
+    m = re.match(r"119: (\d+) calibration baseline \(not scored\), (\d+) waited while the model trained \(scored after it\), "
+                 r"(\d+) scored on arrival", summary["window outcomes"])
+    assert m and int(m.group(1)) == 41 and int(m.group(2)) + int(m.group(3)) == 78, summary["window outcomes"]
+    assert "(collecting): the first 20 s of windows are the machine's normal baseline" in out
+    # the demo's configuration: the simulated bearing (SKF 6205 at 25 Hz) for the BPFO marks, local accounts,
+    # and the service's real port for the dashboard's health page
+    from dashboard import data
+    from dashboard.auth import load_users, verify_password
+    from pdm_edge.config import load_config
+
+    cfg = load_config(tmp_path / "demo" / "pdm-edge.toml", environ={})
+    marks = data.defect_frequencies(cfg.sensor("demo", "pump-01", "de-accel"))
+    assert abs(marks["BPFO"] - 89.6) < 0.5 and "6205" in cfg.sensors["demo/pump-01/de-accel"].bearing.name
+    assert "BPFO 89.6 Hz" in out
+    assert not cfg.service.http.endswith(":0")
+    users = load_users(cfg.dashboard.users_file)
+    assert {u.role for u in users.values()} == {"technician", "engineer"}
+    creds = dict(re.findall(r"(\w+) / (\S+) \((?:technician|engineer)\)", out))
+    assert creds and all(verify_password(users[n], p) for n, p in creds.items())
+    # the registry is found through the demo's configuration, and a bare `models list` next to the demo says where it is
+    r = run_cli("--config", str(tmp_path / "demo" / "pdm-edge.toml"), "models", "list", cwd=tmp_path)
+    _ok(r)
+    assert "demo/pump-01/de-accel" in r.stdout and "active" in r.stdout
+    (tmp_path / "var").mkdir()
+    (tmp_path / "demo").rename(tmp_path / "var" / "demo")
+    r = run_cli("models", "list", cwd=tmp_path, env={"PDM_EDGE_CONFIG": ""})
+    assert r.returncode == 2 and "the demo's is var/demo/registry" in r.stderr, r.stderr
