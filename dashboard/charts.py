@@ -32,6 +32,29 @@ def _ts(ns: int) -> pd.Timestamp:
     return pd.Timestamp(int(ns), unit="ns", tz="UTC")
 
 
+EVENT_LABEL_PX = 14
+"""Line height of the model-event names on the score chart (px)."""
+
+
+def event_label_rows(times_ns: Sequence[int], start_ns: int, end_ns: int, width_px: float = 900.0,
+                     label_px: float = 230.0) -> list[int]:
+    """The y position (px from the top) of each model-event name (``times_ns`` sorted): a name
+    goes on the first line where the previous name on that line ends at least ``label_px``
+    pixels (at an assumed chart width of ``width_px``) before it starts, so that events close in
+    time ("training_queued" and "calibrated" a second apart) are written on separate lines."""
+    scale = width_px / max(1, end_ns - start_ns)
+    line_end: list[float] = []
+    rows = []
+    for t in times_ns:
+        x = (t - start_ns) * scale
+        line = next((i for i, e in enumerate(line_end) if x >= e), len(line_end))
+        if line == len(line_end):
+            line_end.append(0.0)
+        line_end[line] = x + label_px
+        rows.append(16 + EVENT_LABEL_PX * line)
+    return rows
+
+
 def score_chart(buckets: Sequence[ScoreBucket], every_s: float, start_ns: int, end_ns: int, *,
                 alerts: Sequence[Alert] = (), labels: Sequence[tuple[Label, str]] = (),
                 events: Sequence[ModelEvent] = (), height: int = 340) -> alt.LayerChart:
@@ -96,16 +119,18 @@ def score_chart(buckets: Sequence[ScoreBucket], every_s: float, start_ns: int, e
         layers.append(alt.Chart(ldf).mark_rule(strokeWidth=2).encode(
             x=alt.X("start:T", scale=x_scale, axis=x_axis), color=color, tooltip=["label", "author", "note", "source"]))
     if events:
+        shown = sorted((e for e in events if start_ns <= e.ts_ns < end_ns), key=lambda e: e.ts_ns)
         edf = pd.DataFrame({
-            "time": [_ts(e.ts_ns) for e in events if start_ns <= e.ts_ns < end_ns],
-            "event": [f"{e.event} {e.version}" for e in events if start_ns <= e.ts_ns < end_ns],
-            "detail": [e.detail[:160] for e in events if start_ns <= e.ts_ns < end_ns],
+            "time": [_ts(e.ts_ns) for e in shown],
+            "event": [f"{e.event} {e.version}" for e in shown],
+            "detail": [e.detail[:160] for e in shown],
+            "y": event_label_rows([e.ts_ns for e in shown], start_ns, end_ns),
         })
         if len(edf):
             layers.append(alt.Chart(edf).mark_rule(color=EVENT_COLOR, strokeDash=[2, 3], strokeWidth=1.5).encode(
                 x=alt.X("time:T", scale=x_scale, axis=x_axis), tooltip=["event", "detail"]))
             layers.append(alt.Chart(edf).mark_text(color=EVENT_COLOR, align="left", dx=3, fontSize=11, baseline="top").encode(
-                x=alt.X("time:T", scale=x_scale, axis=x_axis), y=alt.value(16), text="event:N"))
+                x=alt.X("time:T", scale=x_scale, axis=x_axis), y=alt.Y("y:Q", scale=None), text="event:N"))
     return alt.layer(*layers).properties(height=height).resolve_scale(y="shared")
 
 
@@ -131,7 +156,7 @@ def spectrum_chart(spectra: Sequence[Spectrum], *, title: str, markers: Mapping[
     layers: list[alt.Chart] = [alt.Chart(df).mark_line(strokeWidth=1.3, clip=True).encode(
         x=x, y=alt.Y("value:Q", title=y_title, scale=alt.Scale(zero=kind != "psd")),
         color=alt.Color("spectrum:N", scale=alt.Scale(domain=[sp.label for sp in spectra], range=palette[:max(1, len(spectra))]),
-                        legend=alt.Legend(orient="top", title=None, labelLimit=520)),
+                        legend=alt.Legend(orient="bottom", direction="vertical", title=None, labelLimit=0)),
         tooltip=[alt.Tooltip("spectrum:N"), alt.Tooltip("frequency:Q", format=".1f", title="Hz"),
                  alt.Tooltip("value:Q", format=".3g")])]
     if markers:

@@ -33,7 +33,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard import data
-from dashboard.auth import User, UserRecord, UsersError, can, load_users, oidc_role, verify_password
+from dashboard.auth import LoginThrottle, User, UserRecord, UsersError, can, load_users, oidc_role, verify_password
 from pdm_edge.config import AppConfig, load_config
 from pdm_edge.errors import ConfigError, StoreError
 
@@ -182,6 +182,12 @@ def tick(c: Ctx) -> int:
 
 # -- resources ---------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False)
+def login_throttle() -> LoginThrottle:
+    """The process-wide failed-sign-in counts (per account, across browser sessions)."""
+    return LoginThrottle(LOGIN_MAX_FAILURES, LOGIN_LOCK_S)
+
+
+@st.cache_resource(show_spinner=False)
 def _store(store_key: str, _cfg: Any) -> Any:
     from pdm_edge.store.factory import open_store
 
@@ -305,7 +311,7 @@ def sidebar_login(c: Ctx) -> None:
         st.markdown("### Access")
         if c.oidc:
             if c.user is not None:
-                st.write(f"Signed in as **{c.user.name}** ({c.user.role})")
+                st.write(f"Signed in as **{md(c.user.name)}** ({c.user.role})")
                 if st.button("Sign out"):
                     st.logout()
             else:
@@ -324,31 +330,28 @@ def sidebar_login(c: Ctx) -> None:
             st.caption("No users configured: view only.")
             return
         if c.user is not None:
-            st.write(f"Signed in as **{c.user.name}** · {c.user.role}")
+            st.write(f"Signed in as **{md(c.user.name)}** · {c.user.role}")
             if st.button("Sign out", key="signout"):
                 for k in [k for k in st.session_state if k == USER_KEY or str(k).startswith("pdm_pending")]:
                     del st.session_state[k]  # pending (unconfirmed) actions go with the user
                 st.rerun()
             return
-        locked_until = st.session_state.get("pdm_login_locked_until", 0.0)
         with st.form("login", clear_on_submit=False):
             name = st.text_input("User", key="login_user")
             pw = st.text_input("Password", type="password", key="login_password")
             submitted = st.form_submit_button("Sign in", type="primary")
         if submitted:
-            if time.time() < locked_until:
-                st.error(f"Too many failed attempts; try again in {locked_until - time.time():.0f} s.")
-            elif verify_password(c.users.get(name.strip()), pw):
-                rec = c.users[name.strip()]
+            throttle, who = login_throttle(), name.strip()
+            wait = throttle.locked_for(who)
+            if wait > 0:
+                st.error(f"Too many failed attempts for this account; try again in {wait:.0f} s.")
+            elif verify_password(c.users.get(who), pw):
+                rec = c.users[who]
+                throttle.succeeded(who)
                 st.session_state[USER_KEY] = {"name": rec.name, "role": rec.role}
-                st.session_state.pop("pdm_login_failures", None)
                 st.rerun()
             else:
-                n = st.session_state.get("pdm_login_failures", 0) + 1
-                st.session_state["pdm_login_failures"] = n
-                if n >= LOGIN_MAX_FAILURES:
-                    st.session_state["pdm_login_locked_until"] = time.time() + LOGIN_LOCK_S
-                    st.session_state["pdm_login_failures"] = 0
+                throttle.failed(who)
                 st.error("Unknown user or wrong password.")
         st.caption("Sign in to label events (technician) or manage models (engineer). Viewing needs no sign-in.")
 

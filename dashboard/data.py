@@ -316,6 +316,19 @@ def _scored_row(store: Store, ms: MachineState, now_ns: int, stale_ns: int, stre
     )
 
 
+def stale_alarm(row: FleetRow) -> bool:
+    """An alarm whose newest score is older than ``stale_after_s``: shown and counted as an alarm,
+    and marked stale."""
+    return row.status == "alarm" and row.stale and row.last_score_ns is not None
+
+
+def status_text(row: FleetRow) -> str:
+    """The fleet table's status: urgent states in capitals; a stale alarm says so
+    (``"ALARM · stale"``), so that the table agrees with the "stale" definition in its caption."""
+    text = row.status.upper() if row.status in ("alarm", "warning", "stale") else row.status
+    return text + " · stale" if stale_alarm(row) else text
+
+
 def status_counts(rows: Iterable[FleetRow]) -> dict[str, int]:
     """How many machines have each status (every status present, zeros included)."""
     out = {s: 0 for s in STATUSES}
@@ -345,6 +358,65 @@ def score_buckets(store: Store, site: str, machine: str, sensor: str, start_ns: 
     away). Returns ``(buckets, bucket length in s)``."""
     every = bucket_seconds((end_ns - start_ns) / NS, max_points)
     return store.query_score_buckets(site, machine, sensor, start_ns, end_ns, every), every
+
+
+def score_span(store: Store, site: str, machine: str, sensor: str, newest_ns: int,
+               max_s: float = 30 * 86400.0) -> tuple[int, int] | None:
+    """``(first, last)`` window start (ns) of one sensor's scores in the ``max_s`` seconds up to
+    ``newest_ns`` (the machine's newest score), ``None`` when it has none there. Found with
+    downsampled queries (:meth:`Store.query_score_buckets`: days, then minutes, then seconds),
+    so it costs the same on a month of data as on a minute; exact to the second."""
+    def narrow(lo: int, hi: int, first: bool) -> int | None:
+        t = None
+        for every in (86400.0, 60.0, 1.0):
+            b = store.query_score_buckets(site, machine, sensor, lo, hi, every)
+            if not b:
+                return t
+            t = b[0].start_ns if first else b[-1].start_ns
+            lo, hi = max(lo, t), min(hi, t + round(every * NS))
+        return t
+
+    end = newest_ns + NS
+    start = end - round(max_s * NS)
+    first = narrow(start, end, True)
+    last = narrow(start, end, False)
+    if first is None or last is None:
+        return None
+    return first, max(first, last)
+
+
+def chart_range(span: tuple[int, int] | None, now_ns: int, span_s: float | None,
+                newest_ns: int | None) -> tuple[int, int, str]:
+    """The score chart's ``(start_ns, end_ns, note)``.
+
+    ``span_s`` ``None`` ("data span", the default): the sensor's scores ``span`` with 5 % room on
+    each side (at least 10 s), so that a minute of data fills the chart instead of being a line
+    at its edge. Otherwise the ``span_s`` seconds up to now (bucket-aligned), or up to the
+    newest score when there is none in that range (with a note saying so)."""
+    if span_s is None:
+        if span is None:
+            return now_ns - 3600 * NS, now_ns, ""
+        first, last = span
+        pad = max(10 * NS, (last - first) // 20)
+        return first - pad, last + pad, ""
+    every_ns = round(bucket_seconds(span_s) * NS)
+    end_ns = math.ceil(now_ns / every_ns) * every_ns
+    note = ""
+    if newest_ns is not None and newest_ns < end_ns - round(span_s * NS):
+        end_ns = (newest_ns // every_ns + 2) * every_ns
+        note = f"No score in the last {fmt_duration(span_s)}: showing the {fmt_duration(span_s)} up to the newest score ({fmt_time(newest_ns)})."
+    return end_ns - round(span_s * NS), end_ns, note
+
+
+def alert_peak(store: Store, alert: Alert, now_ns: int) -> float:
+    """An alert's peak score: the stored one for a cleared alert; for an open one, the highest
+    score of its sensor from its start to ``now_ns`` (the stored record is the raise's, and the
+    score may have grown a lot since)."""
+    if alert.end_ns is not None or now_ns <= alert.start_ns:
+        return alert.peak_score
+    b = store.query_score_buckets(alert.site, alert.machine, alert.sensor, alert.start_ns, now_ns + 1,
+                                  (now_ns - alert.start_ns) / NS + 1.0)
+    return max([alert.peak_score] + [x.max_score for x in b])
 
 
 def sensors_of(store: Store, cfg: AppConfig, site: str, machine: str, newest_ns: int | None,

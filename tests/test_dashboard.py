@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -138,7 +139,50 @@ def test_stale_boundary(tmp_path):
     assert data.fleet_status(st, cfg, NOW + 1)[0].status == "stale"
 
 
+def test_a_stale_alarm_stays_an_alarm_and_says_it_is_stale(tmp_path):
+    cfg = config_from_dict(_cfg_dict(tmp_path), environ={})
+    rows = {r.machine: r for r in data.fleet_status(fleet_store(tmp_path), cfg, NOW)}
+    assert rows["m-alarm-stale"].status == "alarm" and data.status_text(rows["m-alarm-stale"]) == "ALARM · stale"
+    assert data.status_text(rows["m-alarm"]) == "ALARM" and data.status_text(rows["m-stale"]) == "STALE"
+    assert data.stale_alarm(rows["m-alarm-stale"]) and not data.stale_alarm(rows["m-alarm"])
+
+
 # -- machine detail data -------------------------------------------------------------------------
+def test_chart_range_defaults_to_the_data_span(tmp_path):
+    """A minute of data fills the chart (not a line at the edge of an hour); fixed ranges end now."""
+    st = SQLiteStore(tmp_path / "store.sqlite")
+    first = NOW - 3 * 86400 * NS - 61 * NS  # a span crossing a day and a minute boundary
+    st.write_scores(_scores("m", first + 60 * NS, [0.1] * 61))
+    st.write_scores(_scores("m", first + 60 * NS, [0.2] * 3, sensor="other"))
+    assert data.score_span(st, "s", "m", "acc", NOW) == (first, first + 60 * NS)
+    assert data.score_span(st, "s", "m", "nope", NOW) is None
+    t0, t1, note = data.chart_range((first, first + 60 * NS), NOW, None, first + 60 * NS)
+    assert t0 == first - 10 * NS and t1 == first + 70 * NS and note == ""
+    t0, t1, note = data.chart_range((first, first + 60 * NS), NOW, 3600, first + 60 * NS)
+    assert t1 - t0 == 3600 * NS and t0 <= first + 60 * NS < t1 and "No score in the last 1 h" in note
+    t0, t1, note = data.chart_range(None, NOW, 86400, NOW - 5 * NS)
+    assert t1 >= NOW and t1 - t0 == 86400 * NS and note == ""
+
+
+def test_model_event_names_close_in_time_are_on_separate_lines():
+    from dashboard.charts import event_label_rows
+
+    t = NOW
+    rows = event_label_rows([t, t + NS, t + 3000 * NS], t - 3600 * NS, t + 3600 * NS)
+    assert rows[0] != rows[1]  # "training_queued" and "calibrated" one second apart
+    assert rows[2] == rows[0]  # 50 min later: room on the first line again
+    assert event_label_rows([t, t + 30 * 60 * NS], t, t + 3600 * NS) == [16, 16]
+
+
+def test_an_open_alerts_peak_follows_the_scores(tmp_path):
+    st = SQLiteStore(tmp_path / "store.sqlite")
+    st.write_scores(_scores("m", NOW, [0.1, 11.79, 40.0, 97.18]))
+    raised = Alert("a1", "s", "m", "acc", "raised", NOW - 2 * NS, None, 11.79, THR, "v1")
+    assert data.alert_peak(st, raised, NOW) == 97.18
+    cleared = Alert("a1", "s", "m", "acc", "cleared", NOW - 2 * NS, NOW, 40.0, THR, "v1")
+    assert data.alert_peak(st, cleared, NOW) == 40.0
+
+
 def test_bucket_seconds_keeps_points_bounded():
     assert data.bucket_seconds(3600, 1500) == 5.0
     assert data.bucket_seconds(30 * 86400, 1500) == 1800.0
@@ -347,6 +391,27 @@ def test_service_health_reads_healthz_and_metrics(tmp_path, fake_service):
 
 
 # -- users and roles -----------------------------------------------------------------------------
+def test_service_health_with_port_0_is_a_reason_not_an_error(tmp_path):
+    """The demo's config had ``http = "127.0.0.1:0"``: the health page must say why it cannot ask."""
+    cfg = config_from_dict(_cfg_dict(tmp_path, service={"http": "127.0.0.1:0"}), environ={})
+    sh = data.service_health(cfg)
+    assert not sh.reachable and "port 0" in sh.healthz_error
+
+
+def test_login_lockout_is_per_account_not_per_session():
+    clock = [0.0]
+    th = auth.LoginThrottle(max_failures=3, lock_s=30.0, clock=lambda: clock[0])
+    assert not th.failed("tina") and not th.failed("tina") and th.failed("tina")
+    assert th.locked_for("tina") == 30.0 and th.locked_for("erik") == 0.0
+    clock[0] = 29.0
+    assert th.locked_for("tina") == 1.0
+    clock[0] = 30.0
+    assert th.locked_for("tina") == 0.0
+    th.failed("tina")
+    th.succeeded("tina")
+    assert not th.failed("tina") and not th.failed("tina")  # the count restarted after the success
+
+
 def test_markdown_escaping_of_free_text():
     from dashboard.common import md
 
@@ -417,7 +482,7 @@ def _app(monkeypatch, config: Path):
 def _texts(at) -> str:
     parts = [m.value for m in at.markdown] + [e.value for e in at.info] + [e.value for e in at.warning]
     parts += [e.value for e in at.error] + [e.value for e in at.success] + [c.value for c in at.caption]
-    return "\n".join(str(p) for p in parts)
+    return re.sub(r"\\(.)", r"\1", "\n".join(str(p) for p in parts))  # as displayed: Markdown escapes removed
 
 
 def _login(at, name: str, password: str):
@@ -489,6 +554,23 @@ def test_read_only_banner_and_sign_in(dashboard_demo, monkeypatch):
     assert "Signed in as **tina** · technician" in _texts(at)
 
 
+def test_lockout_holds_across_browser_sessions(dashboard_demo, monkeypatch):
+    """Five wrong passwords, then a new session (a page reload) with the right one: still locked."""
+    from dashboard import common
+
+    common.login_throttle.clear()
+    at = _app(monkeypatch, dashboard_demo.config_path)
+    for _ in range(common.LOGIN_MAX_FAILURES):
+        _login(at, "tina", "wrong password")
+    fresh = _app(monkeypatch, dashboard_demo.config_path)  # another browser session
+    _login(fresh, "tina", dashboard_demo.passwords["tina"])
+    assert any("Too many failed attempts for this account" in e.value for e in fresh.error)
+    assert "Signed in as" not in _texts(fresh)
+    _login(fresh, "erik", dashboard_demo.passwords["erik"])  # other accounts are not locked
+    assert "Signed in as **erik**" in _texts(fresh)
+    common.login_throttle.clear()
+
+
 def test_label_form_writes_a_label_and_it_shows_at_once(dashboard_demo, monkeypatch):
     at = _app(monkeypatch, dashboard_demo.config_path)
     at.switch_page("pages/labels.py").run()
@@ -557,10 +639,10 @@ def test_only_engineers_promote_and_only_after_confirming(dashboard_demo, monkey
     promote.click().run()
     with Registry(cfg.registry.dir, create=False) as reg:
         assert reg.active("plant1", "fan-1", "de").id == "fan-1-de-v3"  # nothing happens before the confirmation
-    assert any("Promote **fan-1-de-v1**" in w.value for w in at.warning)
+    assert any("Promote **fan\\-1\\-de\\-v1**" in w.value for w in at.warning)
     next(b for b in at.button if b.label == "Confirm").click().run()
     assert not at.exception, at.exception
-    assert any("fan-1-de-v1 is now the active version" in s.value for s in at.success)
+    assert any("fan\\-1\\-de\\-v1 is now the active version" in s.value for s in at.success)
     with Registry(cfg.registry.dir, create=False) as reg:
         assert reg.active("plant1", "fan-1", "de").id == "fan-1-de-v1"
         assert reg.get("fan-1-de-v3").status == "retired"

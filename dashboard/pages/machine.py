@@ -16,7 +16,6 @@ from pathlib import Path
 if str(Path(__file__).resolve().parents[2]) not in sys.path:  # the repository root, for `import dashboard`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import math
 import time
 
 import pandas as pd
@@ -27,7 +26,10 @@ from pdm_edge.errors import StoreError
 
 c = common.page_start()
 NS = data.NS
-RANGES = {"1 h": 3600, "6 h": 6 * 3600, "24 h": 86400, "7 d": 7 * 86400, "30 d": 30 * 86400}
+DATA_SPAN = "data span"
+RANGES: dict[str, int | None] = {DATA_SPAN: None, "1 h": 3600, "6 h": 6 * 3600, "24 h": 86400, "7 d": 7 * 86400,
+                                 "30 d": 30 * 86400}
+"""Time ranges of the charts; the default, "data span", fits the sensor's scores of the last 30 days."""
 
 store, store_err = common.get_store(c)
 if store is None:
@@ -55,7 +57,7 @@ wanted = st.session_state.get(common.MACHINE_KEY)
 if wanted not in by_key:
     wanted = keys[0]
 
-top = st.columns([2.2, 1.4, 2.4, 3])
+top = st.columns([2.0, 1.3, 3.6, 2.6])
 key = top[0].selectbox("Machine", keys, index=keys.index(wanted), key="machine_select",
                        help="most urgent first, as in the fleet overview")
 st.session_state[common.MACHINE_KEY] = key
@@ -63,28 +65,22 @@ row = by_key[key]
 versions = common.q_registry_versions(c.cfg_key, tick, c)
 sensors = data.sensors_of(store, c.cfg, row.site, row.machine, row.last_score_ns, versions)
 if not sensors:
-    st.info(f"**{key}** has no sensors with scores or configuration yet.")
+    st.info(f"**{common.md(key)}** has no sensors with scores or configuration yet.")
     st.stop()
 sensor = top[1].selectbox("Sensor", sensors, key="sensor_select")
-range_label = top[2].segmented_control("Time range", list(RANGES), default="24 h", key="range_select") or "24 h"
+range_label = top[2].segmented_control("Time range", list(RANGES), default=DATA_SPAN, key="range_select") or DATA_SPAN
 span_s = RANGES[range_label]
 
 with top[3]:
     ratio = f" ({row.ratio:.2f}× threshold)" if row.ratio is not None else ""
     st.markdown(f"**{common.status_badge(row.status)}** · {row.open_alerts} open alert(s)  \n"
                 f"newest score {row.last_score if row.last_score is None else round(row.last_score, 2)}{ratio}, "
-                f"{data.fmt_age(row.age_s)}  \nmodel {row.model_version or '—'}")
+                f"{data.fmt_age(row.age_s)}  \nmodel {common.md(row.model_version) or '—'}")
 
 # -- the range ---------------------------------------------------------------------------------
 now_ns = time.time_ns()
-every = data.bucket_seconds(span_s)
-every_ns = round(every * NS)
-end_ns = math.ceil(now_ns / every_ns) * every_ns
-note = ""
-if row.last_score_ns is not None and row.last_score_ns < end_ns - span_s * NS:
-    end_ns = (row.last_score_ns // every_ns + 2) * every_ns
-    note = f"No score in the last {range_label}: showing the {range_label} up to the newest score ({data.fmt_time(row.last_score_ns)})."
-start_ns = end_ns - span_s * NS
+span = data.score_span(store, row.site, row.machine, sensor, row.last_score_ns) if row.last_score_ns is not None else None
+start_ns, end_ns, note = data.chart_range(span, now_ns, span_s, row.last_score_ns)
 
 buckets, every = common.q_buckets(c.cfg_key, row.site, row.machine, sensor, start_ns, end_ns, data.DEFAULT_MAX_POINTS, tick, c)
 pre_ns = 7 * 86400 * NS  # alerts that began before the range and still overlap it
@@ -105,9 +101,10 @@ if buckets:
                "blue: score · dashed red: threshold · red dots: anomalous windows · shaded red: alerts · "
                "top strip: labels (red fault, green normal, grey ignore) · purple dashed: model events")
 else:
-    st.info(f"No scores of {key}/{sensor} between {data.fmt_time(start_ns)} and {data.fmt_time(end_ns)}"
+    st.info(f"No scores of {common.md(key + '/' + sensor)} between {data.fmt_time(start_ns)} and {data.fmt_time(end_ns)}"
             + (" — this machine has never been scored (uncalibrated)." if row.last_score_ns is None else "."))
 
+row_scores = {s.sensor: s.score for s in row.sensors}
 tab_a, tab_l, tab_e = st.tabs([f"Alerts ({len(alerts)})", f"Labels ({len(labels)})", f"Model events ({len(events)})"])
 with tab_a:
     if alerts:
@@ -115,13 +112,15 @@ with tab_a:
             "state": [("OPEN" if a.state == "raised" else "cleared") for a in alerts],
             "start": [data.fmt_time(a.start_ns) for a in alerts],
             "end": [data.fmt_time(a.end_ns) if a.end_ns else "ongoing" for a in alerts],
-            "peak score": [a.peak_score for a in alerts],
+            "peak score": [data.alert_peak(store, a, now_ns) for a in alerts],
+            "newest score": [row_scores.get(a.sensor) if a.state == "raised" else None for a in alerts],
             "threshold": [a.threshold for a in alerts],
             "model version": [a.model_version for a in alerts],
             "labelled": [", ".join(lb.kind for lb in data.labels_answering(a, [x for x, _ in labels])) or "—" for a in alerts],
             "alert id": [a.id for a in alerts],
         }), hide_index=True, width="stretch",
-            column_config={"peak score": st.column_config.NumberColumn(format="%.2f"),
+            column_config={"peak score": st.column_config.NumberColumn(format="%.2f", help="highest score of the alert so far"),
+                           "newest score": st.column_config.NumberColumn(format="%.2f", help="the sensor's newest score (open alerts)"),
                            "threshold": st.column_config.NumberColumn(format="%.2f")})
     else:
         st.caption("No alerts of this sensor in the range.")
@@ -134,7 +133,7 @@ with tab_l:
         for lb, src in sorted(labels, key=lambda t: -t[0].start_ns)[:50]:
             what = f":{colour[lb.kind]}[**{lb.kind}**]" + (f" ({lb.fault_type})" if lb.fault_type else "")
             pending = " · _in the label book, not yet in the store_" if src == "label book" else ""
-            lines.append(f"- {what} · {data.fmt_time(lb.start_ns)} → {data.fmt_time(lb.end_ns)} · sensor {lb.sensor or 'all'} · "
+            lines.append(f"- {what} · {data.fmt_time(lb.start_ns)} → {data.fmt_time(lb.end_ns)} · sensor {common.md(lb.sensor) or 'all'} · "
                          f"by {common.md(lb.author)} at {data.fmt_time(lb.created_ns)}{pending}"
                          + (f"  \n  _{common.md(lb.note)}_" if lb.note else ""))
         st.markdown("\n".join(lines))
