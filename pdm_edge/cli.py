@@ -220,9 +220,12 @@ def _print_summary(stats: Any, published: int | None = None) -> None:
 @click.option("--count", type=int, default=0, help="Stop after this many windows (0 = run until Ctrl-C).")
 @click.option("--duration", "duration_s", type=float, default=0.0, help="Stop after this many seconds (0 = no limit).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per window instead of a text line.")
+@click.option("--wait-broker", "wait_broker_s", type=click.FloatRange(0.1, 3600), default=BROKER_WAIT_S, show_default=True,
+              help="Seconds to wait for the broker before giving up with an error.")
 @click.pass_obj
 @_handle_errors
-def ingest(obj: _Ctx, broker: str | None, protocol: str | None, accept_unknown: bool, count: int, duration_s: float, as_json: bool) -> None:
+def ingest(obj: _Ctx, broker: str | None, protocol: str | None, accept_unknown: bool, count: int, duration_s: float, as_json: bool,
+           wait_broker_s: float) -> None:
     """Run the ingestion stage and print every window that arrives."""
     from pdm_edge.ingest import Ingestor
 
@@ -232,9 +235,9 @@ def ingest(obj: _Ctx, broker: str | None, protocol: str | None, accept_unknown: 
     cfg = obj.config(overrides)
     ing = Ingestor(cfg)
     ing.start()
-    if not ing.wait_ready(BROKER_WAIT_S):
+    if not ing.wait_ready(wait_broker_s):
         ing.stop(timeout=1.0)
-        raise PdmEdgeError(f"cannot reach the MQTT broker at {cfg.mqtt.broker} (no connection within {BROKER_WAIT_S:g} s): "
+        raise PdmEdgeError(f"cannot reach the MQTT broker at {cfg.mqtt.broker} (no connection within {wait_broker_s:g} s): "
                            "is it running? Set it with --broker HOST:PORT or [mqtt] broker")
     click.echo(f"ingesting from {cfg.mqtt.broker} (pdm/v1/+/+/+/waveform); Ctrl-C to stop", err=True)
     deadline = time.monotonic() + duration_s if duration_s > 0 else math.inf
@@ -667,7 +670,8 @@ def demo(speed: str, recording: str | None, calibration_s: float, state_dir: str
             "spool": {"path": str(absolute / "spool.sqlite")},
             "feedback": {"state_dir": str(absolute)},
             "registry": {"dir": str(absolute / "registry")},
-            "learning": {"calibration_s": calibration_s, "max_train_seconds": 30.0},
+            # one label retrains (a technician's label in the demo's dashboard gives the engineer a version to promote)
+            "learning": {"calibration_s": calibration_s, "max_train_seconds": 30.0, "retrain_after_labels": 1},
             # one window per batch: every window's line is printed with its own score
             "service": {"http": "127.0.0.1:0", "torch_threads": max(1, (os.cpu_count() or 2) - 1), "score_batch": 1},
             "alerts": {"k": 3, "n": 5},

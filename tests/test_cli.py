@@ -135,7 +135,8 @@ def test_missing_config_file_and_env_override(tmp_path):
 def test_ingest_without_a_broker_says_so(tmp_path):
     from pdm_edge.broker import free_port
 
-    r = run_cli("ingest", "--broker", f"127.0.0.1:{free_port()}", timeout=60, cwd=tmp_path, env={"PDM_EDGE_CONFIG": ""})
+    r = run_cli("ingest", "--broker", f"127.0.0.1:{free_port()}", "--wait-broker", "1", timeout=60, cwd=tmp_path,
+                env={"PDM_EDGE_CONFIG": ""})
     assert r.returncode == 1 and "cannot reach the MQTT broker at 127.0.0.1:" in r.stderr, r.stderr
     assert "ingesting from" not in r.stderr and "Traceback" not in r.stderr
 

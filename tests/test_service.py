@@ -177,6 +177,8 @@ def _recv_all(sock: socket.socket) -> list[str]:
             return out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_run_end_to_end(mosquitto, influxd_session, service_process, tmp_path: Path) -> None:
     db = "svc_e2e"
     notify_path = str(tmp_path / "notify.sock")
