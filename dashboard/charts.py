@@ -63,7 +63,8 @@ def score_chart(buckets: Sequence[ScoreBucket], every_s: float, start_ns: int, e
     the range's end), labels (coloured strip at the top: fault red, normal green, ignore grey)
     and model events (purple dashed rules, named at the bottom)."""
     x_scale = alt.Scale(domain=[_ms(start_ns), _ms(end_ns)], type="utc")
-    fmt = "%H:%M" if end_ns - start_ns <= 2 * 86400 * NS else "%b %d"
+    span_ns = end_ns - start_ns
+    fmt = "%H:%M:%S" if span_ns <= 3600 * NS else "%H:%M" if span_ns <= 2 * 86400 * NS else "%b %d"
     x_axis = alt.Axis(title="time (UTC)", format=fmt, labelOverlap=True)
     df = pd.DataFrame({
         "time": [_ts(b.start_ns) for b in buckets],

@@ -370,16 +370,21 @@ def show_flash() -> None:
         getattr(st, kind)(message, icon=icons.get(kind))
 
 
-_MD_SPECIAL = set("\\`*_{}[]<>()#+-.!|~$:=\"'")
+_WJ = "\u2060"
+_MD_SPECIAL = set("\\`*_{}[]<>()#+-.!|~$=\"'&")
 
 
 def md(text: str | None) -> str:
-    """Free text (a note, an author, a reason) made literal for ``st.markdown``: every ASCII
+    """Free text (a note, an author, a reason, an id) made literal for ``st.markdown``: every ASCII
     punctuation character that Markdown or Streamlit's extensions (``:red[...]``,
-    ``:material/...:``, ``$...$``) could read is backslash-escaped; newlines become line breaks."""
+    ``$...$``) could read is backslash-escaped, and ``:`` is written as the character reference
+    ``&#58;`` (so that ``:material/...:`` is not recognised); a WORD JOINER (U+2060, invisible)
+    goes before ``://``, after ``www`` and after ``@``, because GFM turns a bare URL or e-mail address
+    in the *rendered* text into a link whatever its escaping; newlines become line breaks."""
     if not text:
         return ""
-    out = "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in str(text))
+    text = str(text).replace("://", _WJ + "://").replace("www.", "www" + _WJ + ".").replace("@", "@" + _WJ)
+    out = "".join("\\" + ch if ch in _MD_SPECIAL else "&#58;" if ch == ":" else ch for ch in text)
     return out.replace("\r\n", "\n").replace("\n", "  \n")
 
 

@@ -706,12 +706,17 @@ def demo(speed: str, recording: str | None, calibration_s: float, state_dir: str
                 dash = _start_dashboard(cfg_path, dashboard_port)
             pub = ChunkPublisher(cfg.mqtt, site, machine, sensor, sample_rate_hz=rec.sample_rate_hz, unit=rec.unit).start()
             done = threading.Event()
+            rate = _parse_speed(speed)
 
             def _publish() -> None:
                 try:
-                    offset = time.time_ns() - rec.segments[0].start_ns
+                    # stamped so that the recording ends when its replay ends (never in the future, at any speed)
+                    first = rec.segments[0].start_ns
+                    last = max(sg.start_ns + round(sg.samples.shape[-1] / rec.sample_rate_hz * 1e9) for sg in rec.segments)
+                    replay_ns = 0 if math.isinf(rate) else round((last - first) / rate)
+                    offset = time.time_ns() + replay_ns - last
                     publish_timed(pub, iter_chunks(((s.start_ns, s.samples) for s in rec.segments), rec.sample_rate_hz, 0.1),
-                                  speed=_parse_speed(speed), time_offset_ns=offset)
+                                  speed=rate, time_offset_ns=offset)
                     pub.flush(30)
                 finally:
                     done.set()

@@ -26,10 +26,10 @@ from pdm_edge.errors import StoreError
 
 c = common.page_start()
 NS = data.NS
+# time ranges of the charts; the default, "data span", fits the sensor's scores of the last 30 days
 DATA_SPAN = "data span"
 RANGES: dict[str, int | None] = {DATA_SPAN: None, "1 h": 3600, "6 h": 6 * 3600, "24 h": 86400, "7 d": 7 * 86400,
                                  "30 d": 30 * 86400}
-"""Time ranges of the charts; the default, "data span", fits the sensor's scores of the last 30 days."""
 
 store, store_err = common.get_store(c)
 if store is None:
@@ -156,7 +156,7 @@ choices: list[tuple[str, int, int, str | None]] = []
 for a in sorted(alerts, key=lambda a: -a.start_ns):
     end = a.end_ns if a.end_ns is not None else now_ns
     choices.append((f"alert {data.fmt_time(a.start_ns)} → {'ongoing' if a.end_ns is None else data.fmt_time(a.end_ns)} "
-                    f"(peak {a.peak_score:.1f})", a.start_ns, end, a.model_version))
+                    f"(peak {data.alert_peak(store, a, now_ns):.1f})", a.start_ns, end, a.model_version))
 for lb, _ in sorted(labels, key=lambda t: -t[0].start_ns):
     choices.append((f"label {lb.kind}{' ' + lb.fault_type if lb.fault_type else ''} {data.fmt_time(lb.start_ns)} → "
                     f"{data.fmt_time(lb.end_ns)}", lb.start_ns, lb.end_ns, None))

@@ -83,26 +83,23 @@ for site, machine, sensor in streams:
             "reason": [v["reason"] or "" for v in vs],
             "trigger": [v["trigger"] for v in vs],
             "created": [data.fmt_time(v["created_ns"]) for v in vs],
-            "parent": [v["parent"] or "" for v in vs],
             "false-alarm rate": [_metric(v, "candidate_far") for v in vs],
             "active's FAR": [_metric(v, "active_far") for v in vs],
             "fault detection": [_metric(v, "fault_detection") for v in vs],
             "gate windows": [f"{v['metrics'].get('n_normal', '')}/{v['metrics'].get('n_fault', '')}" if v["metrics"] else "" for v in vs],
-            "size": [data.fmt_bytes(v["size_bytes"]) for v in vs],
-            "sha256": [v["sha256"][:12] + "…" for v in vs],
         })
         st.dataframe(df.iloc[::-1], hide_index=True, width="stretch", column_config={
             "false-alarm rate": st.column_config.NumberColumn(format="%.4f", help="fraction of held-back normal windows above threshold"),
             "active's FAR": st.column_config.NumberColumn(format="%.4f", help="the then-active version on the same windows"),
             "fault detection": st.column_config.NumberColumn(format="%.2f", help="fraction of labelled fault windows above threshold"),
             "gate windows": st.column_config.TextColumn(help="held-back normal / labelled fault windows of the gate"),
-            "sha256": st.column_config.TextColumn(width="small", help="first 12 hex digits; the full hash is in the details"),
             "reason": st.column_config.TextColumn(width="large", help="why it was promoted, rejected or retired (full text in the details)"),
         })
         with st.expander("Details (training summary, metrics, origin)"):
             for v in reversed(vs):
                 st.markdown(f"{common.md(v['id'])} · **{common.md(v['status'])}** · origin {common.md(v['origin'])} · trigger "
-                            f"{common.md(v['trigger'])} · encoder {common.md(v['encoder_sha256'][:16])}… · "
+                            f"{common.md(v['trigger'])} · parent {common.md(v['parent']) or '—'} · {data.fmt_bytes(v['size_bytes'])} · "
+                            f"encoder {common.md(v['encoder_sha256'][:16])}… · "
                             f"sha256 {common.md(v['sha256'])}" + (f"  \n{common.md(v['reason'])}" if v.get("reason") else ""))
                 st.json({"metrics": v["metrics"], "training_summary": v["training_summary"]}, expanded=False)
         if not c.can("manage_models"):
