@@ -135,6 +135,64 @@ def score_chart(buckets: Sequence[ScoreBucket], every_s: float, start_ns: int, e
     return alt.layer(*layers).properties(height=height).resolve_scale(y="shared")
 
 
+ZONE_COLORS = {"A": "#1a9850", "B": "#a6d96a", "C": "#fdae61", "D": "#d73027"}
+TREND_FIELDS = {"rms": "RMS", "peak": "peak", "crest_factor": "crest factor", "kurtosis": "kurtosis",
+                "band_10_1k": "band 10 Hz-1 kHz", "band_1k_5k": "band 1-5 kHz", "band_5k_up": "band 5 kHz-0.45 fs"}
+
+
+def severity_chart(rows: Sequence[Any], start_ns: int, end_ns: int, zones_mm_s: Sequence[float],
+                   height: int = 220) -> alt.LayerChart:
+    """ISO 20816-3 velocity RMS (mm/s, 10-1000 Hz; maximum per bucket) over time on the zone
+    bands A (green) / B / C / D (red) of the sensor's boundaries."""
+    x_scale = alt.Scale(domain=[_ms(start_ns), _ms(end_ns)], type="utc")
+    span_ns = end_ns - start_ns
+    fmt = "%H:%M:%S" if span_ns <= 3600 * NS else "%H:%M" if span_ns <= 2 * 86400 * NS else "%b %d"
+    x_axis = alt.Axis(title="time (UTC)", format=fmt, labelOverlap=True)
+    df = pd.DataFrame({"time": [_ts(r.start_ns) for r in rows if r.velocity_rms_mm_s is not None],
+                       "velocity": [r.velocity_rms_mm_s for r in rows if r.velocity_rms_mm_s is not None],
+                       "zone": [r.zone for r in rows if r.velocity_rms_mm_s is not None],
+                       "when": [fmt_time(r.start_ns) for r in rows if r.velocity_rms_mm_s is not None]})
+    b = list(zones_mm_s)
+    top = max([b[2] * 1.5] + [float(v) * 1.1 for v in df["velocity"]])
+    bands = pd.DataFrame({"zone": list("ABCD"), "lo": [0.0, b[0], b[1], b[2]], "hi": [b[0], b[1], b[2], top],
+                          "start": [_ts(start_ns)] * 4, "end": [_ts(end_ns)] * 4})
+    y = alt.Y("lo:Q", title="velocity RMS 10-1000 Hz (mm/s)", scale=alt.Scale(domain=[0, top], nice=False))
+    layers = [alt.Chart(bands).mark_rect(opacity=0.18).encode(
+        x=alt.X("start:T", scale=x_scale, axis=x_axis), x2="end:T", y=y, y2="hi:Q", color=alt.Color("zone:N", scale=alt.Scale(domain=list(ZONE_COLORS), range=list(ZONE_COLORS.values())),
+                                        legend=alt.Legend(title="ISO 20816-3 zone", orient="top", direction="horizontal")),
+        tooltip=["zone", alt.Tooltip("lo:Q", title="from mm/s"), alt.Tooltip("hi:Q", title="to mm/s")])]
+    if len(df):
+        layers.append(alt.Chart(df).mark_line(color="#222", strokeWidth=1.5, interpolate="step-after", point=True).encode(
+            x=alt.X("time:T", scale=x_scale, axis=x_axis), y=alt.Y("velocity:Q", scale=alt.Scale(domain=[0, top], nice=False)),
+            tooltip=[alt.Tooltip("when:N", title="bucket start"), alt.Tooltip("velocity:Q", format=".2f", title="mm/s"), "zone"]))
+    return alt.layer(*layers).properties(height=height)
+
+
+def trend_charts(rows: Sequence[Any], start_ns: int, end_ns: int, unit: str, height: int = 150) -> list[alt.Chart]:
+    """Condition trends (maximum per bucket), one small chart per value: RMS and peak (unit),
+    crest factor and kurtosis (dimensionless), band energies (unit²)."""
+    span_ns = end_ns - start_ns
+    fmt = "%H:%M:%S" if span_ns <= 3600 * NS else "%H:%M" if span_ns <= 2 * 86400 * NS else "%b %d"
+    df = pd.DataFrame({"time": [_ts(r.start_ns) for r in rows], "when": [fmt_time(r.start_ns) for r in rows]})
+    titles = {"rms": f"RMS ({unit})", "peak": f"peak ({unit})", "crest_factor": "crest factor", "kurtosis": "kurtosis",
+              "band_10_1k": f"band 10 Hz-1 kHz ({unit}²)", "band_1k_5k": f"band 1-5 kHz ({unit}²)",
+              "band_5k_up": f"band 5 kHz-0.45 fs ({unit}²)"}
+    # the range's ends as invisible points: a one-layer chart with an explicit temporal domain draws its
+    # line at the left edge in Streamlit 1.67 (seen in the browser), a data-driven domain does not
+    ends = pd.DataFrame({"time": [_ts(start_ns), _ts(end_ns)]})
+    x = alt.X("time:T", axis=alt.Axis(title=None, format=fmt, labelOverlap=True, tickCount=4))
+    panels = []
+    for f, title in titles.items():
+        d = df.assign(value=[float(getattr(r, f)) for r in rows])
+        line = alt.Chart(d).mark_line(strokeWidth=1.4, interpolate="step-after", color=SCORE_COLOR).encode(
+            x=x, y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False), axis=alt.Axis(format=".3~g")),
+            tooltip=[alt.Tooltip("when:N", title="bucket start"), alt.Tooltip("value:Q", format=".4g", title=title)])
+        edge = alt.Chart(ends).mark_point(opacity=0).encode(x=x)
+        panels.append(alt.layer(edge, line, title=alt.TitleParams(title, fontSize=11, fontWeight="normal"))
+                      .properties(height=height))
+    return panels
+
+
 def spectrum_chart(spectra: Sequence[Spectrum], *, title: str, markers: Mapping[str, float] | None = None,
                    height: int = 300, log_x: bool = False) -> alt.LayerChart:
     """Spectra as lines (one colour each, legend on top); ``markers`` (name -> Hz) are drawn as

@@ -260,6 +260,15 @@ def q_buckets(cfg_key: str, site: str, machine: str, sensor: str, start_ns: int,
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
+def q_condition_buckets(cfg_key: str, site: str, machine: str, sensor: str, start_ns: int, end_ns: int, every_s: float,
+                        tick_: int, _c: Ctx) -> list[Any]:
+    store, err = get_store(_c)
+    if store is None:
+        raise StoreError(err or "store unavailable")
+    return store.query_condition_buckets(site, machine, sensor, start_ns, end_ns, every_s)
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
 def q_alerts(cfg_key: str, site: str, machine: str, start_ns: int, end_ns: int, tick_: int, _c: Ctx) -> list[Any]:
     store, err = get_store(_c)
     if store is None:
@@ -277,7 +286,7 @@ def q_model_events(cfg_key: str, site: str, machine: str, start_ns: int, end_ns:
 
 def clear_query_caches() -> None:
     """Forget cached query answers (after a write)."""
-    for fn in (q_registry_versions, q_fleet, q_buckets, q_alerts, q_model_events):
+    for fn in (q_registry_versions, q_fleet, q_buckets, q_condition_buckets, q_alerts, q_model_events):
         fn.clear()
 
 

@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from pdm_edge.condition import GROUP2_RIGID_MM_S, ZONE_MEANING  # noqa: F401 (re-exported for the pages)
 from pdm_edge.config import AppConfig, SensorConfig, parse_host_port
 from pdm_edge.store.base import MachineState, ModelEvent, ScoreBucket, Store
 from pdm_edge.types import Alert, Label, Window
@@ -199,6 +200,11 @@ class FleetRow:
     registry_active: tuple[str, ...] = ()
     sensors: tuple[SensorState, ...] = ()
     silent_sensors: tuple[str, ...] = ()
+    zone: str | None = None
+    """ISO 20816-3 zone (A-D) of the newest condition record, the worst over the machine's
+    sensors; ``None`` without one (acoustic only, or never measured)."""
+    velocity_rms_mm_s: float | None = None
+    """The velocity RMS (mm/s, 10-1000 Hz) behind ``zone``."""
 
     @property
     def key(self) -> str:
@@ -306,6 +312,15 @@ def _scored_row(store: Store, ms: MachineState, now_ns: int, stale_ns: int, stre
         last_score, last_thr = worst.score, worst.threshold
     ever = ms.last_score_ns is not None
     stale = not ever or now_ns - (ms.last_score_ns or 0) > stale_ns
+    zone, vel = None, None
+    if ms.last_score_ns is not None:
+        newest: dict[str, Any] = {}
+        for cnd in store.query_conditions(ms.site, ms.machine, ms.last_score_ns - stale_ns, ms.last_score_ns + 1):
+            if cnd.zone is not None:
+                newest[cnd.sensor] = cnd  # sorted by time: the newest wins
+        if newest:
+            worst = max(newest.values(), key=lambda x: (x.zone, x.velocity_rms_mm_s or 0.0))
+            zone, vel = worst.zone, worst.velocity_rms_mm_s
     known = {se for s, m, se in streams if (s, m) == (ms.site, ms.machine)}
     return FleetRow(
         site=ms.site, machine=ms.machine, status=machine_display_status(state, stale, ever), state=state, stale=stale,
@@ -313,6 +328,7 @@ def _scored_row(store: Store, ms: MachineState, now_ns: int, stale_ns: int, stre
         age_s=None if ms.last_score_ns is None else (now_ns - ms.last_score_ns) / NS, open_alerts=ms.open_alerts,
         model_version=ms.model_version, registry_active=tuple(sorted(active.get((ms.site, ms.machine), []))),
         sensors=tuple(sensors[k] for k in sorted(sensors)), silent_sensors=tuple(sorted(known - set(sensors))),
+        zone=zone, velocity_rms_mm_s=vel,
     )
 
 
@@ -327,6 +343,13 @@ def status_text(row: FleetRow) -> str:
     (``"ALARM · stale"``), so that the table agrees with the "stale" definition in its caption."""
     text = row.status.upper() if row.status in ("alarm", "warning", "stale") else row.status
     return text + " · stale" if stale_alarm(row) else text
+
+
+def zone_text(zone: str | None, velocity_mm_s: float | None) -> str:
+    """``"B · 2.26 mm/s"`` (ISO 20816-3 zone and velocity RMS), ``"—"`` without one."""
+    if zone is None or velocity_mm_s is None:
+        return "—"
+    return f"{zone} · {velocity_mm_s:.2f} mm/s"
 
 
 def status_counts(rows: Iterable[FleetRow]) -> dict[str, int]:

@@ -248,6 +248,9 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path):
     store = SQLiteStore(tmp_path / "demo" / "store.sqlite")
     try:
         assert len(store.query_scores("demo", "pump-01", 0, 2**62)) == 78
+        conds = store.query_conditions("demo", "pump-01", 0, 2**62)
+        assert len(conds) == 78 and all(c.zone in "ABCD" and c.velocity_rms_mm_s > 0 for c in conds)
+        assert np.mean([c.kurtosis for c in conds[-10:]]) > 3 * np.mean([c.kurtosis for c in conds[:5]])  # the fault's impacts
         assert [a.state for a in store.query_alerts("demo", "pump-01", 0, 2**62)] == ["raised"]
         assert [e.event for e in store.query_model_events("demo", "pump-01", 0, 2**62)] == ["training_queued", "calibrated"]
     finally:

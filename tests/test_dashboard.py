@@ -558,6 +558,19 @@ def test_read_only_banner_and_sign_in(dashboard_demo, monkeypatch):
     assert "Signed in as **tina** · technician" in _texts(at)
 
 
+def test_severity_zone_on_the_fleet_and_machine_pages(dashboard_demo, monkeypatch):
+    at = _app(monkeypatch, dashboard_demo.config_path)
+    df = at.dataframe[0].value
+    zones = dict(zip(df["machine"], df["ISO 20816-3"]))
+    assert zones["press-4"] == "—"  # never scored
+    assert re.fullmatch(r"[ABCD] · \d+\.\d\d mm/s", zones["pump-3"]), zones
+    at.session_state["pdm_machine"] = "plant1/pump-3"
+    at.switch_page("pages/machine.py").run()
+    assert not at.exception, at.exception
+    assert re.search(r"ISO 20816-3: \*\*zone [ABCD]\*\*, \d+\.\d\d mm/s", _texts(at))
+    assert "Velocity RMS 10-1000 Hz" in _texts(at) and "crest factor = peak / RMS" in _texts(at)
+
+
 def test_lockout_holds_across_browser_sessions(dashboard_demo, monkeypatch):
     """Five wrong passwords, then a new session (a page reload) with the right one: still locked."""
     from dashboard import common

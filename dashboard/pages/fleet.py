@@ -55,8 +55,8 @@ def fleet_frame(rows: list[data.FleetRow]) -> pd.DataFrame:
         "score": [r.last_score for r in rows],
         "threshold": [r.last_threshold for r in rows],
         "open alerts": [r.open_alerts for r in rows],
+        "ISO 20816-3": [data.zone_text(r.zone, r.velocity_rms_mm_s) for r in rows],
         "last data": [data.fmt_age(r.age_s) for r in rows],
-        "newest score at": [data.fmt_time(r.last_score_ns) for r in rows],
         "model version": [_model_text(r) for r in rows],
         "sensors": [_sensors_text(r) for r in rows],
     })
@@ -95,6 +95,9 @@ def fleet_view() -> None:
             "score": st.column_config.NumberColumn(format="%.2f", help="newest anomaly score (dimensionless)"),
             "threshold": st.column_config.NumberColumn(format="%.2f", help="threshold of the model version that scored it"),
             "open alerts": st.column_config.NumberColumn(format="%d", width="small"),
+            "ISO 20816-3": st.column_config.TextColumn(
+                help="vibration severity of the newest window: zone A (new) / B (long-term operation) / C (restricted) / "
+                     "D (damage possible), velocity RMS 10-1000 Hz; the worst sensor of the machine"),
             "last data": st.column_config.TextColumn(help="age of the newest scored window"),
             "model version": st.column_config.TextColumn(help="version that scored the newest window"),
         },

@@ -75,7 +75,9 @@ with top[3]:
     ratio = f" ({row.ratio:.2f}× threshold)" if row.ratio is not None else ""
     st.markdown(f"**{common.status_badge(row.status)}** · {row.open_alerts} open alert(s)  \n"
                 f"newest score {row.last_score if row.last_score is None else round(row.last_score, 2)}{ratio}, "
-                f"{data.fmt_age(row.age_s)}  \nmodel {common.md(row.model_version) or '—'}")
+                f"{data.fmt_age(row.age_s)}  \nmodel {common.md(row.model_version) or '—'}"
+                + (f"  \nISO 20816-3: **zone {row.zone}**, {row.velocity_rms_mm_s:.2f} mm/s "
+                   f"({data.ZONE_MEANING[row.zone]})" if row.zone and row.velocity_rms_mm_s is not None else ""))
 
 # -- the range ---------------------------------------------------------------------------------
 now_ns = time.time_ns()
@@ -105,6 +107,23 @@ else:
             + (" — this machine has never been scored (uncalibrated)." if row.last_score_ns is None else "."))
 
 row_scores = {s.sensor: s.score for s in row.sensors}
+# -- severity and condition trends ----------------------------------------------------------------
+cond_rows = common.q_condition_buckets(c.cfg_key, row.site, row.machine, sensor, start_ns, end_ns, every, tick, c) if buckets else []
+if cond_rows:
+    scfg_zones = c.cfg.sensor(row.site, row.machine, sensor)
+    zones = scfg_zones.severity_zones_mm_s if scfg_zones is not None else list(data.GROUP2_RIGID_MM_S)
+    with st.expander("Vibration severity (ISO 20816-3) and condition trends", expanded=True):
+        if any(r.velocity_rms_mm_s is not None for r in cond_rows):
+            st.altair_chart(charts.severity_chart(cond_rows, start_ns, end_ns, zones), width="stretch")
+            st.caption(f"Velocity RMS 10-1000 Hz (from acceleration, integrated in the frequency domain), maximum per "
+                       f"{data.fmt_duration(every)} bucket · zone boundaries {zones[0]:g} / {zones[1]:g} / {zones[2]:g} mm/s "
+                       "(`severity_zones_mm_s`; default ISO 20816-3 group 2, rigid support)")
+        cols = st.columns(4)
+        for i, chart in enumerate(charts.trend_charts(cond_rows, start_ns, end_ns, cond_rows[0].unit)):
+            cols[i % 4].altair_chart(chart, width="stretch")
+        st.caption(f"Maximum per {data.fmt_duration(every)} bucket, as the score · crest factor = peak / RMS · kurtosis "
+                   "3 for Gaussian noise (impacts raise it) · band energies are mean squares in the band")
+
 tab_a, tab_l, tab_e = st.tabs([f"Alerts ({len(alerts)})", f"Labels ({len(labels)})", f"Model events ({len(events)})"])
 with tab_a:
     if alerts:
