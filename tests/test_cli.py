@@ -275,6 +275,12 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path):
     assert {u.role for u in users.values()} == {"technician", "engineer"}
     creds = dict(re.findall(r"(\w+) / (\S+) \((?:technician|engineer)\)", out))
     assert creds and all(verify_password(users[n], p) for n, p in creds.items())
+    # the machine report: one command, HTML and CSV
+    r = run_cli("--config", str(tmp_path / "demo" / "pdm-edge.toml"), "report", "demo/pump-01", "--out", str(tmp_path / "rep"))
+    _ok(r)
+    html = next((tmp_path / "rep").glob("report-demo-pump-01-*.html")).read_text()
+    assert "Machine report: demo/pump-01" in html and "Defect frequencies: BPFO 89.6 Hz" in html and "B · 2." in html
+    assert len(next((tmp_path / "rep").glob("scores-*.csv")).read_text().splitlines()) == 79
     # the registry is found through the demo's configuration, and a bare `models list` next to the demo says where it is
     r = run_cli("--config", str(tmp_path / "demo" / "pdm-edge.toml"), "models", "list", cwd=tmp_path)
     _ok(r)

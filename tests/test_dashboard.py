@@ -571,6 +571,37 @@ def test_severity_zone_on_the_fleet_and_machine_pages(dashboard_demo, monkeypatc
     assert "Velocity RMS 10-1000 Hz" in _texts(at) and "crest factor = peak / RMS" in _texts(at)
 
 
+def test_machine_report_html_and_csv(dashboard_demo, monkeypatch, tmp_path):
+    """The report's content, hostile text escaped; and the dashboard button makes the same files."""
+    from dashboard.report import build_report, data_period
+
+    cfg = load_config(dashboard_demo.config_path)
+    store = SQLiteStore(cfg.store.sqlite_path)
+    span = data_period(store, cfg, "plant1", "pump-3")
+    assert span is not None and span[0] < span[1]
+    with LabelBook.in_dir(cfg.feedback.state_dir) as book:
+        submit_label(book, site="plant1", machine="pump-3", sensor="de", start_ns=span[0] + NS, end_ns=span[0] + 2 * NS,
+                     kind="normal", author="tina", note="<script>alert(1)</script> [x](http://e)")
+        rep = build_report(store, cfg, "plant1", "pump-3", span[0], span[1], registry=data.open_registry(cfg.registry.dir),
+                           book=book)
+    html = rep.html
+    assert "Machine report: plant1/pump-3" in html and "<script>alert(1)" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; [x](http://e)" in html
+    assert html.count("data:image/png;base64,") >= 3  # score, severity, spectra
+    assert "Defect frequencies: BPFO" in html and "ISO 20816-3" in html and "pump-3-de-v1" in html
+    assert "OPEN" in html and dashboard_demo.open_alert_id in html
+    lines = rep.scores_csv.splitlines()
+    assert lines[0] == "time_utc,start_ns,sensor,score,threshold,is_anomaly,model_version" and len(lines) > 100
+    assert dashboard_demo.open_alert_id in rep.alerts_csv
+    store.close()
+    at = _app(monkeypatch, dashboard_demo.config_path)
+    at.session_state["pdm_machine"] = "plant1/pump-3"
+    at.switch_page("pages/machine.py").run()
+    next(b for b in at.button if b.key == "make_report").click().run()
+    assert not at.exception, at.exception
+    assert "open the HTML in a browser and print it to PDF" in _texts(at)
+
+
 def test_lockout_holds_across_browser_sessions(dashboard_demo, monkeypatch):
     """Five wrong passwords, then a new session (a page reload) with the right one: still locked."""
     from dashboard import common

@@ -107,6 +107,26 @@ else:
             + (" — this machine has never been scored (uncalibrated)." if row.last_score_ns is None else "."))
 
 row_scores = {s.sensor: s.score for s in row.sensors}
+# -- report and exports --------------------------------------------------------------------------
+REPORT = "pdm_report"
+rep_cols = st.columns([1.3, 1, 1, 4])
+if rep_cols[0].button("Make report", icon=":material/description:", key="make_report",
+                      help="a printable HTML report of this machine over the range shown (alerts, labels, score and "
+                           "severity trends, spectra of the top alert, model versions), and CSV exports"):
+    from dashboard.report import build_report
+
+    with st.spinner("Making the report…"):
+        st.session_state[REPORT] = (key, start_ns, end_ns, build_report(store, c.cfg, row.site, row.machine, start_ns, end_ns,
+                                                                        registry=registry, book=book))
+made = st.session_state.get(REPORT)
+if made and made[0] == key:
+    _, r0, r1, rep = made
+    stem = f"{row.site}-{row.machine}-{data.ns_to_datetime(r1).strftime('%Y%m%dT%H%M%SZ')}"
+    rep_cols[1].download_button("Report (HTML)", rep.html, file_name=f"report-{stem}.html", mime="text/html", key="dl_report")
+    rep_cols[2].download_button("Scores (CSV)", rep.scores_csv, file_name=f"scores-{stem}.csv", mime="text/csv", key="dl_scores")
+    rep_cols[3].download_button("Alerts (CSV)", rep.alerts_csv, file_name=f"alerts-{stem}.csv", mime="text/csv", key="dl_alerts")
+    st.caption(f"Report of {data.fmt_time(r0)} → {data.fmt_time(r1)}: open the HTML in a browser and print it to PDF.")
+
 # -- severity and condition trends ----------------------------------------------------------------
 cond_rows = common.q_condition_buckets(c.cfg_key, row.site, row.machine, sensor, start_ns, end_ns, every, tick, c) if buckets else []
 if cond_rows:
