@@ -60,12 +60,15 @@ from typing import Any
 
 import numpy as np
 
-from pdm_edge.condition import GROUP2_RIGID_MM_S, ZONE_MEANING  # noqa: F401 (re-exported for the pages)
+from pdm_edge import condition as _condition
 from pdm_edge.config import AppConfig, SensorConfig, parse_host_port
 from pdm_edge.store.base import MachineState, ModelEvent, ScoreBucket, Store
 from pdm_edge.types import Alert, Label, Window
 
 NS = 1_000_000_000
+GROUP2_RIGID_MM_S = _condition.GROUP2_RIGID_MM_S
+"""Default ISO 20816-3 zone boundaries (mm/s), for the pages."""
+ZONE_MEANING = _condition.ZONE_MEANING
 
 STATUSES: tuple[str, ...] = ("alarm", "warning", "stale", "uncalibrated", "normal")
 """What the fleet view shows per machine, most urgent first (the sort order)."""

@@ -221,7 +221,7 @@ def test_simulate(cfg_path, ingestor, kind, sensor, n_windows):
 
 
 # -- the README's main command ---------------------------------------------------------------
-def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path):
+def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path, monkeypatch):
     r = run_cli("demo", "--speed", "max", "--state-dir", str(tmp_path / "demo"), timeout=240)
     _ok(r)
     out = r.stdout
@@ -281,6 +281,19 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path):
     html = next((tmp_path / "rep").glob("report-demo-pump-01-*.html")).read_text()
     assert "Machine report: demo/pump-01" in html and "Defect frequencies: BPFO 89.6 Hz" in html and "B · 2." in html
     assert len(next((tmp_path / "rep").glob("scores-*.csv")).read_text().splitlines()) == 79
+    # every dashboard page renders on the demo's own configuration without an exception (AppTest; the real
+    # browser does the same in tests/test_dashboard_browser.py, slow suite)
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("PDM_EDGE_CONFIG", str(tmp_path / "demo" / "pdm-edge.toml"))
+    at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    for page in ("pages/fleet.py", "pages/machine.py", "pages/labels.py", "pages/models.py", "pages/health.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+    assert any("Service not reachable" in e.value for e in at.error)  # the demo's appliance has ended: a reason
+    monkeypatch.delenv("PDM_EDGE_CONFIG")
     # the registry is found through the demo's configuration, and a bare `models list` next to the demo says where it is
     r = run_cli("--config", str(tmp_path / "demo" / "pdm-edge.toml"), "models", "list", cwd=tmp_path)
     _ok(r)

@@ -275,6 +275,8 @@ def test_stop_mid_training_writes_a_checkpoint_and_requeues(tmp_path: Path, one_
     r.close()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_models_train_cli_queues_and_runs(tmp_path: Path):
     from tests.conftest import run_cli
 

@@ -169,7 +169,8 @@ for lb in recent:
         st.markdown(head + (f"  \n_{common.md(lb.note)}_" if lb.note else ""))
         if not ev and not vs:
             st.caption("No model event and no new model version since this label (the appliance retrains after "
-                       f"{c.cfg.learning.retrain_after_labels} new labels of a stream).")
+                       f"{c.cfg.learning.retrain_after_labels} new label{'' if c.cfg.learning.retrain_after_labels == 1 else 's'} "
+                       "of a stream).")
         for e in ev:
             st.markdown(f"- {data.fmt_time(e.ts_ns)} — model event **{common.md(e.event)}** {common.md(e.version)}" + (f": {common.md(e.detail)}" if e.detail else ""))
         for v in vs:
