@@ -512,6 +512,7 @@ def test_app_on_a_fresh_install(tmp_path, monkeypatch):
         at.switch_page(page).run()
         assert not at.exception, (page, at.exception)
         assert any("Read-only dashboard" in w.value for w in at.warning), page
+        assert "sign in" not in _texts(at).lower() and "signing in" not in _texts(at), page  # no sign-in that cannot happen
     assert "Service not reachable" in _texts(at)
 
 

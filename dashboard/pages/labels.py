@@ -48,6 +48,9 @@ head[0].markdown("#### Labelling queue")
 horizon = head[1].selectbox("Alerts of the last", list(HORIZONS), index=1, key="queue_horizon")
 if book is None:
     st.error(f"The label book cannot be opened ({book_err}): labels cannot be saved.")
+elif c.read_only:
+    st.info("Labelling needs user accounts, and none are configured (see the banner): the queue is shown read-only.",
+            icon=":material/lock:")
 elif not c.can("label"):
     st.info("Sign in as a technician or engineer (sidebar) to label events. The queue is shown read-only.", icon=":material/lock:")
 

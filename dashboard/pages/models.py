@@ -40,7 +40,9 @@ if not versions:
 streams = sorted({(v["site"], v["machine"], v["sensor"]) for v in versions})
 machines = sorted({f"{s}/{m}" for s, m, _ in streams})
 flt = st.selectbox("Machine", ["all machines", *machines], key="models_machine")
-if not c.can("manage_models"):
+if c.read_only:
+    st.caption(":material/lock: Promote and roll back need user accounts, and none are configured (see the banner).")
+elif not c.can("manage_models"):
     st.caption(":material/lock: Engineers can promote or roll back versions here after signing in.")
 
 
