@@ -446,15 +446,25 @@ def test_browser_every_page_of_the_readme_demo(tmp_path: Path) -> None:
         page.shot("demo-models-rolled-back")
         with Registry(cfg.registry.dir, create=False) as reg:
             assert reg.active("demo", "pump-01", "de-accel").id == before
-            db = reg.db_path
 
-        # an imported package's manifest fields (trigger, reason) are shown as text on every page that shows them
-        import sqlite3
+        # an imported package whose manifest holds markup (trigger, exported id): shown as text on every page
+        import json
+        import zipfile
 
-        with sqlite3.connect(db) as con:
-            con.execute("UPDATE versions SET trigger = ?, reason = ?", ("<img src=y onerror=alert(2)> [t](http://t.example)",
-                                                                         "**bold** <b>x</b> http://t.example"))
-        con.close()
+        pkg, hostile = tmp_path / "v.zip", tmp_path / "hostile.zip"
+        e = run_cli("--config", str(cfg_path), "models", "export", before, str(pkg))
+        assert e.returncode == 0, e.stderr
+        with zipfile.ZipFile(pkg) as z:
+            files = {n: z.read(n) for n in z.namelist() if n != "manifest.sig"}
+        manifest = json.loads(files["manifest.json"])
+        manifest.update(trigger="<img src=y onerror=alert(2)> [t](http://t.example)", id="**bold** <b>x</b> http://t.example",
+                        created_ns=time.time_ns())  # the newest version: the health page names it
+        files["manifest.json"] = json.dumps(manifest).encode()
+        with zipfile.ZipFile(hostile, "w") as z:
+            for n, b in files.items():
+                z.writestr(n, b)
+        i = run_cli("--config", str(cfg_path), "models", "import", str(hostile))
+        assert i.returncode == 0, i.stderr
         for path, title in (("/models", "Model versions"), ("/health", "System health"), ("/labels", "Labelling queue")):
             driver.get(app.url + path)
             page.wait_text(title)
@@ -463,7 +473,7 @@ def test_browser_every_page_of_the_readme_demo(tmp_path: Path) -> None:
                 for attempt in range(3):  # a rerun may replace the expander under the click on a busy machine
                     try:
                         driver.find_element("xpath", "//*[contains(text(), 'Details (training summary')]").click()
-                        page.wait_text("**bold** <b>x</b> http://t.example", timeout=20)
+                        page.wait_text("exported as **bold** <b>x</b> http://t.example", timeout=20)
                         break
                     except (AssertionError, StaleElementReferenceException):
                         if attempt == 2:
