@@ -953,7 +953,8 @@ def _resolve_registry(ctx: click.Context, param: Any, value: str | None) -> str:
             raise click.BadParameter(f"cannot take the registry from the configuration: {err}") from None
     default = "var/registry"
     demo = Path("var/demo")
-    if not (Path(default) / "registry.sqlite").exists() and (demo / "registry" / "registry.sqlite").exists():
+    reads_only = ctx.command.name in ("list", "show", "promote", "rollback", "export")  # those never create one
+    if reads_only and not (Path(default) / "registry.sqlite").exists() and (demo / "registry" / "registry.sqlite").exists():
         raise click.UsageError(f"no model registry at {default}; the demo's is {demo / 'registry'}: "
                                f"pdm-edge --config {demo / 'pdm-edge.toml'} models ... (or --registry {demo / 'registry'})")
     return default
