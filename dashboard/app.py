@@ -27,7 +27,9 @@ st.set_option("client.toolbarMode", "viewer")  # no "Deploy" button on an applia
 
 _PAGES = Path(__file__).resolve().parent / "pages"
 pages = [
-    st.Page(_PAGES / "fleet.py", title="Fleet overview", icon=":material/factory:", url_path="fleet", default=True),
+    st.Page(_PAGES / "fleet.py", title="Fleet overview", icon=":material/factory:", url_path="overview", default=True),
+    # the same page at /fleet (the default page itself is served at /): a link or bookmark to /fleet works
+    st.Page(_PAGES / "fleet.py", title="Fleet overview", icon=":material/factory:", url_path="fleet", visibility="hidden"),
     st.Page(_PAGES / "machine.py", title="Machine detail", icon=":material/monitoring:", url_path="machine"),
     st.Page(_PAGES / "labels.py", title="Labelling queue", icon=":material/label:", url_path="labels"),
     st.Page(_PAGES / "models.py", title="Model versions", icon=":material/model_training:", url_path="models"),

@@ -31,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import threading
+import time
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -194,6 +196,44 @@ def write_users(path: str | os.PathLike[str], users: Mapping[str, UserRecord]) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class LoginThrottle:
+    """Failed sign-ins counted **per account** (the name typed), shared by every browser session
+    of the dashboard process: after ``max_failures`` wrong passwords in a row the account is
+    locked for ``lock_s`` seconds, whatever session, tab or reload the next attempt comes from.
+    A successful sign-in resets the count. Thread-safe (Streamlit runs sessions on threads).
+    In memory: a dashboard restart forgets the counts."""
+
+    def __init__(self, max_failures: int = 5, lock_s: float = 30.0, clock: Any = time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.lock_s = lock_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures: dict[str, int] = {}
+        self._locked_until: dict[str, float] = {}
+
+    def locked_for(self, name: str) -> float:
+        """Seconds the account ``name`` stays locked (0: not locked)."""
+        with self._lock:
+            return max(0.0, self._locked_until.get(name, 0.0) - self._clock())
+
+    def failed(self, name: str) -> bool:
+        """Count a wrong password for ``name``; ``True`` when that locks the account."""
+        with self._lock:
+            n = self._failures.get(name, 0) + 1
+            if n >= self.max_failures:
+                self._failures.pop(name, None)
+                self._locked_until[name] = self._clock() + self.lock_s
+                return True
+            self._failures[name] = n
+            return False
+
+    def succeeded(self, name: str) -> None:
+        """A correct password: forget the account's failures."""
+        with self._lock:
+            self._failures.pop(name, None)
+            self._locked_until.pop(name, None)
 
 
 def oidc_role(users: Mapping[str, UserRecord], name: str | None, email: str | None) -> str | None:

@@ -32,6 +32,29 @@ def _ts(ns: int) -> pd.Timestamp:
     return pd.Timestamp(int(ns), unit="ns", tz="UTC")
 
 
+EVENT_LABEL_PX = 14
+"""Line height of the model-event names on the score chart (px)."""
+
+
+def event_label_rows(times_ns: Sequence[int], start_ns: int, end_ns: int, width_px: float = 900.0,
+                     label_px: float = 230.0) -> list[int]:
+    """The y position (px from the top) of each model-event name (``times_ns`` sorted): a name
+    goes on the first line where the previous name on that line ends at least ``label_px``
+    pixels (at an assumed chart width of ``width_px``) before it starts, so that events close in
+    time ("training_queued" and "calibrated" a second apart) are written on separate lines."""
+    scale = width_px / max(1, end_ns - start_ns)
+    line_end: list[float] = []
+    rows = []
+    for t in times_ns:
+        x = (t - start_ns) * scale
+        line = next((i for i, e in enumerate(line_end) if x >= e), len(line_end))
+        if line == len(line_end):
+            line_end.append(0.0)
+        line_end[line] = x + label_px
+        rows.append(16 + EVENT_LABEL_PX * line)
+    return rows
+
+
 def score_chart(buckets: Sequence[ScoreBucket], every_s: float, start_ns: int, end_ns: int, *,
                 alerts: Sequence[Alert] = (), labels: Sequence[tuple[Label, str]] = (),
                 events: Sequence[ModelEvent] = (), height: int = 340) -> alt.LayerChart:
@@ -40,7 +63,8 @@ def score_chart(buckets: Sequence[ScoreBucket], every_s: float, start_ns: int, e
     the range's end), labels (coloured strip at the top: fault red, normal green, ignore grey)
     and model events (purple dashed rules, named at the bottom)."""
     x_scale = alt.Scale(domain=[_ms(start_ns), _ms(end_ns)], type="utc")
-    fmt = "%H:%M" if end_ns - start_ns <= 2 * 86400 * NS else "%b %d"
+    span_ns = end_ns - start_ns
+    fmt = "%H:%M:%S" if span_ns <= 3600 * NS else "%H:%M" if span_ns <= 2 * 86400 * NS else "%b %d"
     x_axis = alt.Axis(title="time (UTC)", format=fmt, labelOverlap=True)
     df = pd.DataFrame({
         "time": [_ts(b.start_ns) for b in buckets],
@@ -96,17 +120,77 @@ def score_chart(buckets: Sequence[ScoreBucket], every_s: float, start_ns: int, e
         layers.append(alt.Chart(ldf).mark_rule(strokeWidth=2).encode(
             x=alt.X("start:T", scale=x_scale, axis=x_axis), color=color, tooltip=["label", "author", "note", "source"]))
     if events:
+        shown = sorted((e for e in events if start_ns <= e.ts_ns < end_ns), key=lambda e: e.ts_ns)
         edf = pd.DataFrame({
-            "time": [_ts(e.ts_ns) for e in events if start_ns <= e.ts_ns < end_ns],
-            "event": [f"{e.event} {e.version}" for e in events if start_ns <= e.ts_ns < end_ns],
-            "detail": [e.detail[:160] for e in events if start_ns <= e.ts_ns < end_ns],
+            "time": [_ts(e.ts_ns) for e in shown],
+            "event": [f"{e.event} {e.version}" for e in shown],
+            "detail": [e.detail[:160] for e in shown],
+            "y": event_label_rows([e.ts_ns for e in shown], start_ns, end_ns),
         })
         if len(edf):
             layers.append(alt.Chart(edf).mark_rule(color=EVENT_COLOR, strokeDash=[2, 3], strokeWidth=1.5).encode(
                 x=alt.X("time:T", scale=x_scale, axis=x_axis), tooltip=["event", "detail"]))
             layers.append(alt.Chart(edf).mark_text(color=EVENT_COLOR, align="left", dx=3, fontSize=11, baseline="top").encode(
-                x=alt.X("time:T", scale=x_scale, axis=x_axis), y=alt.value(16), text="event:N"))
+                x=alt.X("time:T", scale=x_scale, axis=x_axis), y=alt.Y("y:Q", scale=None), text="event:N"))
     return alt.layer(*layers).properties(height=height).resolve_scale(y="shared")
+
+
+ZONE_COLORS = {"A": "#1a9850", "B": "#a6d96a", "C": "#fdae61", "D": "#d73027"}
+TREND_FIELDS = {"rms": "RMS", "peak": "peak", "crest_factor": "crest factor", "kurtosis": "kurtosis",
+                "band_10_1k": "band 10 Hz-1 kHz", "band_1k_5k": "band 1-5 kHz", "band_5k_up": "band 5 kHz-0.45 fs"}
+
+
+def severity_chart(rows: Sequence[Any], start_ns: int, end_ns: int, zones_mm_s: Sequence[float],
+                   height: int = 220) -> alt.LayerChart:
+    """ISO 20816-3 velocity RMS (mm/s, 10-1000 Hz; maximum per bucket) over time on the zone
+    bands A (green) / B / C / D (red) of the sensor's boundaries."""
+    x_scale = alt.Scale(domain=[_ms(start_ns), _ms(end_ns)], type="utc")
+    span_ns = end_ns - start_ns
+    fmt = "%H:%M:%S" if span_ns <= 3600 * NS else "%H:%M" if span_ns <= 2 * 86400 * NS else "%b %d"
+    x_axis = alt.Axis(title="time (UTC)", format=fmt, labelOverlap=True)
+    df = pd.DataFrame({"time": [_ts(r.start_ns) for r in rows if r.velocity_rms_mm_s is not None],
+                       "velocity": [r.velocity_rms_mm_s for r in rows if r.velocity_rms_mm_s is not None],
+                       "zone": [r.zone for r in rows if r.velocity_rms_mm_s is not None],
+                       "when": [fmt_time(r.start_ns) for r in rows if r.velocity_rms_mm_s is not None]})
+    b = list(zones_mm_s)
+    top = max([b[2] * 1.5] + [float(v) * 1.1 for v in df["velocity"]])
+    bands = pd.DataFrame({"zone": list("ABCD"), "lo": [0.0, b[0], b[1], b[2]], "hi": [b[0], b[1], b[2], top],
+                          "start": [_ts(start_ns)] * 4, "end": [_ts(end_ns)] * 4})
+    y = alt.Y("lo:Q", title="velocity RMS 10-1000 Hz (mm/s)", scale=alt.Scale(domain=[0, top], nice=False))
+    layers = [alt.Chart(bands).mark_rect(opacity=0.18).encode(
+        x=alt.X("start:T", scale=x_scale, axis=x_axis), x2="end:T", y=y, y2="hi:Q", color=alt.Color("zone:N", scale=alt.Scale(domain=list(ZONE_COLORS), range=list(ZONE_COLORS.values())),
+                                        legend=alt.Legend(title="ISO 20816-3 zone", orient="top", direction="horizontal")),
+        tooltip=["zone", alt.Tooltip("lo:Q", title="from mm/s"), alt.Tooltip("hi:Q", title="to mm/s")])]
+    if len(df):
+        layers.append(alt.Chart(df).mark_line(color="#222", strokeWidth=1.5, interpolate="step-after", point=True).encode(
+            x=alt.X("time:T", scale=x_scale, axis=x_axis), y=alt.Y("velocity:Q", scale=alt.Scale(domain=[0, top], nice=False)),
+            tooltip=[alt.Tooltip("when:N", title="bucket start"), alt.Tooltip("velocity:Q", format=".2f", title="mm/s"), "zone"]))
+    return alt.layer(*layers).properties(height=height)
+
+
+def trend_charts(rows: Sequence[Any], start_ns: int, end_ns: int, unit: str, height: int = 150) -> list[alt.Chart]:
+    """Condition trends (maximum per bucket), one small chart per value: RMS and peak (unit),
+    crest factor and kurtosis (dimensionless), band energies (unit²)."""
+    span_ns = end_ns - start_ns
+    fmt = "%H:%M:%S" if span_ns <= 3600 * NS else "%H:%M" if span_ns <= 2 * 86400 * NS else "%b %d"
+    df = pd.DataFrame({"time": [_ts(r.start_ns) for r in rows], "when": [fmt_time(r.start_ns) for r in rows]})
+    titles = {"rms": f"RMS ({unit})", "peak": f"peak ({unit})", "crest_factor": "crest factor", "kurtosis": "kurtosis",
+              "band_10_1k": f"band 10 Hz-1 kHz ({unit}²)", "band_1k_5k": f"band 1-5 kHz ({unit}²)",
+              "band_5k_up": f"band 5 kHz-0.45 fs ({unit}²)"}
+    # the range's ends as invisible points: a one-layer chart with an explicit temporal domain draws its
+    # line at the left edge in Streamlit 1.67 (seen in the browser), a data-driven domain does not
+    ends = pd.DataFrame({"time": [_ts(start_ns), _ts(end_ns)]})
+    x = alt.X("time:T", axis=alt.Axis(title=None, format=fmt, labelOverlap=True, tickCount=4))
+    panels = []
+    for f, title in titles.items():
+        d = df.assign(value=[float(getattr(r, f)) for r in rows])
+        line = alt.Chart(d).mark_line(strokeWidth=1.4, interpolate="step-after", color=SCORE_COLOR).encode(
+            x=x, y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False), axis=alt.Axis(format=".3~g")),
+            tooltip=[alt.Tooltip("when:N", title="bucket start"), alt.Tooltip("value:Q", format=".4g", title=title)])
+        edge = alt.Chart(ends).mark_point(opacity=0).encode(x=x)
+        panels.append(alt.layer(edge, line, title=alt.TitleParams(title, fontSize=11, fontWeight="normal"))
+                      .properties(height=height))
+    return panels
 
 
 def spectrum_chart(spectra: Sequence[Spectrum], *, title: str, markers: Mapping[str, float] | None = None,
@@ -131,7 +215,7 @@ def spectrum_chart(spectra: Sequence[Spectrum], *, title: str, markers: Mapping[
     layers: list[alt.Chart] = [alt.Chart(df).mark_line(strokeWidth=1.3, clip=True).encode(
         x=x, y=alt.Y("value:Q", title=y_title, scale=alt.Scale(zero=kind != "psd")),
         color=alt.Color("spectrum:N", scale=alt.Scale(domain=[sp.label for sp in spectra], range=palette[:max(1, len(spectra))]),
-                        legend=alt.Legend(orient="top", title=None, labelLimit=520)),
+                        legend=alt.Legend(orient="bottom", direction="vertical", title=None, labelLimit=0)),
         tooltip=[alt.Tooltip("spectrum:N"), alt.Tooltip("frequency:Q", format=".1f", title="Hz"),
                  alt.Tooltip("value:Q", format=".3g")])]
     if markers:

@@ -33,7 +33,7 @@ from typing import Any
 import streamlit as st
 
 from dashboard import data
-from dashboard.auth import User, UserRecord, UsersError, can, load_users, oidc_role, verify_password
+from dashboard.auth import LoginThrottle, User, UserRecord, UsersError, can, load_users, oidc_role, verify_password
 from pdm_edge.config import AppConfig, load_config
 from pdm_edge.errors import ConfigError, StoreError
 
@@ -182,6 +182,12 @@ def tick(c: Ctx) -> int:
 
 # -- resources ---------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False)
+def login_throttle() -> LoginThrottle:
+    """The process-wide failed-sign-in counts (per account, across browser sessions)."""
+    return LoginThrottle(LOGIN_MAX_FAILURES, LOGIN_LOCK_S)
+
+
+@st.cache_resource(show_spinner=False)
 def _store(store_key: str, _cfg: Any) -> Any:
     from pdm_edge.store.factory import open_store
 
@@ -254,6 +260,15 @@ def q_buckets(cfg_key: str, site: str, machine: str, sensor: str, start_ns: int,
 
 
 @st.cache_data(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
+def q_condition_buckets(cfg_key: str, site: str, machine: str, sensor: str, start_ns: int, end_ns: int, every_s: float,
+                        tick_: int, _c: Ctx) -> list[Any]:
+    store, err = get_store(_c)
+    if store is None:
+        raise StoreError(err or "store unavailable")
+    return store.query_condition_buckets(site, machine, sensor, start_ns, end_ns, every_s)
+
+
+@st.cache_data(ttl=QUERY_TTL_S, max_entries=64, show_spinner=False)
 def q_alerts(cfg_key: str, site: str, machine: str, start_ns: int, end_ns: int, tick_: int, _c: Ctx) -> list[Any]:
     store, err = get_store(_c)
     if store is None:
@@ -271,7 +286,7 @@ def q_model_events(cfg_key: str, site: str, machine: str, start_ns: int, end_ns:
 
 def clear_query_caches() -> None:
     """Forget cached query answers (after a write)."""
-    for fn in (q_registry_versions, q_fleet, q_buckets, q_alerts, q_model_events):
+    for fn in (q_registry_versions, q_fleet, q_buckets, q_condition_buckets, q_alerts, q_model_events):
         fn.clear()
 
 
@@ -305,7 +320,7 @@ def sidebar_login(c: Ctx) -> None:
         st.markdown("### Access")
         if c.oidc:
             if c.user is not None:
-                st.write(f"Signed in as **{c.user.name}** ({c.user.role})")
+                st.write(f"Signed in as **{md(c.user.name)}** ({c.user.role})")
                 if st.button("Sign out"):
                     st.logout()
             else:
@@ -324,31 +339,28 @@ def sidebar_login(c: Ctx) -> None:
             st.caption("No users configured: view only.")
             return
         if c.user is not None:
-            st.write(f"Signed in as **{c.user.name}** · {c.user.role}")
+            st.write(f"Signed in as **{md(c.user.name)}** · {c.user.role}")
             if st.button("Sign out", key="signout"):
                 for k in [k for k in st.session_state if k == USER_KEY or str(k).startswith("pdm_pending")]:
                     del st.session_state[k]  # pending (unconfirmed) actions go with the user
                 st.rerun()
             return
-        locked_until = st.session_state.get("pdm_login_locked_until", 0.0)
         with st.form("login", clear_on_submit=False):
             name = st.text_input("User", key="login_user")
             pw = st.text_input("Password", type="password", key="login_password")
             submitted = st.form_submit_button("Sign in", type="primary")
         if submitted:
-            if time.time() < locked_until:
-                st.error(f"Too many failed attempts; try again in {locked_until - time.time():.0f} s.")
-            elif verify_password(c.users.get(name.strip()), pw):
-                rec = c.users[name.strip()]
+            throttle, who = login_throttle(), name.strip()
+            wait = throttle.locked_for(who)
+            if wait > 0:
+                st.error(f"Too many failed attempts for this account; try again in {wait:.0f} s.")
+            elif verify_password(c.users.get(who), pw):
+                rec = c.users[who]
+                throttle.succeeded(who)
                 st.session_state[USER_KEY] = {"name": rec.name, "role": rec.role}
-                st.session_state.pop("pdm_login_failures", None)
                 st.rerun()
             else:
-                n = st.session_state.get("pdm_login_failures", 0) + 1
-                st.session_state["pdm_login_failures"] = n
-                if n >= LOGIN_MAX_FAILURES:
-                    st.session_state["pdm_login_locked_until"] = time.time() + LOGIN_LOCK_S
-                    st.session_state["pdm_login_failures"] = 0
+                throttle.failed(who)
                 st.error("Unknown user or wrong password.")
         st.caption("Sign in to label events (technician) or manage models (engineer). Viewing needs no sign-in.")
 
@@ -367,16 +379,21 @@ def show_flash() -> None:
         getattr(st, kind)(message, icon=icons.get(kind))
 
 
-_MD_SPECIAL = set("\\`*_{}[]<>()#+-.!|~$:=\"'")
+_WJ = "\u2060"
+_MD_SPECIAL = set("\\`*_{}[]<>()#+-.!|~$=\"'&")
 
 
 def md(text: str | None) -> str:
-    """Free text (a note, an author, a reason) made literal for ``st.markdown``: every ASCII
+    """Free text (a note, an author, a reason, an id) made literal for ``st.markdown``: every ASCII
     punctuation character that Markdown or Streamlit's extensions (``:red[...]``,
-    ``:material/...:``, ``$...$``) could read is backslash-escaped; newlines become line breaks."""
+    ``$...$``) could read is backslash-escaped, and ``:`` is written as the character reference
+    ``&#58;`` (so that ``:material/...:`` is not recognised); a WORD JOINER (U+2060, invisible)
+    goes before ``://``, after ``www`` and after ``@``, because GFM turns a bare URL or e-mail address
+    in the *rendered* text into a link whatever its escaping; newlines become line breaks."""
     if not text:
         return ""
-    out = "".join("\\" + ch if ch in _MD_SPECIAL else ch for ch in str(text))
+    text = str(text).replace("://", _WJ + "://").replace("www.", "www" + _WJ + ".").replace("@", "@" + _WJ)
+    out = "".join("\\" + ch if ch in _MD_SPECIAL else "&#58;" if ch == ":" else ch for ch in text)
     return out.replace("\r\n", "\n").replace("\n", "  \n")
 
 

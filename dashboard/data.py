@@ -60,11 +60,15 @@ from typing import Any
 
 import numpy as np
 
+from pdm_edge import condition as _condition
 from pdm_edge.config import AppConfig, SensorConfig, parse_host_port
 from pdm_edge.store.base import MachineState, ModelEvent, ScoreBucket, Store
 from pdm_edge.types import Alert, Label, Window
 
 NS = 1_000_000_000
+GROUP2_RIGID_MM_S = _condition.GROUP2_RIGID_MM_S
+"""Default ISO 20816-3 zone boundaries (mm/s), for the pages."""
+ZONE_MEANING = _condition.ZONE_MEANING
 
 STATUSES: tuple[str, ...] = ("alarm", "warning", "stale", "uncalibrated", "normal")
 """What the fleet view shows per machine, most urgent first (the sort order)."""
@@ -199,6 +203,11 @@ class FleetRow:
     registry_active: tuple[str, ...] = ()
     sensors: tuple[SensorState, ...] = ()
     silent_sensors: tuple[str, ...] = ()
+    zone: str | None = None
+    """ISO 20816-3 zone (A-D) of the newest condition record, the worst over the machine's
+    sensors; ``None`` without one (acoustic only, or never measured)."""
+    velocity_rms_mm_s: float | None = None
+    """The velocity RMS (mm/s, 10-1000 Hz) behind ``zone``."""
 
     @property
     def key(self) -> str:
@@ -306,6 +315,15 @@ def _scored_row(store: Store, ms: MachineState, now_ns: int, stale_ns: int, stre
         last_score, last_thr = worst.score, worst.threshold
     ever = ms.last_score_ns is not None
     stale = not ever or now_ns - (ms.last_score_ns or 0) > stale_ns
+    zone, vel = None, None
+    if ms.last_score_ns is not None:
+        newest: dict[str, Any] = {}
+        for cnd in store.query_conditions(ms.site, ms.machine, ms.last_score_ns - stale_ns, ms.last_score_ns + 1):
+            if cnd.zone is not None:
+                newest[cnd.sensor] = cnd  # sorted by time: the newest wins
+        if newest:
+            worst = max(newest.values(), key=lambda x: (x.zone, x.velocity_rms_mm_s or 0.0))
+            zone, vel = worst.zone, worst.velocity_rms_mm_s
     known = {se for s, m, se in streams if (s, m) == (ms.site, ms.machine)}
     return FleetRow(
         site=ms.site, machine=ms.machine, status=machine_display_status(state, stale, ever), state=state, stale=stale,
@@ -313,7 +331,28 @@ def _scored_row(store: Store, ms: MachineState, now_ns: int, stale_ns: int, stre
         age_s=None if ms.last_score_ns is None else (now_ns - ms.last_score_ns) / NS, open_alerts=ms.open_alerts,
         model_version=ms.model_version, registry_active=tuple(sorted(active.get((ms.site, ms.machine), []))),
         sensors=tuple(sensors[k] for k in sorted(sensors)), silent_sensors=tuple(sorted(known - set(sensors))),
+        zone=zone, velocity_rms_mm_s=vel,
     )
+
+
+def stale_alarm(row: FleetRow) -> bool:
+    """An alarm whose newest score is older than ``stale_after_s``: shown and counted as an alarm,
+    and marked stale."""
+    return row.status == "alarm" and row.stale and row.last_score_ns is not None
+
+
+def status_text(row: FleetRow) -> str:
+    """The fleet table's status: urgent states in capitals; a stale alarm says so
+    (``"ALARM · stale"``), so that the table agrees with the "stale" definition in its caption."""
+    text = row.status.upper() if row.status in ("alarm", "warning", "stale") else row.status
+    return text + " · stale" if stale_alarm(row) else text
+
+
+def zone_text(zone: str | None, velocity_mm_s: float | None) -> str:
+    """``"B · 2.26 mm/s"`` (ISO 20816-3 zone and velocity RMS), ``"—"`` without one."""
+    if zone is None or velocity_mm_s is None:
+        return "—"
+    return f"{zone} · {velocity_mm_s:.2f} mm/s"
 
 
 def status_counts(rows: Iterable[FleetRow]) -> dict[str, int]:
@@ -345,6 +384,65 @@ def score_buckets(store: Store, site: str, machine: str, sensor: str, start_ns: 
     away). Returns ``(buckets, bucket length in s)``."""
     every = bucket_seconds((end_ns - start_ns) / NS, max_points)
     return store.query_score_buckets(site, machine, sensor, start_ns, end_ns, every), every
+
+
+def score_span(store: Store, site: str, machine: str, sensor: str, newest_ns: int,
+               max_s: float = 30 * 86400.0) -> tuple[int, int] | None:
+    """``(first, last)`` window start (ns) of one sensor's scores in the ``max_s`` seconds up to
+    ``newest_ns`` (the machine's newest score), ``None`` when it has none there. Found with
+    downsampled queries (:meth:`Store.query_score_buckets`: days, then minutes, then seconds),
+    so it costs the same on a month of data as on a minute; exact to the second."""
+    def narrow(lo: int, hi: int, first: bool) -> int | None:
+        t = None
+        for every in (86400.0, 60.0, 1.0):
+            b = store.query_score_buckets(site, machine, sensor, lo, hi, every)
+            if not b:
+                return t
+            t = b[0].start_ns if first else b[-1].start_ns
+            lo, hi = max(lo, t), min(hi, t + round(every * NS))
+        return t
+
+    end = newest_ns + NS
+    start = end - round(max_s * NS)
+    first = narrow(start, end, True)
+    last = narrow(start, end, False)
+    if first is None or last is None:
+        return None
+    return first, max(first, last)
+
+
+def chart_range(span: tuple[int, int] | None, now_ns: int, span_s: float | None,
+                newest_ns: int | None) -> tuple[int, int, str]:
+    """The score chart's ``(start_ns, end_ns, note)``.
+
+    ``span_s`` ``None`` ("data span", the default): the sensor's scores ``span`` with 5 % room on
+    each side (at least 10 s), so that a minute of data fills the chart instead of being a line
+    at its edge. Otherwise the ``span_s`` seconds up to now (bucket-aligned), or up to the
+    newest score when there is none in that range (with a note saying so)."""
+    if span_s is None:
+        if span is None:
+            return now_ns - 3600 * NS, now_ns, ""
+        first, last = span
+        pad = max(10 * NS, (last - first) // 20)
+        return first - pad, last + pad, ""
+    every_ns = round(bucket_seconds(span_s) * NS)
+    end_ns = math.ceil(now_ns / every_ns) * every_ns
+    note = ""
+    if newest_ns is not None and newest_ns < end_ns - round(span_s * NS):
+        end_ns = (newest_ns // every_ns + 2) * every_ns
+        note = f"No score in the last {fmt_duration(span_s)}: showing the {fmt_duration(span_s)} up to the newest score ({fmt_time(newest_ns)})."
+    return end_ns - round(span_s * NS), end_ns, note
+
+
+def alert_peak(store: Store, alert: Alert, now_ns: int) -> float:
+    """An alert's peak score: the stored one for a cleared alert; for an open one, the highest
+    score of its sensor from its start to ``now_ns`` (the stored record is the raise's, and the
+    score may have grown a lot since)."""
+    if alert.end_ns is not None or now_ns <= alert.start_ns:
+        return alert.peak_score
+    b = store.query_score_buckets(alert.site, alert.machine, alert.sensor, alert.start_ns, now_ns + 1,
+                                  (now_ns - alert.start_ns) / NS + 1.0)
+    return max([alert.peak_score] + [x.max_score for x in b])
 
 
 def sensors_of(store: Store, cfg: AppConfig, site: str, machine: str, newest_ns: int | None,
@@ -723,8 +821,20 @@ class ServiceHealth:
 
 
 def service_health(cfg: AppConfig, timeout_s: float = 1.5) -> ServiceHealth:
-    """Read ``/healthz`` and ``/metrics`` of the service at ``[service] http``."""
-    host, port = parse_host_port(cfg.service.http, 9108)
+    """Read ``/healthz`` and ``/metrics`` of the service at ``[service] http``.
+
+    An address the dashboard cannot reach by construction (``"127.0.0.1:0"``: the service binds
+    a free port that only it knows; or an invalid address) is reported as unreachable with the
+    reason, never raised."""
+    if cfg.service.http.strip().rsplit(":", 1)[-1] == "0":
+        why = (f"[service] http = {cfg.service.http!r}: port 0 lets the service take any free port, which the dashboard "
+               "cannot know; set a fixed port to see the service here")
+        return ServiceHealth(f"http://{cfg.service.http}", None, why, (), "not asked", time.time_ns())
+    try:
+        host, port = parse_host_port(cfg.service.http, 9108)
+    except ValueError as exc:
+        return ServiceHealth(f"http://{cfg.service.http}", None, f"[service] http = {cfg.service.http!r}: {exc}", (),
+                             "not asked", time.time_ns())
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
     base = f"http://{host if ':' not in host else '[' + host + ']'}:{port}"

@@ -161,6 +161,7 @@ def _build(root: str | os.PathLike[str], datasets: str | os.PathLike[str] | None
            passwords: dict[str, str] | None, max_epochs: int, max_train_s: float, t_start: float,
            timings: dict[str, float]) -> DemoState:
     from dashboard.auth import UserRecord, hash_password, write_users
+    from pdm_edge import condition
     from pdm_edge.alerts import AlertTracker
     from pdm_edge.config import load_config
     from pdm_edge.feedback import LabelBook, LabelledWindowBuffer, submit_label
@@ -236,6 +237,7 @@ def _build(root: str | os.PathLike[str], datasets: str | os.PathLike[str] | None
             scores.append(score)
             alerts_out += tracker.update(score, start + win_ns)
         store.write_scores(scores)
+        store.write_conditions(condition.for_windows([w for w, s in zip(windows, scores) if s.threshold is not None]))
         store.write_alerts(alerts_out)
         return windows, alerts_out, [t0 + i * hop_ns for i in range(len(items))]
 

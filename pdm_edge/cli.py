@@ -35,6 +35,8 @@ from pdm_edge.types import Window
 log = logging.getLogger("pdm_edge")
 
 CONFIG_SEARCH = ("pdm-edge.toml", "/etc/pdm-edge/pdm-edge.toml")
+BROKER_WAIT_S = 10.0
+"""How long ``pdm-edge ingest`` waits for the broker before saying it cannot be reached."""
 
 
 def _find_config(path: str | None) -> str | None:
@@ -219,9 +221,12 @@ def _print_summary(stats: Any, published: int | None = None) -> None:
 @click.option("--count", type=int, default=0, help="Stop after this many windows (0 = run until Ctrl-C).")
 @click.option("--duration", "duration_s", type=float, default=0.0, help="Stop after this many seconds (0 = no limit).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per window instead of a text line.")
+@click.option("--wait-broker", "wait_broker_s", type=click.FloatRange(0.1, 3600), default=BROKER_WAIT_S, show_default=True,
+              help="Seconds to wait for the broker before giving up with an error.")
 @click.pass_obj
 @_handle_errors
-def ingest(obj: _Ctx, broker: str | None, protocol: str | None, accept_unknown: bool, count: int, duration_s: float, as_json: bool) -> None:
+def ingest(obj: _Ctx, broker: str | None, protocol: str | None, accept_unknown: bool, count: int, duration_s: float, as_json: bool,
+           wait_broker_s: float) -> None:
     """Run the ingestion stage and print every window that arrives."""
     from pdm_edge.ingest import Ingestor
 
@@ -231,6 +236,10 @@ def ingest(obj: _Ctx, broker: str | None, protocol: str | None, accept_unknown: 
     cfg = obj.config(overrides)
     ing = Ingestor(cfg)
     ing.start()
+    if not ing.wait_ready(wait_broker_s):
+        ing.stop(timeout=1.0)
+        raise PdmEdgeError(f"cannot reach the MQTT broker at {cfg.mqtt.broker} (no connection within {wait_broker_s:g} s): "
+                           "is it running? Set it with --broker HOST:PORT or [mqtt] broker")
     click.echo(f"ingesting from {cfg.mqtt.broker} (pdm/v1/+/+/+/waveform); Ctrl-C to stop", err=True)
     deadline = time.monotonic() + duration_s if duration_s > 0 else math.inf
     n = 0
@@ -513,6 +522,49 @@ def run_cmd(ctx: click.Context, log_format: str, stop_timeout_s: float) -> None:
 
 
 # -- demo ------------------------------------------------------------------------------------
+def _dashboard_importable() -> None:
+    """Make ``import dashboard`` work: the dashboard is not an installed package, it is the
+    checkout's ``dashboard/`` beside ``pdm_edge/``."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.append(root)
+
+
+DEMO_USERS = (("tech", "technician"), ("eng", "engineer"))
+"""The demo's dashboard accounts: a technician (labels) and an engineer (labels, promote, roll back)."""
+
+
+def demo_users(path: Path) -> dict[str, str]:
+    """Write the demo's users file (``path``, mode 0600) with :data:`DEMO_USERS`, each with a
+    fresh random password; returns ``{name: password}``. Local demo accounts: the demo's
+    dashboard listens on 127.0.0.1 only."""
+    import secrets
+
+    _dashboard_importable()
+    from dashboard.auth import UserRecord, hash_password, write_users
+
+    passwords = {name: secrets.token_urlsafe(9) for name, _ in DEMO_USERS}
+    write_users(path, {name: UserRecord(name, role, hash_password(passwords[name])) for name, role in DEMO_USERS})
+    return passwords
+
+
+def demo_sensor_config(rec: Any) -> dict[str, Any]:
+    """The demo sensor's configuration from the recording: kind, rate, unit, 1 s windows with
+    0.5 s hop, and, when the recording's metadata give them (the bundled simulator sample: an
+    SKF 6205 at 25 Hz), the bearing geometry and shaft speed, so that the dashboard's envelope
+    spectrum marks BPFO, BPFI, BSF and FTF."""
+    out: dict[str, Any] = {"kind": rec.kind, "sample_rate_hz": rec.sample_rate_hz, "unit": rec.unit,
+                           "window_s": 1.0, "hop_s": 0.5}
+    meta = rec.metadata or {}
+    bearing = meta.get("bearing")
+    shaft = meta.get("shaft_hz")
+    if rec.kind == "vibration" and isinstance(bearing, dict) and isinstance(shaft, (int, float)) and shaft > 0:
+        keys = ("n_elements", "element_diameter_mm", "pitch_diameter_mm", "contact_angle_deg", "name")
+        out["shaft_hz"] = float(shaft)
+        out["bearing"] = {k: bearing[k] for k in keys if k in bearing}
+    return out
+
+
 def _start_dashboard(cfg_path: Path, port: int) -> Any:
     """Start ``streamlit run dashboard/app.py`` on ``port`` with ``PDM_EDGE_CONFIG=cfg_path``;
     returns the process, or None (with the reason printed) when the dashboard is unavailable."""
@@ -528,6 +580,7 @@ def _start_dashboard(cfg_path: Path, port: int) -> Any:
         click.echo("dashboard unavailable: streamlit is not installed in this environment")
         return None
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
+                             "--server.address", "127.0.0.1",  # the demo's accounts are local only
                              "--server.port", str(port), "--browser.gatherUsageStats", "false"],
                             cwd=app.parent.parent, env={**os.environ, "PDM_EDGE_CONFIG": str(cfg_path.resolve())})
     click.echo(f"dashboard on http://localhost:{port} (streamlit, pid {proc.pid})")
@@ -585,13 +638,28 @@ def demo(speed: str, recording: str | None, calibration_s: float, state_dir: str
         events.append(f"{stream} {event}: {detail}")
         click.echo(f"--- {stream} {event}: {detail}")
 
+    statuses: dict[str, int] = {}
+    arrival: dict[int, str] = {}  # window index -> the stream's state when it was handled
+    scored: set[int] = set()
+    why = {
+        "collecting": f"(collecting): the first {calibration_s:g} s of windows are the machine's normal baseline; they "
+                      "calibrate the model and get no score",
+        "calibrating": "(calibrating): the adapter is being trained on the baseline (in the background, up to 30 s); "
+                       "windows that arrive meanwhile wait in a backlog and are scored as soon as the model is ready",
+    }
+
     def on_window(w: Window, status: str) -> None:
         if not t0_ns:
             t0_ns.append(w.start_ns)
+        statuses[status] = statuses.get(status, 0) + 1
+        arrival[w.index] = status
         if not quiet:
+            if statuses[status] == 1 and status in why:
+                click.echo(why[status])
             click.echo(window_line(w) + ("" if status == "scoring" else f"  ({status})"))
 
     def on_score(win: Window, sc: Any) -> None:
+        scored.add(win.index)
         if not quiet:
             click.echo(f"    score {sc.score:7.2f}  threshold {sc.threshold:5.2f}  window {_fmt_ns(win.start_ns)}"
                        + ("  ABOVE" if sc.is_anomaly else ""))
@@ -612,15 +680,17 @@ def demo(speed: str, recording: str | None, calibration_s: float, state_dir: str
             "spool": {"path": str(absolute / "spool.sqlite")},
             "feedback": {"state_dir": str(absolute)},
             "registry": {"dir": str(absolute / "registry")},
-            "learning": {"calibration_s": calibration_s, "max_train_seconds": 30.0},
+            # one label retrains (a technician's label in the demo's dashboard gives the engineer a version to promote)
+            "learning": {"calibration_s": calibration_s, "max_train_seconds": 30.0, "retrain_after_labels": 1},
             # one window per batch: every window's line is printed with its own score
             "service": {"http": "127.0.0.1:0", "torch_threads": max(1, (os.cpu_count() or 2) - 1), "score_batch": 1},
             "alerts": {"k": 3, "n": 5},
-            "sensors": {f"{site}/{machine}/{sensor}": {
-                "kind": rec.kind, "sample_rate_hz": rec.sample_rate_hz, "unit": rec.unit, "window_s": 1.0, "hop_s": 0.5}},
+            "dashboard": {"users_file": str(absolute / "users.toml")},
+            "sensors": {f"{site}/{machine}/{sensor}": demo_sensor_config(rec)},
         }, environ={})
         cfg_path = state / "pdm-edge.toml"
         cfg_path.write_text(config_toml(cfg))
+        passwords = demo_users(absolute / "users.toml")
         svc = Service(cfg, encoder=encoder, encoder_sha256=sha,
                       hooks=ServiceHooks(on_window=on_window, on_score=on_score, on_alert=on_alert, on_model_event=on_model_event))
         click.echo(f"embedded MQTT broker on {broker.address}; encoder {sha[:12]}...; store {state / 'store.sqlite'}")
@@ -631,17 +701,32 @@ def demo(speed: str, recording: str | None, calibration_s: float, state_dir: str
         try:
             if not svc.ingestor.wait_ready(15):
                 raise PdmEdgeError("ingestion did not connect to the embedded broker")
+            # the dashboard reads the configuration: give it the port the service actually bound
+            bound = svc.http_url.removeprefix("http://") if svc.http_url else cfg.service.http
+            cfg_path.write_text(config_toml(cfg.model_copy(update={"service": cfg.service.model_copy(update={"http": bound})})))
             click.echo(f"appliance health {svc.http_url}/healthz, metrics {svc.http_url}/metrics; configuration {cfg_path}")
+            click.echo("dashboard accounts (local demo only, written to " + str(state / "users.toml") + "): "
+                       + ", ".join(f"{n} / {passwords[n]} ({role})" for n, role in DEMO_USERS))
+            marks = cfg.sensors[f"{site}/{machine}/{sensor}"]
+            if marks.bearing is not None and marks.shaft_hz is not None:
+                d = marks.bearing.geometry().defect_frequencies(marks.shaft_hz)
+                click.echo(f"bearing {marks.bearing.name or 'configured'} at {marks.shaft_hz:g} Hz: BPFO {d.bpfo_hz:.1f} Hz, "
+                           f"BPFI {d.bpfi_hz:.1f} Hz, BSF {d.bsf_hz:.1f} Hz, FTF {d.ftf_hz:.1f} Hz (marked on the envelope spectrum)")
             if dashboard:
                 dash = _start_dashboard(cfg_path, dashboard_port)
             pub = ChunkPublisher(cfg.mqtt, site, machine, sensor, sample_rate_hz=rec.sample_rate_hz, unit=rec.unit).start()
             done = threading.Event()
+            rate = _parse_speed(speed)
 
             def _publish() -> None:
                 try:
-                    offset = time.time_ns() - rec.segments[0].start_ns
+                    # stamped so that the recording ends when its replay ends (never in the future, at any speed)
+                    first = rec.segments[0].start_ns
+                    last = max(sg.start_ns + round(sg.samples.shape[-1] / rec.sample_rate_hz * 1e9) for sg in rec.segments)
+                    replay_ns = 0 if math.isinf(rate) else round((last - first) / rate)
+                    offset = time.time_ns() + replay_ns - last
                     publish_timed(pub, iter_chunks(((s.start_ns, s.samples) for s in rec.segments), rec.sample_rate_hz, 0.1),
-                                  speed=_parse_speed(speed), time_offset_ns=offset)
+                                  speed=rate, time_offset_ns=offset)
                     pub.flush(30)
                 finally:
                     done.set()
@@ -661,11 +746,16 @@ def demo(speed: str, recording: str | None, calibration_s: float, state_dir: str
             raised = [a for a in alerts if a.state == "raised"]
             click.echo(f"  calibration            {'; '.join(events) or 'not reached'}")
             click.echo(f"  scores stored          {n_scores} (SQLite store {state / 'store.sqlite'})")
+            on_arrival = sum(1 for i in scored if arrival.get(i) == "scoring")
+            click.echo(f"  window outcomes        {len(arrival)}: {len(set(arrival) - scored)} calibration baseline (not scored), "
+                       f"{len(scored) - on_arrival} waited while the model trained (scored after it), "
+                       f"{on_arrival} scored on arrival")
             first = f", first from {(raised[0].start_ns - t0_ns[0]) / 1e9:.1f} s into the recording" if raised and t0_ns else ""
             click.echo(f"  alerts raised          {len(raised)}{first}")
             fault = rec.metadata.get("onset_s")
             if fault is not None:
                 click.echo(f"  fault onset (truth)    {float(fault):.1f} s into the recording")
+            click.echo(f"  model registry         {state / 'registry'}: pdm-edge --config {cfg_path} models list")
             if dash is not None:
                 click.echo(f"\nthe appliance and the dashboard (http://localhost:{dashboard_port}) keep running; Ctrl-C to stop")
                 try:
@@ -682,6 +772,64 @@ def demo(speed: str, recording: str | None, calibration_s: float, state_dir: str
                 except Exception:
                     dash.kill()
             svc.stop(timeout=60)
+
+
+# -- report ----------------------------------------------------------------------------------
+@main.command("report")
+@click.argument("machine_key", metavar="SITE/MACHINE")
+@click.option("--hours", type=click.FloatRange(min=0.001), default=None,
+              help="The period: this many hours up to --end [default: the machine's data span, at most 30 days].")
+@click.option("--end", "end", default=None, help="End of the period (ISO 8601 or epoch ns) [default: now].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Directory for the report (HTML) and the CSV exports.")
+@click.pass_obj
+@_handle_errors
+def report_cmd(obj: _Ctx, machine_key: str, hours: float | None, end: str | None, out_dir: str) -> None:
+    """Write a machine's report: printable HTML (alerts, labels, score and ISO 20816-3 severity
+    trends, spectra of the top alert, model versions) and CSV exports of its scores and alerts.
+
+    Reads the configured store, registry and label book; writes
+    OUT/report-SITE-MACHINE-<end>.html, scores-....csv and alerts-....csv. Print the HTML to PDF
+    from a browser."""
+    from pdm_edge.feedback import LabelBook, parse_time
+    from pdm_edge.store.factory import open_store
+
+    _dashboard_importable()
+    from dashboard import data
+    from dashboard.report import build_report, data_period
+
+    parts = machine_key.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise click.UsageError(f"SITE/MACHINE expected, got {machine_key!r}")
+    site, machine = parts
+    cfg = obj.config()
+    store = open_store(cfg.store, create_database=False)
+    end_ns = parse_time(end, "--end") if end else time.time_ns()
+    if hours is not None:
+        start_ns = end_ns - round(hours * 3600e9)
+    else:
+        span = data_period(store, cfg, site, machine)
+        if span is None:
+            store.close()
+            raise PdmEdgeError(f"{site}/{machine} has no scores in the store; give the period with --hours")
+        start_ns, end_ns = span if not end else (span[0], end_ns)
+    registry = data.open_registry(cfg.registry.dir)
+    book_path = Path(cfg.feedback.state_dir) / LabelBook.FILENAME
+    book = LabelBook(book_path) if book_path.is_file() else None
+    try:
+        rep = build_report(store, cfg, site, machine, start_ns, end_ns, registry=registry, book=book)
+    finally:
+        for x in (store, registry, book):
+            if x is not None:
+                x.close()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.fromtimestamp(end_ns / 1e9, tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    name = f"{site}-{machine}-{stamp}"
+    for prefix, text in (("report", rep.html), ("scores", rep.scores_csv), ("alerts", rep.alerts_csv)):
+        path = out / f"{prefix}-{name}.{'html' if prefix == 'report' else 'csv'}"
+        path.write_text(text, encoding="utf-8")
+        click.echo(f"{prefix:<7} {path} ({len(text.encode()) / 1024:.0f} KiB)")
 
 
 # -- labels ----------------------------------------------------------------------------------
@@ -795,9 +943,31 @@ def models_group() -> None:
     """
 
 
+def _resolve_registry(ctx: click.Context, param: Any, value: str | None) -> str:
+    """``--registry``, else ``[registry] dir`` of the configuration (``--config``,
+    ``$PDM_EDGE_CONFIG``, ``./pdm-edge.toml``), else ``var/registry``. When that does not exist
+    and the demo's does (``var/demo/registry``), the error says how to use it."""
+    if value:
+        return value
+    obj = ctx.find_object(_Ctx)
+    if obj is not None and obj.config_path is not None:
+        try:
+            return obj.config().registry.dir
+        except ConfigError as err:
+            raise click.BadParameter(f"cannot take the registry from the configuration: {err}") from None
+    default = "var/registry"
+    demo = Path("var/demo")
+    reads_only = ctx.command.name in ("list", "show", "promote", "rollback", "export")  # those never create one
+    if reads_only and not (Path(default) / "registry.sqlite").exists() and (demo / "registry" / "registry.sqlite").exists():
+        raise click.UsageError(f"no model registry at {default}; the demo's is {demo / 'registry'}: "
+                               f"pdm-edge --config {demo / 'pdm-edge.toml'} models ... (or --registry {demo / 'registry'})")
+    return default
+
+
 def _registry_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--registry", "registry_dir", type=click.Path(file_okay=False), default=None,
-                        help="Model registry directory [default: [registry] dir of --config, else var/registry].")(fn)
+                        callback=_resolve_registry,
+                        help="Model registry directory [default: [registry] dir of the configuration, else var/registry].")(fn)
 
 
 def _open_registry(obj: _Ctx, registry_dir: str | None, *, create: bool = False) -> Any:

@@ -204,6 +204,16 @@ class SensorConfig(_Strict):
     defect frequencies (BPFO/BPFI/BSF/FTF) on the dashboard's envelope spectrum."""
     bearing: BearingConfig | None = None
     """The monitored bearing's geometry (vibration sensors)."""
+    severity_zones_mm_s: list[float] = Field(default_factory=lambda: [1.4, 2.8, 4.5])
+    """ISO 20816-3 zone boundaries A/B, B/C, C/D, velocity RMS 10-1000 Hz in mm/s, for the
+    machine's group and support (default: group 2, rigid; see :mod:`pdm_edge.condition`)."""
+
+    @model_validator(mode="after")
+    def _zones(self) -> SensorConfig:
+        from pdm_edge.condition import check_boundaries
+
+        check_boundaries(self.severity_zones_mm_s)  # ValueError with the reason
+        return self
 
     @model_validator(mode="after")
     def _whole_samples(self) -> SensorConfig:

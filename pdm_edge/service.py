@@ -650,6 +650,7 @@ class Service:
         if not pairs:
             return
         self._spool_put("score", [sc for _, sc in pairs])
+        self._spool_conditions([w for w, _ in pairs])
         for win, sc in pairs:
             self.metrics.windows_scored.labels(sc.site, sc.machine, sc.sensor).inc()
             with self._lock:
@@ -670,6 +671,22 @@ class Service:
                     log.exception("holding the windows of alert %s failed", a.id)
                 if self.hooks.on_alert is not None:
                     self._hook(self.hooks.on_alert, a, win)
+
+    def _spool_conditions(self, windows: list[Window]) -> None:
+        """Spool the condition indicators (ISO 20816-3 velocity and zone, RMS, peak, crest factor,
+        kurtosis, band energies: :mod:`pdm_edge.condition`) of the scored windows. A failure
+        here is logged and counted; it never costs a score."""
+        from pdm_edge import condition
+
+        def zones(w: Window) -> Any:
+            sc = self.config.sensor(w.site, w.machine, w.sensor)
+            return sc.severity_zones_mm_s if sc is not None else condition.GROUP2_RIGID_MM_S
+
+        try:
+            self._spool_put("condition", condition.for_windows(windows, zones))
+        except Exception:
+            self.metrics.worker_errors.inc()
+            log.exception("condition indicators of %d windows failed", len(windows))
 
     def _drain_backlog(self) -> None:
         try:

@@ -132,6 +132,15 @@ def test_missing_config_file_and_env_override(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("configuration error: mqtt.qos")
 
 
+def test_ingest_without_a_broker_says_so(tmp_path):
+    from pdm_edge.broker import free_port
+
+    r = run_cli("ingest", "--broker", f"127.0.0.1:{free_port()}", "--wait-broker", "1", timeout=60, cwd=tmp_path,
+                env={"PDM_EDGE_CONFIG": ""})
+    assert r.returncode == 1 and "cannot reach the MQTT broker at 127.0.0.1:" in r.stderr, r.stderr
+    assert "ingesting from" not in r.stderr and "Traceback" not in r.stderr
+
+
 def test_unreachable_broker_is_a_clear_error(tmp_path):
     from pdm_edge.broker import free_port
 
@@ -212,7 +221,7 @@ def test_simulate(cfg_path, ingestor, kind, sensor, n_windows):
 
 
 # -- the README's main command ---------------------------------------------------------------
-def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path):
+def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path, monkeypatch):
     r = run_cli("demo", "--speed", "max", "--state-dir", str(tmp_path / "demo"), timeout=240)
     _ok(r)
     out = r.stdout
@@ -239,7 +248,57 @@ def test_demo_runs_end_to_end_on_the_embedded_broker(tmp_path):
     store = SQLiteStore(tmp_path / "demo" / "store.sqlite")
     try:
         assert len(store.query_scores("demo", "pump-01", 0, 2**62)) == 78
+        conds = store.query_conditions("demo", "pump-01", 0, 2**62)
+        assert len(conds) == 78 and all(c.zone in "ABCD" and c.velocity_rms_mm_s > 0 for c in conds)
+        assert np.mean([c.kurtosis for c in conds[-10:]]) > 3 * np.mean([c.kurtosis for c in conds[:5]])  # the fault's impacts
         assert [a.state for a in store.query_alerts("demo", "pump-01", 0, 2**62)] == ["raised"]
         assert [e.event for e in store.query_model_events("demo", "pump-01", 0, 2**62)] == ["training_queued", "calibrated"]
     finally:
         store.close()
+    # why 119 windows gave 78 scores is said, and adds up
+    m = re.match(r"119: (\d+) calibration baseline \(not scored\), (\d+) waited while the model trained \(scored after it\), "
+                 r"(\d+) scored on arrival", summary["window outcomes"])
+    assert m and int(m.group(1)) == 41 and int(m.group(2)) + int(m.group(3)) == 78, summary["window outcomes"]
+    assert "(collecting): the first 20 s of windows are the machine's normal baseline" in out
+    # the demo's configuration: the simulated bearing (SKF 6205 at 25 Hz) for the BPFO marks, local accounts,
+    # and the service's real port for the dashboard's health page
+    from dashboard import data
+    from dashboard.auth import load_users, verify_password
+    from pdm_edge.config import load_config
+
+    cfg = load_config(tmp_path / "demo" / "pdm-edge.toml", environ={})
+    marks = data.defect_frequencies(cfg.sensor("demo", "pump-01", "de-accel"))
+    assert abs(marks["BPFO"] - 89.6) < 0.5 and "6205" in cfg.sensors["demo/pump-01/de-accel"].bearing.name
+    assert "BPFO 89.6 Hz" in out
+    assert not cfg.service.http.endswith(":0")
+    users = load_users(cfg.dashboard.users_file)
+    assert {u.role for u in users.values()} == {"technician", "engineer"}
+    creds = dict(re.findall(r"(\w+) / (\S+) \((?:technician|engineer)\)", out))
+    assert creds and all(verify_password(users[n], p) for n, p in creds.items())
+    # the machine report: one command, HTML and CSV
+    r = run_cli("--config", str(tmp_path / "demo" / "pdm-edge.toml"), "report", "demo/pump-01", "--out", str(tmp_path / "rep"))
+    _ok(r)
+    html = next((tmp_path / "rep").glob("report-demo-pump-01-*.html")).read_text()
+    assert "Machine report: demo/pump-01" in html and "Defect frequencies: BPFO 89.6 Hz" in html and "B · 2." in html
+    assert len(next((tmp_path / "rep").glob("scores-*.csv")).read_text().splitlines()) == 79
+    # every dashboard page renders on the demo's own configuration without an exception (AppTest; the real
+    # browser does the same in tests/test_dashboard_browser.py, slow suite)
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("PDM_EDGE_CONFIG", str(tmp_path / "demo" / "pdm-edge.toml"))
+    at = AppTest.from_file(str(REPO / "dashboard" / "app.py"), default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    for page in ("pages/fleet.py", "pages/machine.py", "pages/labels.py", "pages/models.py", "pages/health.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, at.exception)
+    assert any("Service not reachable" in e.value for e in at.error)  # the demo's appliance has ended: a reason
+    monkeypatch.delenv("PDM_EDGE_CONFIG")
+    # the registry is found through the demo's configuration, and a bare `models list` next to the demo says where it is
+    r = run_cli("--config", str(tmp_path / "demo" / "pdm-edge.toml"), "models", "list", cwd=tmp_path)
+    _ok(r)
+    assert "demo/pump-01/de-accel" in r.stdout and "active" in r.stdout
+    (tmp_path / "var").mkdir()
+    (tmp_path / "demo").rename(tmp_path / "var" / "demo")
+    r = run_cli("models", "list", cwd=tmp_path, env={"PDM_EDGE_CONFIG": ""})
+    assert r.returncode == 2 and "the demo's is var/demo/registry" in r.stderr, r.stderr

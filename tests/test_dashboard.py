@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -138,7 +139,50 @@ def test_stale_boundary(tmp_path):
     assert data.fleet_status(st, cfg, NOW + 1)[0].status == "stale"
 
 
+def test_a_stale_alarm_stays_an_alarm_and_says_it_is_stale(tmp_path):
+    cfg = config_from_dict(_cfg_dict(tmp_path), environ={})
+    rows = {r.machine: r for r in data.fleet_status(fleet_store(tmp_path), cfg, NOW)}
+    assert rows["m-alarm-stale"].status == "alarm" and data.status_text(rows["m-alarm-stale"]) == "ALARM · stale"
+    assert data.status_text(rows["m-alarm"]) == "ALARM" and data.status_text(rows["m-stale"]) == "STALE"
+    assert data.stale_alarm(rows["m-alarm-stale"]) and not data.stale_alarm(rows["m-alarm"])
+
+
 # -- machine detail data -------------------------------------------------------------------------
+def test_chart_range_defaults_to_the_data_span(tmp_path):
+    """A minute of data fills the chart (not a line at the edge of an hour); fixed ranges end now."""
+    st = SQLiteStore(tmp_path / "store.sqlite")
+    first = NOW - 3 * 86400 * NS - 61 * NS  # a span crossing a day and a minute boundary
+    st.write_scores(_scores("m", first + 60 * NS, [0.1] * 61))
+    st.write_scores(_scores("m", first + 60 * NS, [0.2] * 3, sensor="other"))
+    assert data.score_span(st, "s", "m", "acc", NOW) == (first, first + 60 * NS)
+    assert data.score_span(st, "s", "m", "nope", NOW) is None
+    t0, t1, note = data.chart_range((first, first + 60 * NS), NOW, None, first + 60 * NS)
+    assert t0 == first - 10 * NS and t1 == first + 70 * NS and note == ""
+    t0, t1, note = data.chart_range((first, first + 60 * NS), NOW, 3600, first + 60 * NS)
+    assert t1 - t0 == 3600 * NS and t0 <= first + 60 * NS < t1 and "No score in the last 1 h" in note
+    t0, t1, note = data.chart_range(None, NOW, 86400, NOW - 5 * NS)
+    assert t1 >= NOW and t1 - t0 == 86400 * NS and note == ""
+
+
+def test_model_event_names_close_in_time_are_on_separate_lines():
+    from dashboard.charts import event_label_rows
+
+    t = NOW
+    rows = event_label_rows([t, t + NS, t + 3000 * NS], t - 3600 * NS, t + 3600 * NS)
+    assert rows[0] != rows[1]  # "training_queued" and "calibrated" one second apart
+    assert rows[2] == rows[0]  # 50 min later: room on the first line again
+    assert event_label_rows([t, t + 30 * 60 * NS], t, t + 3600 * NS) == [16, 16]
+
+
+def test_an_open_alerts_peak_follows_the_scores(tmp_path):
+    st = SQLiteStore(tmp_path / "store.sqlite")
+    st.write_scores(_scores("m", NOW, [0.1, 11.79, 40.0, 97.18]))
+    raised = Alert("a1", "s", "m", "acc", "raised", NOW - 2 * NS, None, 11.79, THR, "v1")
+    assert data.alert_peak(st, raised, NOW) == 97.18
+    cleared = Alert("a1", "s", "m", "acc", "cleared", NOW - 2 * NS, NOW, 40.0, THR, "v1")
+    assert data.alert_peak(st, cleared, NOW) == 40.0
+
+
 def test_bucket_seconds_keeps_points_bounded():
     assert data.bucket_seconds(3600, 1500) == 5.0
     assert data.bucket_seconds(30 * 86400, 1500) == 1800.0
@@ -347,10 +391,34 @@ def test_service_health_reads_healthz_and_metrics(tmp_path, fake_service):
 
 
 # -- users and roles -----------------------------------------------------------------------------
+def test_service_health_with_port_0_is_a_reason_not_an_error(tmp_path):
+    """The demo's config had ``http = "127.0.0.1:0"``: the health page must say why it cannot ask."""
+    cfg = config_from_dict(_cfg_dict(tmp_path, service={"http": "127.0.0.1:0"}), environ={})
+    sh = data.service_health(cfg)
+    assert not sh.reachable and "port 0" in sh.healthz_error
+
+
+def test_login_lockout_is_per_account_not_per_session():
+    clock = [0.0]
+    th = auth.LoginThrottle(max_failures=3, lock_s=30.0, clock=lambda: clock[0])
+    assert not th.failed("tina") and not th.failed("tina") and th.failed("tina")
+    assert th.locked_for("tina") == 30.0 and th.locked_for("erik") == 0.0
+    clock[0] = 29.0
+    assert th.locked_for("tina") == 1.0
+    clock[0] = 30.0
+    assert th.locked_for("tina") == 0.0
+    th.failed("tina")
+    th.succeeded("tina")
+    assert not th.failed("tina") and not th.failed("tina")  # the count restarted after the success
+
+
 def test_markdown_escaping_of_free_text():
     from dashboard.common import md
 
-    assert md("a_b *c* :red[x] $x$ [l](http://e)") == r"a\_b \*c\* \:red\[x\] \$x\$ \[l\]\(http\://e\)"
+    wj = "\u2060"
+    assert md("a_b *c* :red[x] $x$ [l](http://e)") == r"a\_b \*c\* &#58;red\[x\] \$x\$ \[l\]\(http" + wj + r"&#58;//e\)"
+    assert md("<img src=x onerror=alert(1)> &amp; see http://e www.e.org a@b.c") == \
+        r"\<img src\=x onerror\=alert\(1\)\> \&amp; see http" + wj + "&#58;//e www" + wj + r"\.e\.org a@" + wj + r"b\.c"
     assert md("one\ntwo") == "one  \ntwo" and md(None) == ""
 
 
@@ -417,7 +485,8 @@ def _app(monkeypatch, config: Path):
 def _texts(at) -> str:
     parts = [m.value for m in at.markdown] + [e.value for e in at.info] + [e.value for e in at.warning]
     parts += [e.value for e in at.error] + [e.value for e in at.success] + [c.value for c in at.caption]
-    return "\n".join(str(p) for p in parts)
+    text = "\n".join(str(p) for p in parts).replace("&#58;", ":").replace("\u2060", "")
+    return re.sub(r"\\(.)", r"\1", text)  # as displayed: Markdown escapes removed
 
 
 def _login(at, name: str, password: str):
@@ -443,6 +512,7 @@ def test_app_on_a_fresh_install(tmp_path, monkeypatch):
         at.switch_page(page).run()
         assert not at.exception, (page, at.exception)
         assert any("Read-only dashboard" in w.value for w in at.warning), page
+        assert "sign in" not in _texts(at).lower() and "signing in" not in _texts(at), page  # no sign-in that cannot happen
     assert "Service not reachable" in _texts(at)
 
 
@@ -487,6 +557,67 @@ def test_read_only_banner_and_sign_in(dashboard_demo, monkeypatch):
     assert any("wrong password" in e.value for e in at.error)
     _login(at, "tina", dashboard_demo.passwords["tina"])
     assert "Signed in as **tina** · technician" in _texts(at)
+
+
+def test_severity_zone_on_the_fleet_and_machine_pages(dashboard_demo, monkeypatch):
+    at = _app(monkeypatch, dashboard_demo.config_path)
+    df = at.dataframe[0].value
+    zones = dict(zip(df["machine"], df["ISO 20816-3"]))
+    assert zones["press-4"] == "—"  # never scored
+    assert re.fullmatch(r"[ABCD] · \d+\.\d\d mm/s", zones["pump-3"]), zones
+    at.session_state["pdm_machine"] = "plant1/pump-3"
+    at.switch_page("pages/machine.py").run()
+    assert not at.exception, at.exception
+    assert re.search(r"ISO 20816-3: \*\*zone [ABCD]\*\*, \d+\.\d\d mm/s", _texts(at))
+    assert "Velocity RMS 10-1000 Hz" in _texts(at) and "crest factor = peak / RMS" in _texts(at)
+
+
+def test_machine_report_html_and_csv(dashboard_demo, monkeypatch, tmp_path):
+    """The report's content, hostile text escaped; and the dashboard button makes the same files."""
+    from dashboard.report import build_report, data_period
+
+    cfg = load_config(dashboard_demo.config_path)
+    store = SQLiteStore(cfg.store.sqlite_path)
+    span = data_period(store, cfg, "plant1", "pump-3")
+    assert span is not None and span[0] < span[1]
+    with LabelBook.in_dir(cfg.feedback.state_dir) as book:
+        submit_label(book, site="plant1", machine="pump-3", sensor="de", start_ns=span[0] + NS, end_ns=span[0] + 2 * NS,
+                     kind="normal", author="tina", note="<script>alert(1)</script> [x](http://e)")
+        rep = build_report(store, cfg, "plant1", "pump-3", span[0], span[1], registry=data.open_registry(cfg.registry.dir),
+                           book=book)
+    html = rep.html
+    assert "Machine report: plant1/pump-3" in html and "<script>alert(1)" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; [x](http://e)" in html
+    assert html.count("data:image/png;base64,") >= 3  # score, severity, spectra
+    assert "Defect frequencies: BPFO" in html and "ISO 20816-3" in html and "pump-3-de-v1" in html
+    assert "OPEN" in html and dashboard_demo.open_alert_id in html
+    lines = rep.scores_csv.splitlines()
+    assert lines[0] == "time_utc,start_ns,sensor,score,threshold,is_anomaly,model_version" and len(lines) > 100
+    assert dashboard_demo.open_alert_id in rep.alerts_csv
+    store.close()
+    at = _app(monkeypatch, dashboard_demo.config_path)
+    at.session_state["pdm_machine"] = "plant1/pump-3"
+    at.switch_page("pages/machine.py").run()
+    next(b for b in at.button if b.key == "make_report").click().run()
+    assert not at.exception, at.exception
+    assert "open the HTML in a browser and print it to PDF" in _texts(at)
+
+
+def test_lockout_holds_across_browser_sessions(dashboard_demo, monkeypatch):
+    """Five wrong passwords, then a new session (a page reload) with the right one: still locked."""
+    from dashboard import common
+
+    common.login_throttle.clear()
+    at = _app(monkeypatch, dashboard_demo.config_path)
+    for _ in range(common.LOGIN_MAX_FAILURES):
+        _login(at, "tina", "wrong password")
+    fresh = _app(monkeypatch, dashboard_demo.config_path)  # another browser session
+    _login(fresh, "tina", dashboard_demo.passwords["tina"])
+    assert any("Too many failed attempts for this account" in e.value for e in fresh.error)
+    assert "Signed in as" not in _texts(fresh)
+    _login(fresh, "erik", dashboard_demo.passwords["erik"])  # other accounts are not locked
+    assert "Signed in as **erik**" in _texts(fresh)
+    common.login_throttle.clear()
 
 
 def test_label_form_writes_a_label_and_it_shows_at_once(dashboard_demo, monkeypatch):
@@ -557,10 +688,10 @@ def test_only_engineers_promote_and_only_after_confirming(dashboard_demo, monkey
     promote.click().run()
     with Registry(cfg.registry.dir, create=False) as reg:
         assert reg.active("plant1", "fan-1", "de").id == "fan-1-de-v3"  # nothing happens before the confirmation
-    assert any("Promote **fan-1-de-v1**" in w.value for w in at.warning)
+    assert any("Promote **fan\\-1\\-de\\-v1**" in w.value for w in at.warning)
     next(b for b in at.button if b.label == "Confirm").click().run()
     assert not at.exception, at.exception
-    assert any("fan-1-de-v1 is now the active version" in s.value for s in at.success)
+    assert any("fan\\-1\\-de\\-v1 is now the active version" in s.value for s in at.success)
     with Registry(cfg.registry.dir, create=False) as reg:
         assert reg.active("plant1", "fan-1", "de").id == "fan-1-de-v1"
         assert reg.get("fan-1-de-v3").status == "retired"

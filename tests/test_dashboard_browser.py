@@ -111,7 +111,7 @@ class Page:
         from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 
         try:
-            return self.d.find_element("tag name", "body").text
+            return self.d.find_element("tag name", "body").text.replace("\u2060", "")  # md()'s invisible link breakers
         except (StaleElementReferenceException, WebDriverException):
             return ""
 
@@ -263,7 +263,6 @@ def _run_flow(tmp_path: Path, datasets: Path | None, expect_source: str) -> None
         shutil.copy(p, SCREENSHOTS / f"{expect_source}-{p.name}")
     print(f"\n[{expect_source}] fill {fill_s:.1f} s, streamlit up {start_s:.1f} s, fleet page in the browser {fleet_s:.1f} s, "
           f"whole flow {total_s:.1f} s; screenshots in {shots} and {SCREENSHOTS}")
-    assert fill_s < 60, f"the fill took {fill_s:.1f} s"  # < 30 s expected; generous on a shared 2-core machine
 
 
 def _wait_options(driver, timeout: float = 10.0):
@@ -276,6 +275,8 @@ def _wait_options(driver, timeout: float = 10.0):
     raise AssertionError("the select box did not open")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_browser_flow_on_real_data(tmp_path: Path) -> None:
     """CWRU recordings: sign in, label the open alert, see the label on the machine page."""
     if not (DATASETS / "cwru" / "normal_48k" / "normal_0_97.mat").is_file():
@@ -283,8 +284,210 @@ def test_browser_flow_on_real_data(tmp_path: Path) -> None:
     _run_flow(tmp_path, DATASETS, "cwru")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_browser_flow_on_the_synthetic_sample(tmp_path: Path) -> None:
     """The same flow on sample_data/sim_outer_race.npz, when the real recordings are absent."""
     if (DATASETS / "cwru" / "normal_48k" / "normal_0_97.mat").is_file():
         pytest.skip("the real-data flow ran on CWRU; the synthetic sample is only the fallback")
     _run_flow(tmp_path, None, "sample")
+
+
+# -- the README demo's own configuration ------------------------------------------------------------
+HOSTILE_NOTE = "<img src=x onerror=alert(1)> [x](http://e) outer race, see http://e2.example"
+"""A note that would be an element and a link if it were rendered as HTML or Markdown."""
+DEMO_PAGES = [("/", "Fleet overview"), ("/fleet", "Fleet overview"), ("/machine", "Machine detail"),
+              ("/labels", "Labelling queue"), ("/models", "Model versions"), ("/health", "System health")]
+
+
+def _no_exception(page: Page, where: str) -> None:
+    boxes = page.d.find_elements("css selector", '[data-testid="stException"]')
+    if boxes:
+        page.shot(f"exception-{where.strip('/') or 'root'}")
+    assert not boxes, f"{where}: Streamlit exception box: {boxes[0].text[:2000]}"
+    assert "Page not found" not in page.body(), f"{where}: Page not found"
+
+
+def _sign_in(driver, page: Page, name: str, password: str) -> None:
+    signout = [b for b in driver.find_elements("css selector", "button") if b.text == "Sign out"]
+    if signout:
+        signout[0].click()
+        page.wait_text("Sign in")
+        page.wait_idle()
+    user = driver.find_element("css selector", 'input[aria-label="User"]')
+    user.clear()
+    user.send_keys(name)
+    driver.find_element("css selector", 'input[aria-label="Password"]').send_keys(password)
+    next(b for b in driver.find_elements("css selector", "button") if b.text == "Sign in").click()
+    page.wait_text(f"Signed in as {name}")
+
+
+def _no_markup_from(driver, text_snippet: str) -> None:
+    """The hostile note is text: no element or link made from it, and its characters are shown."""
+    assert not driver.find_elements("css selector", 'img[src="x"]'), "a label note became an <img> element"
+    assert not driver.find_elements("css selector", 'a[href^="http://e"]'), "a label note became a link"
+    body = driver.find_element("tag name", "body").text.replace("\u2060", "")  # md()'s invisible link breakers
+    assert text_snippet in body, body[:3000]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_browser_every_page_of_the_readme_demo(tmp_path: Path) -> None:
+    """`pdm-edge demo`'s own state and configuration: every page (and /fleet) renders without an
+    exception box; the technician labels the alert (a note with HTML and Markdown in it, shown as
+    text); the envelope spectrum marks BPFO; after a retrain the engineer promotes and rolls back."""
+    import re
+
+    from tests.conftest import run_cli
+
+    _need_browser()
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    from pdm_edge.config import load_config
+    from pdm_edge.feedback import LabelBook
+    from pdm_edge.registry import Registry
+
+    state = tmp_path / "demo"
+    r = run_cli("demo", "--speed", "max", "--no-dashboard", "--state-dir", str(state), timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    creds = {role: (n, p) for n, p, role in re.findall(r"(\w+) / (\S+) \((technician|engineer)\)", r.stdout)}
+    cfg_path = state / "pdm-edge.toml"
+    cfg = load_config(cfg_path, environ={})
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    app = Streamlit(cfg_path, tmp_path / "streamlit.log")
+    driver = None
+    try:
+        app.wait()
+        driver = _driver()
+        page = Page(driver, shots)
+        for path, title in DEMO_PAGES:
+            driver.get(app.url + path)
+            page.wait_text(title)
+            page.wait_idle()
+            time.sleep(1.0)  # charts and tables draw after the script run
+            _no_exception(page, path)
+            page.shot(f"demo{path.replace('/', '-') or '-root'}")
+        body = page.wait_text("System health")
+        assert "Service not reachable" in body  # the demo's appliance has ended: said, not a traceback
+
+        # the technician labels the open alert
+        driver.get(app.url + "/labels")
+        page.wait_text("Labelling queue")
+        _sign_in(driver, page, *creds["technician"])
+        page.wait_text("Unlabelled alerts (1)", "open alert")
+        page.wait_idle()
+        form = page.main().find_elements("css selector", '[data-testid="stForm"]')[0]
+        next(lb for lb in form.find_elements("css selector", "label") if lb.text.startswith("fault")).click()
+        note = form.find_element("css selector", 'textarea[aria-label="Note"]')
+        note.send_keys(HOSTILE_NOTE)
+        from selenium.webdriver.common.keys import Keys
+
+        note.send_keys(Keys.TAB)
+        next(b for b in form.find_elements("css selector", "button") if b.text == "Save label").click()
+        page.wait_text("Label saved", "Unlabelled alerts (0)")
+        page.wait_idle()
+        _no_markup_from(driver, "<img src=x onerror=alert(1)> [x](http://e)")
+        page.shot("demo-labelled")
+        with LabelBook.in_dir(cfg.feedback.state_dir) as book:
+            assert [(lb.kind, lb.note) for lb in book.list(machine="pump-01")] == [("fault", HOSTILE_NOTE)]
+
+        # the machine page: the label as text, the envelope spectrum with the bearing's defect frequencies
+        driver.get(app.url + "/machine")
+        page.wait_text("Machine detail", "Envelope spectrum", "BPFO", "SKF 6205", "ISO 20816-3: zone", "mm/s",
+                       "Vibration severity (ISO 20816-3)")
+        page.wait_idle()
+        time.sleep(1.0)
+        _no_exception(page, "/machine")
+        page.shot("demo-machine")
+        next(t for t in driver.find_elements("css selector", '[role="tab"]') if t.text.startswith("Labels")).click()
+        page.wait_text("by " + creds["technician"][0])
+        _no_markup_from(driver, "<img src=x onerror=alert(1)> [x](http://e)")
+        for el in driver.find_elements("css selector", "h5"):
+            if "Spectrum of an alert" in el.text:
+                driver.execute_script("arguments[0].scrollIntoView()", el)
+        time.sleep(1.0)
+        page.shot("demo-machine-spectra")
+
+        # the label retrains (what the running demo does by itself); the engineer promotes and rolls back
+        stream = "demo/pump-01/de-accel"
+        t = run_cli("--config", str(cfg_path), "models", "train", stream, "--now", timeout=400)
+        assert t.returncode == 0, t.stdout[-3000:] + t.stderr[-3000:]
+        with Registry(cfg.registry.dir, create=False) as reg:
+            versions = {v.id: v.status for v in reg.list()}
+        assert len(versions) == 2, versions
+        driver.get(app.url + "/models")
+        page.wait_text("Model versions")
+        _sign_in(driver, page, *creds["engineer"])
+        page.wait_text("Promote…", "Roll back…")
+        page.wait_idle()
+        page.shot("demo-models-engineer")
+        with Registry(cfg.registry.dir, create=False) as reg:
+            before = reg.active("demo", "pump-01", "de-accel").id
+        # promote the other version (overriding the gate if it rejected it), then roll back
+        force = [c for c in driver.find_elements("css selector", 'input[type="checkbox"]') if c.is_enabled()]
+        if force:
+            force[0].find_element("xpath", "..").click()
+            page.wait_idle()
+        next(b for b in driver.find_elements("css selector", "button") if b.text == "Promote…" and b.is_enabled()).click()
+        page.wait_text("Confirm")
+        next(b for b in driver.find_elements("css selector", "button") if b.text == "Confirm").click()
+        page.wait_text("is now the active version")
+        page.wait_idle()
+        with Registry(cfg.registry.dir, create=False) as reg:
+            promoted = reg.active("demo", "pump-01", "de-accel").id
+        assert promoted != before
+        next(b for b in driver.find_elements("css selector", "button") if b.text == "Roll back…" and b.is_enabled()).click()
+        page.wait_text("Confirm")
+        next(b for b in driver.find_elements("css selector", "button") if b.text == "Confirm").click()
+        page.wait_text("Rolled back")
+        page.wait_idle()
+        _no_exception(page, "/models")
+        page.shot("demo-models-rolled-back")
+        with Registry(cfg.registry.dir, create=False) as reg:
+            assert reg.active("demo", "pump-01", "de-accel").id == before
+
+        # an imported package whose manifest holds markup (trigger, exported id): shown as text on every page
+        import json
+        import zipfile
+
+        pkg, hostile = tmp_path / "v.zip", tmp_path / "hostile.zip"
+        e = run_cli("--config", str(cfg_path), "models", "export", before, str(pkg))
+        assert e.returncode == 0, e.stderr
+        with zipfile.ZipFile(pkg) as z:
+            files = {n: z.read(n) for n in z.namelist() if n != "manifest.sig"}
+        manifest = json.loads(files["manifest.json"])
+        manifest.update(trigger="<img src=y onerror=alert(2)> [t](http://t.example)", id="**bold** <b>x</b> http://t.example",
+                        created_ns=time.time_ns())  # the newest version: the health page names it
+        files["manifest.json"] = json.dumps(manifest).encode()
+        with zipfile.ZipFile(hostile, "w") as z:
+            for n, b in files.items():
+                z.writestr(n, b)
+        i = run_cli("--config", str(cfg_path), "models", "import", str(hostile))
+        assert i.returncode == 0, i.stderr
+        for path, title in (("/models", "Model versions"), ("/health", "System health"), ("/labels", "Labelling queue")):
+            driver.get(app.url + path)
+            page.wait_text(title)
+            page.wait_idle()
+            if path == "/models":  # the table is drawn on a canvas: the details are the page's text
+                for attempt in range(3):  # a rerun may replace the expander under the click on a busy machine
+                    try:
+                        driver.find_element("xpath", "//*[contains(text(), 'Details (training summary')]").click()
+                        page.wait_text("exported as **bold** <b>x</b> http://t.example", timeout=20)
+                        break
+                    except (AssertionError, StaleElementReferenceException):
+                        if attempt == 2:
+                            raise
+                        page.wait_idle()
+                page.shot("demo-models-hostile-manifest")
+            page.wait_text("[t](http://t.example)")
+            _no_exception(page, path)
+            assert not driver.find_elements("css selector", 'img[src="y"]'), f"{path}: a manifest field became an <img>"
+            assert not driver.find_elements("css selector", 'a[href^="http://t"]'), f"{path}: a manifest field became a link"
+    finally:
+        if driver is not None:
+            driver.quit()
+        app.stop()
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        for p in shots.glob("*.png"):
+            shutil.copy(p, SCREENSHOTS / f"readme-demo-{p.name}")

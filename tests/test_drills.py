@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 
 from pdm_edge.ingest.chunk import encode_chunk
 from tests.conftest import (
@@ -65,6 +66,8 @@ def _influx_scores(influx, db: str) -> int:
 
 
 # -- broker restart -----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_drill_broker_restart_mid_stream_loses_no_window(mosquitto, influxd_session, service_process, tmp_path: Path) -> None:
     db = "drill_broker"
     svc = service_process(service_config_toml(tmp_path, mosquitto.address, influx_url=influxd_session.url, database=db))
@@ -104,6 +107,8 @@ def test_drill_broker_restart_mid_stream_loses_no_window(mosquitto, influxd_sess
 
 
 # -- InfluxDB outage ----------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_drill_influxdb_outage_loses_no_score(mosquitto, influxd, service_process, tmp_path: Path) -> None:
     db = "drill_influx"
     svc = service_process(service_config_toml(tmp_path, mosquitto.address, influx_url=influxd.url, database=db))
@@ -195,6 +200,8 @@ def _publish_raw(address: str, messages: list[tuple[str, bytes, str]]) -> None:
         client.loop_stop()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_drill_fuzzed_payloads_are_dead_lettered_and_good_windows_scored(mosquitto, influxd_session, service_process,
                                                                        tmp_path: Path) -> None:
     db = "drill_fuzz"

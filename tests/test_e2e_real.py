@@ -79,6 +79,8 @@ FEMTO_SENSOR = (f'[sensors."{FEMTO_STREAM}"]\nkind = "vibration"\nsample_rate_hz
                 "window_s = 0.1\nhop_s = 0.1\nshaft_hz = 25.0\n")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_femto_bearing3_1_run_to_failure_through_the_appliance(datasets_dir: Path, mosquitto, influxd_session,
                                                                service_process, tmp_path: Path) -> None:
     """Pipeline facts on FEMTO Bearing3_1 are asserted; the model's FEMTO target (no sustained
@@ -173,6 +175,8 @@ DCASE_SENSOR = (f'[sensors."{DCASE_STREAM}"]\nkind = "acoustic"\nsample_rate_hz 
                 "window_s = 1.0\nhop_s = 0.5\n")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_dcase_valve_acoustic_path_through_the_appliance(datasets_dir: Path, mosquitto, influxd_session, service_process,
                                                          tmp_path: Path) -> None:
     """Calibration on the DCASE calibration clips, then test clips scored and stored; the mean

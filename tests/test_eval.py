@@ -18,6 +18,8 @@ def encoder():
     return load_encoder()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_eval_subset_end_to_end(datasets_dir, encoder, tmp_path):
     enc, sha = encoder
     doc = run_eval(datasets_dir, tmp_path, enc, sha, datasets=("cwru", "dcase", "femto"), subset=True,
@@ -56,6 +58,8 @@ def test_eval_cli_missing_data_is_a_clear_error(tmp_path):
     assert r.returncode == 1 and "not found" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_feedback_curve_subset_goes_through_the_feedback_path(datasets_dir, encoder, tmp_path, one_torch_thread):
     enc, sha = encoder
     doc = run_eval(datasets_dir, tmp_path, enc, sha, datasets=("feedback",), subset=True,

@@ -219,6 +219,8 @@ def test_promote_and_rollback_hot_swap_the_running_scorer(rig: Rig, tmp_path: Pa
     assert [s.score for _, s in out3] == s1  # bit-identical to the first version's scores
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_training_killed_mid_run_resumes_and_active_version_survives(tmp_path: Path, one_torch_thread):
     """SIGKILL a process while it trains (after its first epoch checkpoint), restart: the
     active version is intact and loads, and the job resumes from its checkpoint."""
@@ -273,6 +275,8 @@ def test_stop_mid_training_writes_a_checkpoint_and_requeues(tmp_path: Path, one_
     r.close()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_models_train_cli_queues_and_runs(tmp_path: Path):
     from tests.conftest import run_cli
 

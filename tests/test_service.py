@@ -177,6 +177,8 @@ def _recv_all(sock: socket.socket) -> list[str]:
             return out
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_run_end_to_end(mosquitto, influxd_session, service_process, tmp_path: Path) -> None:
     db = "svc_e2e"
     notify_path = str(tmp_path / "notify.sock")
@@ -276,6 +278,8 @@ def test_run_end_to_end(mosquitto, influxd_session, service_process, tmp_path: P
         notify.close()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_sigterm_during_calibration_scores_the_backlog_before_exiting(mosquitto, service_process, tmp_path: Path) -> None:
     """SIGTERM while the first calibration trains: the service waits for it (within the stop
     budget), scores the windows that queued up meanwhile, flushes them to the (SQLite) store,

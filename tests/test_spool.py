@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pdm_edge.condition import Condition
 from pdm_edge.config import SpoolConfig
 from pdm_edge.errors import StoreError
 from pdm_edge.store import ModelEvent
@@ -57,6 +58,7 @@ def test_records_json_round_trip() -> None:
         "alert": Alert("a1", "p", "m", "s", "raised", T0, None, 9.0, 3.0, "v1"),
         "label": Label("l1", "p", "m", T0, T0 + S, "fault", "al", T0, sensor="s", fault_type="imbalance", note='"x"\n'),
         "model_event": ModelEvent("p", "m", T0, "promoted", "v2", "gate ok"),
+        "condition": Condition("p", "m", "de", T0, "g", 0.5, 1.5, 3.0, 4.2, 0.1, 0.2, 0.05, 2.9, "C"),
     }
     for kind, rec in recs.items():
         assert from_json(kind, to_json(kind, rec)) == rec

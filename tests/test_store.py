@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pdm_edge.condition import Condition
 from pdm_edge.store import MachineState, ModelEvent, ScoreBucket, StoreNotFoundError
 from pdm_edge.store.influx import InfluxStore, quote_ident, quote_literal
 from pdm_edge.store.sqlite import SQLiteStore
@@ -67,6 +68,26 @@ def test_round_trip_every_record_type(store) -> None:
     assert store.query_alerts("plant1", "pump-08", T0, T0 + 10 * S) == []
     info = store.server_info()
     assert info["type"] == store.kind and info["version"]
+
+
+def cond(t: int, v: float | None, zone: str | None, *, sensor: str = "de", rms: float = 0.5) -> Condition:
+    return Condition("plant1", "pump-07", sensor, t, "g", rms, 2.0 * rms, 2.0, 3.1, 0.01, 0.02, 0.003, v, zone)
+
+
+def test_condition_round_trip_and_buckets_keep_the_maximum(store) -> None:
+    rows = [cond(T0 + i * S, 1.0 + i, "ABCDDA"[i], rms=0.1 * (i + 1)) for i in range(6)]
+    rows.append(cond(T0 + 3 * S, None, None, sensor="mic", rms=0.2))  # acoustic: no velocity, no zone
+    store.write_conditions(rows)
+    got = store.query_conditions("plant1", "pump-07", T0, T0 + 10 * S)
+    assert got == sorted(rows, key=lambda c: (c.start_ns, c.sensor))
+    assert store.query_conditions("plant1", "pump-07", T0, T0 + 10 * S, sensor="mic") == [rows[-1]]
+    b = store.query_condition_buckets("plant1", "pump-07", "de", T0, T0 + 10 * S, 3.0)
+    # epoch-aligned 3 s buckets: T0 is a multiple of 10 s, so T0-1 s, T0+2 s, T0+5 s start buckets
+    assert [(x.start_ns - T0) // S for x in b] == [-1, 2, 5]
+    assert [x.velocity_rms_mm_s for x in b] == [2.0, 5.0, 6.0] and [x.zone for x in b] == ["B", "D", "A"]
+    assert [round(x.rms, 6) for x in b] == [0.2, 0.5, 0.6] and all(x.unit == "g" for x in b)
+    with pytest.raises(ValueError, match="zone"):
+        store.write_conditions([cond(T0, 1.0, "E")])
 
 
 def test_int_values_are_stored_as_floats(store) -> None:

@@ -33,10 +33,12 @@ st.markdown("#### System health")
 
 
 def _card(col: st.delta_generator.DeltaGenerator, title: str, ok: bool | str | None, detail: str) -> None:
-    """A status line: ``ok`` True (green), False (red), ``"warn"`` (orange) or None (unknown, grey)."""
+    """A status line: ``ok`` True (green), False (red), ``"warn"`` (orange) or None (unknown, grey). ``title``
+    and ``detail`` are text (they carry names, reasons and ids from the service and the registry): shown
+    literally, never as Markdown or HTML."""
     icon = {True: ":green[:material/check_circle:]", False: ":red[:material/error:]", "warn": ":orange[:material/warning:]",
             None: ":gray[:material/help:]"}[ok]
-    col.markdown(f"**{icon} {title}**  \n<span style='font-size:0.88rem'>{detail}</span>", unsafe_allow_html=True)
+    col.markdown(f"**{icon} {common.md(title)}**  \n:small[{common.md(detail)}]")
 
 
 def _find_key(obj: object, *words: str) -> object:
@@ -93,7 +95,7 @@ def health_view() -> None:
               f"{depth} record(s) waiting for the store{age} (bound {c.cfg.spool.max_records})")
 
     if not sh.reachable:
-        st.error(f"**Service not reachable** at {sh.base_url} ({sh.healthz_error}). Ingest rates, dead letters and "
+        st.error(f"**Service not reachable** at {common.md(sh.base_url)} ({common.md(sh.healthz_error)}). Ingest rates, dead letters and "
                  "training status come from the running appliance (`pdm-edge run`, `[service] http`). The checks above "
                  "are the dashboard's own.")
     else:
@@ -132,10 +134,11 @@ def health_view() -> None:
             training = (sh.healthz or {}).get("training")
             if isinstance(training, dict) and "running" in training:
                 run = training.get("running")
-                st.markdown(("**training** " + f"`{run.get('stream')}` ({run.get('trigger')})" if isinstance(run, dict)
+                st.markdown(("**training** " + common.md(f"{run.get('stream')} ({run.get('trigger')})") if isinstance(run, dict)
                              else "no training running")
-                            + f"  \nqueued: {', '.join(map(str, training.get('queued') or [])) or 'none'}"
-                            + "  \nruns: " + (", ".join(f"{k} {v}" for k, v in (training.get("runs") or {}).items()) or "none"))
+                            + f"  \nqueued: {common.md(', '.join(map(str, training.get('queued') or []))) or 'none'}"
+                            + "  \nruns: " + (common.md(", ".join(f"{k} {v}" for k, v in (training.get("runs") or {}).items()))
+                                              or "none"))
             elif training is not None:
                 st.json(training, expanded=False)
             else:
@@ -147,7 +150,7 @@ def health_view() -> None:
                                            "labels": [", ".join(f"{k}={v}" for k, v in s.labels.items()) for s in sh.metrics],
                                            "value": [s.value for s in sh.metrics]}), hide_index=True, width="stretch")
             elif sh.metrics_error:
-                st.caption(f"/metrics: {sh.metrics_error}")
+                st.caption(f"/metrics: {common.md(sh.metrics_error)}")
 
     st.markdown("##### On this appliance")
     cols = st.columns(3)

@@ -48,6 +48,9 @@ head[0].markdown("#### Labelling queue")
 horizon = head[1].selectbox("Alerts of the last", list(HORIZONS), index=1, key="queue_horizon")
 if book is None:
     st.error(f"The label book cannot be opened ({book_err}): labels cannot be saved.")
+elif c.read_only:
+    st.info("Labelling needs user accounts, and none are configured (see the banner): the queue is shown read-only.",
+            icon=":material/lock:")
 elif not c.can("label"):
     st.info("Sign in as a technician or engineer (sidebar) to label events. The queue is shown read-only.", icon=":material/lock:")
 
@@ -79,14 +82,14 @@ def _save(**fields: object) -> None:
         st.error(f"Not saved — the label book cannot be written: {exc}")
         return
     what = label.kind + (f" ({label.fault_type})" if label.fault_type else "")
-    where = f"{label.site}/{label.machine}" + (f"/{label.sensor}" if label.sensor else "")
+    where = common.md(f"{label.site}/{label.machine}" + (f"/{label.sensor}" if label.sensor else ""))
     if created:
         common.flash(f"Label saved: **{what}** on {where}, {data.fmt_time(label.start_ns)} → {data.fmt_time(label.end_ns)} "
-                     f"by {label.author} (id `{label.id[:8]}`). The appliance forwards it to the store and to training; "
+                     f"by {common.md(label.author)} (id {label.id[:8]}). The appliance forwards it to the store and to training; "
                      "it shows on the machine page now.")
     else:
-        common.flash(f"This label was already given by {label.author} at {data.fmt_time(label.created_ns)} "
-                     f"(id `{label.id[:8]}`): nothing changed.", "info")
+        common.flash(f"This label was already given by {common.md(label.author)} at {data.fmt_time(label.created_ns)} "
+                     f"(id {label.id[:8]}): nothing changed.", "info")
     common.clear_query_caches()
     st.rerun()
 
@@ -107,14 +110,16 @@ if not unlabelled:
     st.caption("Nothing to label: every alert of the period has a label.")
 for it in unlabelled[:25]:
     a = it.alert
+    peak = data.alert_peak(store, a, now_ns)
     with st.container(border=True):
         info, form = st.columns([1.1, 2])
         with info:
             st.markdown(f"**{':red[:material/error:] open' if a.state == 'raised' else ':gray[:material/check:] cleared'} alert · "
-                        f"{a.site}/{a.machine} · {a.sensor}**")
+                        f"{common.md(a.site + '/' + a.machine)} · {common.md(a.sensor)}**")
             st.markdown(f"{data.fmt_time(a.start_ns)} → {'ongoing' if a.end_ns is None else data.fmt_time(a.end_ns)}  \n"
-                        f"peak score **{a.peak_score:.2f}** (threshold {a.threshold:.2f}, {a.peak_score / a.threshold:.1f}×)  \n"
-                        f"model {a.model_version} · id `{a.id[:8]}`")
+                        f"peak score **{peak:.2f}** (threshold {a.threshold:.2f}, {peak / a.threshold:.1f}×)"
+                        + (" so far" if a.state == "raised" else "") + "  \n"
+                        f"model {common.md(a.model_version)} · id {common.md(a.id[:8])}")
             if st.button("Open machine", key=f"open-{a.id}"):
                 st.session_state[common.MACHINE_KEY] = f"{a.site}/{a.machine}"
                 st.switch_page("pages/machine.py")
@@ -160,18 +165,19 @@ versions = common.q_registry_versions(c.cfg_key, tick, c)
 for lb in recent:
     events = common.q_model_events(c.cfg_key, lb.site, lb.machine, lb.created_ns, now_ns + NS, tick, c)
     ev, vs = data.after_label(lb, events, versions)
-    head = (f"**{lb.kind}{' (' + lb.fault_type + ')' if lb.fault_type else ''}** · {lb.site}/{lb.machine}"
-            f"{'/' + lb.sensor if lb.sensor else ''} · {data.fmt_time(lb.start_ns)} → {data.fmt_time(lb.end_ns)} · "
+    head = (f"**{lb.kind}{' (' + lb.fault_type + ')' if lb.fault_type else ''}** · "
+            f"{common.md(lb.site + '/' + lb.machine + ('/' + lb.sensor if lb.sensor else ''))} · {data.fmt_time(lb.start_ns)} → {data.fmt_time(lb.end_ns)} · "
             f"by {common.md(lb.author)}, {data.fmt_time(lb.created_ns)}")
     with st.container(border=True):
         st.markdown(head + (f"  \n_{common.md(lb.note)}_" if lb.note else ""))
         if not ev and not vs:
             st.caption("No model event and no new model version since this label (the appliance retrains after "
-                       f"{c.cfg.learning.retrain_after_labels} new labels of a stream).")
+                       f"{c.cfg.learning.retrain_after_labels} new label{'' if c.cfg.learning.retrain_after_labels == 1 else 's'} "
+                       "of a stream).")
         for e in ev:
-            st.markdown(f"- {data.fmt_time(e.ts_ns)} — model event **{e.event}** `{e.version}`" + (f": {common.md(e.detail)}" if e.detail else ""))
+            st.markdown(f"- {data.fmt_time(e.ts_ns)} — model event **{common.md(e.event)}** {common.md(e.version)}" + (f": {common.md(e.detail)}" if e.detail else ""))
         for v in vs:
             icon = {"active": ":green[:material/check_circle:]", "candidate": ":orange[:material/pending:]",
                     "rejected": ":red[:material/cancel:]", "retired": ":gray[:material/history:]"}.get(v["status"], "")
-            st.markdown(f"- {data.fmt_time(v['created_ns'])} — version `{v['id']}` ({v['trigger']}): {icon} **{v['status']}**"
+            st.markdown(f"- {data.fmt_time(v['created_ns'])} — version {common.md(v['id'])} ({common.md(v['trigger'])}): {icon} **{v['status']}**"
                         + (f" — {common.md(v['reason'])}" if v.get("reason") else ""))

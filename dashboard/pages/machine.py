@@ -16,7 +16,6 @@ from pathlib import Path
 if str(Path(__file__).resolve().parents[2]) not in sys.path:  # the repository root, for `import dashboard`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import math
 import time
 
 import pandas as pd
@@ -27,7 +26,10 @@ from pdm_edge.errors import StoreError
 
 c = common.page_start()
 NS = data.NS
-RANGES = {"1 h": 3600, "6 h": 6 * 3600, "24 h": 86400, "7 d": 7 * 86400, "30 d": 30 * 86400}
+# time ranges of the charts; the default, "data span", fits the sensor's scores of the last 30 days
+DATA_SPAN = "data span"
+RANGES: dict[str, int | None] = {DATA_SPAN: None, "1 h": 3600, "6 h": 6 * 3600, "24 h": 86400, "7 d": 7 * 86400,
+                                 "30 d": 30 * 86400}
 
 store, store_err = common.get_store(c)
 if store is None:
@@ -55,7 +57,7 @@ wanted = st.session_state.get(common.MACHINE_KEY)
 if wanted not in by_key:
     wanted = keys[0]
 
-top = st.columns([2.2, 1.4, 2.4, 3])
+top = st.columns([2.0, 1.3, 3.6, 2.6])
 key = top[0].selectbox("Machine", keys, index=keys.index(wanted), key="machine_select",
                        help="most urgent first, as in the fleet overview")
 st.session_state[common.MACHINE_KEY] = key
@@ -63,28 +65,24 @@ row = by_key[key]
 versions = common.q_registry_versions(c.cfg_key, tick, c)
 sensors = data.sensors_of(store, c.cfg, row.site, row.machine, row.last_score_ns, versions)
 if not sensors:
-    st.info(f"**{key}** has no sensors with scores or configuration yet.")
+    st.info(f"**{common.md(key)}** has no sensors with scores or configuration yet.")
     st.stop()
 sensor = top[1].selectbox("Sensor", sensors, key="sensor_select")
-range_label = top[2].segmented_control("Time range", list(RANGES), default="24 h", key="range_select") or "24 h"
+range_label = top[2].segmented_control("Time range", list(RANGES), default=DATA_SPAN, key="range_select") or DATA_SPAN
 span_s = RANGES[range_label]
 
 with top[3]:
     ratio = f" ({row.ratio:.2f}× threshold)" if row.ratio is not None else ""
     st.markdown(f"**{common.status_badge(row.status)}** · {row.open_alerts} open alert(s)  \n"
                 f"newest score {row.last_score if row.last_score is None else round(row.last_score, 2)}{ratio}, "
-                f"{data.fmt_age(row.age_s)}  \nmodel {row.model_version or '—'}")
+                f"{data.fmt_age(row.age_s)}  \nmodel {common.md(row.model_version) or '—'}"
+                + (f"  \nISO 20816-3: **zone {row.zone}**, {row.velocity_rms_mm_s:.2f} mm/s "
+                   f"({data.ZONE_MEANING[row.zone]})" if row.zone and row.velocity_rms_mm_s is not None else ""))
 
 # -- the range ---------------------------------------------------------------------------------
 now_ns = time.time_ns()
-every = data.bucket_seconds(span_s)
-every_ns = round(every * NS)
-end_ns = math.ceil(now_ns / every_ns) * every_ns
-note = ""
-if row.last_score_ns is not None and row.last_score_ns < end_ns - span_s * NS:
-    end_ns = (row.last_score_ns // every_ns + 2) * every_ns
-    note = f"No score in the last {range_label}: showing the {range_label} up to the newest score ({data.fmt_time(row.last_score_ns)})."
-start_ns = end_ns - span_s * NS
+span = data.score_span(store, row.site, row.machine, sensor, row.last_score_ns) if row.last_score_ns is not None else None
+start_ns, end_ns, note = data.chart_range(span, now_ns, span_s, row.last_score_ns)
 
 buckets, every = common.q_buckets(c.cfg_key, row.site, row.machine, sensor, start_ns, end_ns, data.DEFAULT_MAX_POINTS, tick, c)
 pre_ns = 7 * 86400 * NS  # alerts that began before the range and still overlap it
@@ -105,8 +103,46 @@ if buckets:
                "blue: score · dashed red: threshold · red dots: anomalous windows · shaded red: alerts · "
                "top strip: labels (red fault, green normal, grey ignore) · purple dashed: model events")
 else:
-    st.info(f"No scores of {key}/{sensor} between {data.fmt_time(start_ns)} and {data.fmt_time(end_ns)}"
+    st.info(f"No scores of {common.md(key + '/' + sensor)} between {data.fmt_time(start_ns)} and {data.fmt_time(end_ns)}"
             + (" — this machine has never been scored (uncalibrated)." if row.last_score_ns is None else "."))
+
+row_scores = {s.sensor: s.score for s in row.sensors}
+# -- report and exports --------------------------------------------------------------------------
+REPORT = "pdm_report"
+rep_cols = st.columns([1.3, 1, 1, 4])
+if rep_cols[0].button("Make report", icon=":material/description:", key="make_report",
+                      help="a printable HTML report of this machine over the range shown (alerts, labels, score and "
+                           "severity trends, spectra of the top alert, model versions), and CSV exports"):
+    from dashboard.report import build_report
+
+    with st.spinner("Making the report…"):
+        st.session_state[REPORT] = (key, start_ns, end_ns, build_report(store, c.cfg, row.site, row.machine, start_ns, end_ns,
+                                                                        registry=registry, book=book))
+made = st.session_state.get(REPORT)
+if made and made[0] == key:
+    _, r0, r1, rep = made
+    stem = f"{row.site}-{row.machine}-{data.ns_to_datetime(r1).strftime('%Y%m%dT%H%M%SZ')}"
+    rep_cols[1].download_button("Report (HTML)", rep.html, file_name=f"report-{stem}.html", mime="text/html", key="dl_report")
+    rep_cols[2].download_button("Scores (CSV)", rep.scores_csv, file_name=f"scores-{stem}.csv", mime="text/csv", key="dl_scores")
+    rep_cols[3].download_button("Alerts (CSV)", rep.alerts_csv, file_name=f"alerts-{stem}.csv", mime="text/csv", key="dl_alerts")
+    st.caption(f"Report of {data.fmt_time(r0)} → {data.fmt_time(r1)}: open the HTML in a browser and print it to PDF.")
+
+# -- severity and condition trends ----------------------------------------------------------------
+cond_rows = common.q_condition_buckets(c.cfg_key, row.site, row.machine, sensor, start_ns, end_ns, every, tick, c) if buckets else []
+if cond_rows:
+    scfg_zones = c.cfg.sensor(row.site, row.machine, sensor)
+    zones = scfg_zones.severity_zones_mm_s if scfg_zones is not None else list(data.GROUP2_RIGID_MM_S)
+    with st.expander("Vibration severity (ISO 20816-3) and condition trends", expanded=True):
+        if any(r.velocity_rms_mm_s is not None for r in cond_rows):
+            st.altair_chart(charts.severity_chart(cond_rows, start_ns, end_ns, zones), width="stretch")
+            st.caption(f"Velocity RMS 10-1000 Hz (from acceleration, integrated in the frequency domain), maximum per "
+                       f"{data.fmt_duration(every)} bucket · zone boundaries {zones[0]:g} / {zones[1]:g} / {zones[2]:g} mm/s "
+                       "(`severity_zones_mm_s`; default ISO 20816-3 group 2, rigid support)")
+        cols = st.columns(4)
+        for i, chart in enumerate(charts.trend_charts(cond_rows, start_ns, end_ns, cond_rows[0].unit)):
+            cols[i % 4].altair_chart(chart, width="stretch")
+        st.caption(f"Maximum per {data.fmt_duration(every)} bucket, as the score · crest factor = peak / RMS · kurtosis "
+                   "3 for Gaussian noise (impacts raise it) · band energies are mean squares in the band")
 
 tab_a, tab_l, tab_e = st.tabs([f"Alerts ({len(alerts)})", f"Labels ({len(labels)})", f"Model events ({len(events)})"])
 with tab_a:
@@ -115,13 +151,15 @@ with tab_a:
             "state": [("OPEN" if a.state == "raised" else "cleared") for a in alerts],
             "start": [data.fmt_time(a.start_ns) for a in alerts],
             "end": [data.fmt_time(a.end_ns) if a.end_ns else "ongoing" for a in alerts],
-            "peak score": [a.peak_score for a in alerts],
+            "peak score": [data.alert_peak(store, a, now_ns) for a in alerts],
+            "newest score": [row_scores.get(a.sensor) if a.state == "raised" else None for a in alerts],
             "threshold": [a.threshold for a in alerts],
             "model version": [a.model_version for a in alerts],
             "labelled": [", ".join(lb.kind for lb in data.labels_answering(a, [x for x, _ in labels])) or "—" for a in alerts],
             "alert id": [a.id for a in alerts],
         }), hide_index=True, width="stretch",
-            column_config={"peak score": st.column_config.NumberColumn(format="%.2f"),
+            column_config={"peak score": st.column_config.NumberColumn(format="%.2f", help="highest score of the alert so far"),
+                           "newest score": st.column_config.NumberColumn(format="%.2f", help="the sensor's newest score (open alerts)"),
                            "threshold": st.column_config.NumberColumn(format="%.2f")})
     else:
         st.caption("No alerts of this sensor in the range.")
@@ -134,7 +172,7 @@ with tab_l:
         for lb, src in sorted(labels, key=lambda t: -t[0].start_ns)[:50]:
             what = f":{colour[lb.kind]}[**{lb.kind}**]" + (f" ({lb.fault_type})" if lb.fault_type else "")
             pending = " · _in the label book, not yet in the store_" if src == "label book" else ""
-            lines.append(f"- {what} · {data.fmt_time(lb.start_ns)} → {data.fmt_time(lb.end_ns)} · sensor {lb.sensor or 'all'} · "
+            lines.append(f"- {what} · {data.fmt_time(lb.start_ns)} → {data.fmt_time(lb.end_ns)} · sensor {common.md(lb.sensor) or 'all'} · "
                          f"by {common.md(lb.author)} at {data.fmt_time(lb.created_ns)}{pending}"
                          + (f"  \n  _{common.md(lb.note)}_" if lb.note else ""))
         st.markdown("\n".join(lines))
@@ -157,7 +195,7 @@ choices: list[tuple[str, int, int, str | None]] = []
 for a in sorted(alerts, key=lambda a: -a.start_ns):
     end = a.end_ns if a.end_ns is not None else now_ns
     choices.append((f"alert {data.fmt_time(a.start_ns)} → {'ongoing' if a.end_ns is None else data.fmt_time(a.end_ns)} "
-                    f"(peak {a.peak_score:.1f})", a.start_ns, end, a.model_version))
+                    f"(peak {data.alert_peak(store, a, now_ns):.1f})", a.start_ns, end, a.model_version))
 for lb, _ in sorted(labels, key=lambda t: -t[0].start_ns):
     choices.append((f"label {lb.kind}{' ' + lb.fault_type if lb.fault_type else ''} {data.fmt_time(lb.start_ns)} → "
                     f"{data.fmt_time(lb.end_ns)}", lb.start_ns, lb.end_ns, None))

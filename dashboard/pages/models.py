@@ -40,7 +40,9 @@ if not versions:
 streams = sorted({(v["site"], v["machine"], v["sensor"]) for v in versions})
 machines = sorted({f"{s}/{m}" for s, m, _ in streams})
 flt = st.selectbox("Machine", ["all machines", *machines], key="models_machine")
-if not c.can("manage_models"):
+if c.read_only:
+    st.caption(":material/lock: Promote and roll back need user accounts, and none are configured (see the banner).")
+elif not c.can("manage_models"):
     st.caption(":material/lock: Engineers can promote or roll back versions here after signing in.")
 
 
@@ -58,12 +60,12 @@ def _do(action: dict) -> None:
     try:
         if action["action"] == "promote":
             rec = registry.promote(action["version"], f"promoted by {who} from the dashboard", force=action.get("force", False))
-            common.flash(f"{rec.id} is now the active version of {rec.stream}.")
+            common.flash(f"{common.md(rec.id)} is now the active version of {common.md(rec.stream)}.")
         else:
             rec = registry.rollback(*action["stream"])
-            common.flash(f"Rolled back {rec.stream}: {rec.id} is active again.")
+            common.flash(f"Rolled back {common.md(rec.stream)}: {common.md(rec.id)} is active again.")
     except Exception as exc:  # RegistryError (rejected without force, nothing to roll back to, ...)
-        common.flash(f"Not done: {exc}", "error")
+        common.flash(f"Not done: {common.md(str(exc))}", "error")
     st.session_state.pop(PENDING, None)
     common.clear_query_caches()
     st.rerun()
@@ -76,44 +78,42 @@ for site, machine, sensor in streams:
     vs = [v for v in versions if (v["site"], v["machine"], v["sensor"]) == (site, machine, sensor)]
     active = next((v for v in vs if v["status"] == "active"), None)
     with st.container(border=True):
-        st.markdown(f"**{sk}** · active: {'`' + active['id'] + '`' if active else '— none (not scoring)'} · {len(vs)} version(s)")
+        st.markdown(f"**{common.md(sk)}** · active: {common.md(active['id']) if active else '— none (not scoring)'} · {len(vs)} version(s)")
         df = pd.DataFrame({
             "version": [v["id"] for v in vs],
             "status": [f"{ICONS.get(v['status'], '')} {v['status']}" for v in vs],
             "reason": [v["reason"] or "" for v in vs],
             "trigger": [v["trigger"] for v in vs],
             "created": [data.fmt_time(v["created_ns"]) for v in vs],
-            "parent": [v["parent"] or "" for v in vs],
             "false-alarm rate": [_metric(v, "candidate_far") for v in vs],
             "active's FAR": [_metric(v, "active_far") for v in vs],
             "fault detection": [_metric(v, "fault_detection") for v in vs],
             "gate windows": [f"{v['metrics'].get('n_normal', '')}/{v['metrics'].get('n_fault', '')}" if v["metrics"] else "" for v in vs],
-            "size": [data.fmt_bytes(v["size_bytes"]) for v in vs],
-            "sha256": [v["sha256"][:12] + "…" for v in vs],
         })
         st.dataframe(df.iloc[::-1], hide_index=True, width="stretch", column_config={
             "false-alarm rate": st.column_config.NumberColumn(format="%.4f", help="fraction of held-back normal windows above threshold"),
             "active's FAR": st.column_config.NumberColumn(format="%.4f", help="the then-active version on the same windows"),
             "fault detection": st.column_config.NumberColumn(format="%.2f", help="fraction of labelled fault windows above threshold"),
             "gate windows": st.column_config.TextColumn(help="held-back normal / labelled fault windows of the gate"),
-            "sha256": st.column_config.TextColumn(width="small", help="first 12 hex digits; the full hash is in the details"),
             "reason": st.column_config.TextColumn(width="large", help="why it was promoted, rejected or retired (full text in the details)"),
         })
         with st.expander("Details (training summary, metrics, origin)"):
             for v in reversed(vs):
-                st.markdown(f"`{v['id']}` · **{v['status']}** · origin {v['origin']} · encoder `{v['encoder_sha256'][:16]}…` · "
-                            f"sha256 `{v['sha256']}`" + (f"  \n{common.md(v['reason'])}" if v.get("reason") else ""))
+                st.markdown(f"{common.md(v['id'])} · **{common.md(v['status'])}** · origin {common.md(v['origin'])} · trigger "
+                            f"{common.md(v['trigger'])} · parent {common.md(v['parent']) or '—'} · {data.fmt_bytes(v['size_bytes'])} · "
+                            f"encoder {common.md(v['encoder_sha256'][:16])}… · "
+                            f"sha256 {common.md(v['sha256'])}" + (f"  \n{common.md(v['reason'])}" if v.get("reason") else ""))
                 st.json({"metrics": v["metrics"], "training_summary": v["training_summary"]}, expanded=False)
         if not c.can("manage_models"):
             continue
         pending = st.session_state.get(PENDING)
         if pending and pending.get("key") == sk:
             if pending["action"] == "promote":
-                msg = (f"Promote **{pending['version']}** to active for {sk}"
-                       + (f", replacing {active['id']}" if active else "")
+                msg = (f"Promote **{common.md(pending['version'])}** to active for {common.md(sk)}"
+                       + (f", replacing {common.md(active['id'])}" if active else "")
                        + (" — **overriding the gate** (it was rejected)" if pending.get("force") else "") + "?")
             else:
-                msg = f"Roll back {sk} from **{active['id'] if active else '?'}** to the version that was active before it?"
+                msg = f"Roll back {common.md(sk)} from **{common.md(active['id']) if active else '?'}** to the version that was active before it?"
             st.warning(msg + " The running appliance switches to it within seconds.")
             b1, b2, _ = st.columns([1, 1, 4])
             if b1.button("Confirm", type="primary", key=f"confirm-{sk}"):

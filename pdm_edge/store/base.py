@@ -18,7 +18,15 @@ alert          site, machine, sensor, alert_id              state ("raised"/"cle
 label          site, machine, label_id                      kind, sensor, alert_id, fault_type,      label start
                                                             author, note (str), end_ns, created_ns
 model_event    site, machine                                event, version, detail (str)             event time
+condition      site, machine, sensor                        unit, zone (str; no zone: absent),       window start
+                                                            rms, peak, crest_factor, kurtosis,
+                                                            band_10_1k, band_1k_5k, band_5k_up,
+                                                            velocity_rms_mm_s (float; absent: None)
 ============== ============================================ ======================================== ==================
+
+``condition`` (:class:`pdm_edge.condition.Condition`: ISO 20816-3 velocity and zone, and the trend
+values of each scored window) was added after the first four; a store file or database written
+before it simply has none.
 
 Timestamps are the natural key of each record, so writing the same record twice (a retry after
 a timeout, a replayed spool) overwrites it instead of duplicating it: a score is keyed by its
@@ -39,6 +47,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
+from pdm_edge.condition import Condition
 from pdm_edge.errors import StoreError
 from pdm_edge.types import Alert, Label, Score
 
@@ -126,12 +135,20 @@ class Store(Protocol):
     def write_alerts(self, alerts: Sequence[Alert]) -> None: ...
     def write_labels(self, labels: Sequence[Label]) -> None: ...
     def write_model_events(self, events: Sequence[ModelEvent]) -> None: ...
+    def write_conditions(self, conditions: Sequence[Condition]) -> None: ...
 
     def query_scores(self, site: str, machine: str, start_ns: int, end_ns: int, sensor: str | None = None) -> list[Score]: ...
     def query_score_buckets(self, site: str, machine: str, sensor: str, start_ns: int, end_ns: int, every_s: float) -> list[ScoreBucket]: ...
     def query_alerts(self, site: str, machine: str, start_ns: int, end_ns: int) -> list[Alert]: ...
     def query_labels(self, site: str, machine: str, start_ns: int, end_ns: int) -> list[Label]: ...
     def query_model_events(self, site: str, machine: str, start_ns: int, end_ns: int) -> list[ModelEvent]: ...
+    def query_conditions(self, site: str, machine: str, start_ns: int, end_ns: int, sensor: str | None = None) -> list[Condition]: ...
+    def query_condition_buckets(self, site: str, machine: str, sensor: str, start_ns: int, end_ns: int,
+                                every_s: float) -> list[Condition]:
+        """Downsampled like the score: per epoch-aligned bucket of ``every_s`` seconds, the
+        **maximum** of each value (a spike is never averaged away) and the worst zone (the one of
+        the highest velocity), as a :class:`Condition` stamped with the bucket start; empty buckets omitted."""
+        ...
     def machines(self) -> list[MachineState]: ...
 
     def server_info(self) -> dict[str, str]:

@@ -75,6 +75,7 @@ import requests
 from influxdb_client import Point, WritePrecision
 
 from pdm_edge import __version__
+from pdm_edge.condition import Condition
 from pdm_edge.errors import StoreError
 from pdm_edge.store.base import (
     MachineState,
@@ -393,7 +394,78 @@ class InfluxStore:
             lines.append(p.time(e.ts_ns, WritePrecision.NS).to_line_protocol())
         self._write_lines(lines)
 
+    def write_conditions(self, conditions: Sequence[Condition]) -> None:
+        """Write condition indicators (measurement ``condition``, timestamp = window start);
+        ``velocity_rms_mm_s`` and ``zone`` are absent when ``None``.
+
+        Raises:
+            ValueError, TypeError: a record the store cannot take.
+            StoreError: as :meth:`write_scores`.
+        """
+        lines = []
+        for c in check_records("condition", conditions):
+            p = Point("condition").tag("site", c.site).tag("machine", c.machine).tag("sensor", c.sensor).field("unit", c.unit)
+            for name in _CONDITION_VALUES:
+                p.field(name, float(getattr(c, name)))
+            if c.velocity_rms_mm_s is not None:
+                p.field("velocity_rms_mm_s", float(c.velocity_rms_mm_s))
+            if c.zone is not None:
+                p.field("zone", c.zone)
+            lines.append(p.time(c.start_ns, WritePrecision.NS).to_line_protocol())
+        self._write_lines(lines)
+
     # -- queries ---------------------------------------------------------------------------------
+    def query_conditions(self, site: str, machine: str, start_ns: int, end_ns: int,
+                         sensor: str | None = None) -> list[Condition]:
+        """Condition indicators of a machine (optionally one sensor) with window start in
+        ``[start_ns, end_ns)``, sorted by (start, sensor).
+
+        Raises:
+            StoreError: as :meth:`_query_raw`.
+        """
+        cols = ", ".join(quote_ident(c) for c in ("sensor", "unit", *_CONDITION_VALUES, "velocity_rms_mm_s", "zone"))
+        rows = self._select(f"SELECT {cols} FROM {self._from('condition')} WHERE {self._where(site, machine, start_ns, end_ns, sensor=sensor)}")
+        out = [Condition(site, machine, r.get("sensor") or "", int(r["time"]), r.get("unit") or "",
+                         *(float(r[c]) for c in _CONDITION_VALUES),
+                         None if r.get("velocity_rms_mm_s") is None else float(r["velocity_rms_mm_s"]), r.get("zone") or None)
+               for r in rows if r.get("rms") is not None]
+        out.sort(key=lambda c: (c.start_ns, c.sensor))
+        return out
+
+    def query_condition_buckets(self, site: str, machine: str, sensor: str, start_ns: int, end_ns: int,
+                                every_s: float) -> list[Condition]:
+        """One sensor's condition indicators in ``[start_ns, end_ns)``, per epoch-aligned bucket
+        of ``every_s`` seconds: the maximum of each value and the worst zone (see
+        :meth:`Store.query_condition_buckets`).
+
+        Raises:
+            ValueError: ``every_s`` rounds to less than 1 ns.
+            StoreError: as :meth:`_query_raw`.
+        """
+        every_ns = round(every_s * 1e9)
+        if every_ns < 1:
+            raise ValueError(f"every_s must be positive, got {every_s!r}")
+        src = self._from("condition")
+        where = self._where(site, machine, start_ns, end_ns, sensor=sensor)
+        group = f"GROUP BY time({every_ns}ns) fill(none)"
+        maxes = self._select(f"SELECT {', '.join(f'max({quote_ident(c)}) AS {quote_ident(c)}' for c in _CONDITION_VALUES)} "
+                             f"FROM {src} WHERE {where} {group}")
+        # a selector with other fields: the zone and unit of each bucket's highest velocity
+        vel = {int(r["time"]): r for r in self._select(
+            f'SELECT max("velocity_rms_mm_s"), "zone", "unit" FROM {src} WHERE {where} {group}') if r.get("max") is not None}
+        units = {int(r["time"]): r.get("unit") for r in self._select(
+            f'SELECT last("unit") AS "unit" FROM {src} WHERE {where} {group}')}
+        out = []
+        for r in maxes:
+            if r.get("rms") is None:
+                continue
+            t = int(r["time"])
+            v = vel.get(t)
+            out.append(Condition(site, machine, sensor, t, units.get(t) or "", *(float(r[c]) for c in _CONDITION_VALUES),
+                                 None if v is None else float(v["max"]), None if v is None else (v.get("zone") or None)))
+        out.sort(key=lambda c: c.start_ns)
+        return out
+
     def query_scores(self, site: str, machine: str, start_ns: int, end_ns: int, sensor: str | None = None) -> list[Score]:
         """Scores of a machine (optionally one sensor) with window start in ``[start_ns, end_ns)``,
         sorted by (start, sensor).
@@ -574,6 +646,10 @@ class InfluxStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_CONDITION_VALUES = ("rms", "peak", "crest_factor", "kurtosis", "band_10_1k", "band_1k_5k", "band_5k_up")
+"""The float fields of the ``condition`` measurement that are always present."""
 
 
 def _short(exc: BaseException) -> str:

@@ -43,10 +43,11 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from pdm_edge.condition import Condition
 from pdm_edge.store.base import ModelEvent
 from pdm_edge.types import Alert, Label, Score
 
-KINDS: dict[str, type] = {"score": Score, "alert": Alert, "label": Label, "model_event": ModelEvent}
+KINDS: dict[str, type] = {"score": Score, "alert": Alert, "label": Label, "model_event": ModelEvent, "condition": Condition}
 """Record kind -> record type, in the spool and in :func:`write_records`."""
 
 WRITERS: dict[str, str] = {
@@ -54,6 +55,7 @@ WRITERS: dict[str, str] = {
     "alert": "write_alerts",
     "label": "write_labels",
     "model_event": "write_model_events",
+    "condition": "write_conditions",
 }
 """Record kind -> the :class:`~pdm_edge.store.base.Store` method that writes it."""
 
@@ -68,18 +70,22 @@ _NAME_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {
     "alert": (("id", False), ("site", False), ("machine", False), ("sensor", False), ("model_version", False)),
     "label": (("id", False), ("site", False), ("machine", False), ("sensor", True), ("alert_id", True)),
     "model_event": (("site", False), ("machine", False), ("event", False), ("version", False)),
+    "condition": (("site", False), ("machine", False), ("sensor", False)),
 }
 _FLOAT_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {
     "score": (("score", False), ("threshold", True)),
     "alert": (("peak_score", False), ("threshold", False)),
     "label": (),
     "model_event": (),
+    "condition": (("rms", False), ("peak", False), ("crest_factor", False), ("kurtosis", False), ("band_10_1k", False),
+                  ("band_1k_5k", False), ("band_5k_up", False), ("velocity_rms_mm_s", True)),
 }
 _INT_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {
     "score": (("start_ns", False),),
     "alert": (("start_ns", False), ("end_ns", True)),
     "label": (("start_ns", False), ("end_ns", False), ("created_ns", False)),
     "model_event": (("ts_ns", False),),
+    "condition": (("start_ns", False),),
 }
 
 
@@ -157,6 +163,8 @@ def check_record(kind: str, record: Any) -> Any:
             raise ValueError(f"{kind}.{field} = {str(v)[:40]} is beyond int64 (ns); no store can hold it")
     if kind == "score" and not isinstance(record.is_anomaly, bool):
         changes["is_anomaly"] = bool(record.is_anomaly)
+    if kind == "condition" and (record.zone not in (None, "A", "B", "C", "D") or not isinstance(record.unit, str)):
+        raise ValueError(f"condition.zone must be A, B, C, D or None, got {record.zone!r}")
     if kind == "alert" and record.state not in ("raised", "cleared"):
         raise ValueError(f"alert.state must be 'raised' or 'cleared', got {record.state!r}")
     for field in ("author", "note", "kind", "fault_type") if kind == "label" else ():

@@ -45,6 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pdm_edge.condition import Condition
 from pdm_edge.errors import StoreError
 from pdm_edge.store.base import MachineState, ModelEvent, ScoreBucket
 from pdm_edge.store.records import check_records
@@ -75,12 +76,25 @@ CREATE TABLE IF NOT EXISTS label (
 );
 CREATE INDEX IF NOT EXISTS label_by_machine ON label (site, machine, start_ns);
 
+CREATE TABLE IF NOT EXISTS condition (
+    site TEXT NOT NULL, machine TEXT NOT NULL, sensor TEXT NOT NULL, start_ns INTEGER NOT NULL, unit TEXT NOT NULL,
+    rms REAL NOT NULL, peak REAL NOT NULL, crest_factor REAL NOT NULL, kurtosis REAL NOT NULL,
+    band_10_1k REAL NOT NULL, band_1k_5k REAL NOT NULL, band_5k_up REAL NOT NULL,
+    velocity_rms_mm_s REAL, zone TEXT,
+    PRIMARY KEY (site, machine, sensor, start_ns)
+) WITHOUT ROWID;
+
 CREATE TABLE IF NOT EXISTS model_event (
     site TEXT NOT NULL, machine TEXT NOT NULL, ts_ns INTEGER NOT NULL, event TEXT NOT NULL,
     version TEXT NOT NULL, detail TEXT NOT NULL,
     PRIMARY KEY (site, machine, ts_ns, event, version)
 ) WITHOUT ROWID;
 """
+
+
+_CONDITION_COLS = ("site", "machine", "sensor", "start_ns", "unit", "rms", "peak", "crest_factor", "kurtosis",
+                   "band_10_1k", "band_1k_5k", "band_5k_up", "velocity_rms_mm_s", "zone")
+"""The ``condition`` table's columns, in :class:`~pdm_edge.condition.Condition` field order."""
 
 
 class SQLiteStore:
@@ -225,7 +239,64 @@ class SQLiteStore:
                 "INSERT INTO model_event (site, machine, ts_ns, event, version, detail) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (site, machine, ts_ns, event, version) DO UPDATE SET detail = excluded.detail", rows)
 
+    def write_conditions(self, conditions: Sequence[Condition]) -> None:
+        """Upsert condition indicators, keyed by (site, machine, sensor, window start).
+
+        Raises:
+            ValueError, TypeError: a record the store cannot take.
+            StoreError: the file cannot be written.
+        """
+        rows = [tuple(getattr(c, f) for f in _CONDITION_COLS) for c in check_records("condition", conditions)]
+        if not rows:
+            return
+        cols = ", ".join(_CONDITION_COLS)
+        update = ", ".join(f"{c} = excluded.{c}" for c in _CONDITION_COLS[4:])
+        with self._tx() as con:
+            con.executemany(f"INSERT INTO condition ({cols}) VALUES ({', '.join('?' * len(_CONDITION_COLS))}) "
+                            f"ON CONFLICT (site, machine, sensor, start_ns) DO UPDATE SET {update}", rows)
+
     # -- queries -----------------------------------------------------------------------------
+    def query_conditions(self, site: str, machine: str, start_ns: int, end_ns: int,
+                         sensor: str | None = None) -> list[Condition]:
+        """Condition indicators of a machine (optionally one sensor) with window start in
+        ``[start_ns, end_ns)``, sorted by (start, sensor).
+
+        Raises:
+            StoreError: the file cannot be read.
+        """
+        sql = (f"SELECT {', '.join(_CONDITION_COLS)} FROM condition "
+               "WHERE site = ? AND machine = ? AND start_ns >= ? AND start_ns < ?")
+        params: list[Any] = [site, machine, int(start_ns), int(end_ns)]
+        if sensor is not None:
+            sql += " AND sensor = ?"
+            params.append(sensor)
+        return [Condition(*r) for r in self._query(sql + " ORDER BY start_ns, sensor", params)]
+
+    def query_condition_buckets(self, site: str, machine: str, sensor: str, start_ns: int, end_ns: int,
+                                every_s: float) -> list[Condition]:
+        """One sensor's condition indicators in ``[start_ns, end_ns)``, per epoch-aligned bucket
+        of ``every_s`` seconds: the maximum of each value and the worst zone
+        (see :meth:`Store.query_condition_buckets`).
+
+        Raises:
+            ValueError: ``every_s`` rounds to less than 1 ns.
+            StoreError: the file cannot be read.
+        """
+        every_ns = round(every_s * 1e9)
+        if every_ns < 1:
+            raise ValueError(f"every_s must be positive, got {every_s!r}")
+        values = ", ".join(f"max({c})" for c in _CONDITION_COLS[5:12])
+        rows = self._query(
+            f"""
+            SELECT start_ns - (((start_ns % :e) + :e) % :e) AS bucket, max(unit), {values}, max(velocity_rms_mm_s), max(zone)
+            FROM condition
+            WHERE site = :site AND machine = :machine AND sensor = :sensor AND start_ns >= :t0 AND start_ns < :t1
+            GROUP BY bucket ORDER BY bucket
+            """,
+            {"e": every_ns, "site": site, "machine": machine, "sensor": sensor, "t0": int(start_ns), "t1": int(end_ns)},
+        )
+        return [Condition(site, machine, sensor, int(r[0]), *r[1:]) for r in rows]
+
     def query_scores(self, site: str, machine: str, start_ns: int, end_ns: int, sensor: str | None = None) -> list[Score]:
         """Scores of a machine (optionally one sensor) with window start in ``[start_ns, end_ns)``,
         sorted by (start, sensor).
