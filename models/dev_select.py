@@ -5,7 +5,8 @@ Nothing here reads a recording that ``pdm-edge eval`` reports. The evidence come
 - **acoustic**: DCASE 2023 ToyTrain, not an evaluation row (calibrate on the 2 train normals,
   window ROC AUC of the test normal clip against the anomaly clip; the fan, gearbox and bearing
   test pairs mix domains and are left out) and the MIMII fan and pump clips (channel 0; calibrate on the
-  first half of the normal clip, its second half against the abnormal clip);
+  first half of the normal clip, its second half against the abnormal clip, and against the
+  abnormal clip mixed into it at -12 dB, an anomaly that does not dominate the sound);
 - **vibration**: the healthy IMS records (calibrate on the first 10 records of a channel;
   the share of the later 40 records' windows above threshold, a false-alarm measure) and the
   same later records with a synthetic outer-race defect added at the sensor level (an impulse
@@ -78,6 +79,10 @@ def acoustic_cases(data: Path):
         xa = load_wav(next((data / "mimii" / mt / "abnormal").glob("*.wav"))).concatenated()
         h = xn.size // 2
         yield f"mimii_{mt}", _windows(xn[:h], 16000, 4000), _windows(xn[h:], 16000, 4000), _windows(xa, 16000, 4000)
+        # a harder case: the abnormal clip mixed into the normal one at -12 dB (a quarter of the
+        # amplitude): an anomaly that does not dominate the sound
+        mix = xn[h:] + 0.25 * xa[: xn.size - h]
+        yield f"mimii_{mt}_mix", _windows(xn[:h], 16000, 4000), _windows(xn[h:], 16000, 4000), _windows(mix.astype(np.float32), 16000, 4000)
 
 
 def vibration_cases(data: Path):

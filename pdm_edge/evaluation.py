@@ -593,14 +593,15 @@ def _technician_femto(data: Path, encoder: Encoder, sha: str, train: TrainConfig
                     job = app.retrain()
                     rec = app.registry.get(job.version) if job.version else None
                     events.append({"at_s": float(t[i]), "raised_at_s": float(t[raised_at]), "version": rec.id if rec else None,
-                                   "status": rec.status if rec else "failed", "gate": rec.reason if rec else job.detail})
+                                   "status": rec.status if rec else "failed", "gate": rec.reason if rec else job.detail,
+                                   "covers_raises_s": [r for r in raises if t[raised_at] <= r <= t[i]]})
                     scorer = app.active()
                     deb = KOfN(ALERT_K, ALERT_N)  # the technician closed the labelled alert
                 raised_at = None
         finally:
             app.close()
     live = ~np.isnan(scores)
-    labelled_raises = {e["raised_at_s"] for e in events}
+    labelled_raises = {r for e in events for r in e["covers_raises_s"]}  # re-raises inside a labelled span too
     first_half_left = [r for r in raises if r <= 0.5 * end_s and r not in labelled_raises]
     after = [r for r in raises if r > 0.5 * end_s]
     return {"labels_used": labels, "retrains": events, "first_half_alarms_left": len(first_half_left),
