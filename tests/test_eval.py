@@ -80,6 +80,8 @@ def test_feedback_curve_subset_goes_through_the_feedback_path(datasets_dir, enco
     assert [p.rsplit("/", 1)[1] for p in doc["plots"]] == ["feedback_dcase_valve_feedback.png"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_simulated_technician_clears_a_femto_false_alarm_through_the_loop(datasets_dir, encoder, one_torch_thread):
     from pdm_edge.evaluation import _technician_femto
 
