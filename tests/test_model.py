@@ -564,6 +564,7 @@ def test_known_fault_prototypes_saved_and_reloaded_bit_identical(tmp_path: Path,
     assert np.array_equal(r.fault_prototypes, s.fault_prototypes)
     # the most prototypes a version keeps still fit a 256 KiB version file
     s._faults = [s._faults[i % 10] for i in range(400)]
+    s._fault_event_of = [s._fault_event_of[i % 10] for i in range(400)]
     assert s.calibrate()["fault_prototypes"] == 256
     size = len(save_version(tmp_path / "big.pt", s)) and (tmp_path / "big.pt").stat().st_size
     assert size < 256 * 1024, size
