@@ -1,0 +1,231 @@
+"""Tests of pdm_edge.fleet: the delta package, fleet priors through the gate, the Flower apps
+(privacy of what a client sends), and a loopback federation of real Flower processes (slow).
+
+Like tests/test_registry.py, the fast tests use a randomly initialised encoder with a made-up
+sha256, the vibration simulator at 12 kHz (0.25 s windows) and 2 adapter epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pdm_edge.config import config_from_dict
+from pdm_edge.errors import RegistryError
+from pdm_edge.fleet.classes import in_schedule, machine_class, parse_schedule, rate_band
+from pdm_edge.fleet.delta import DeltaPackage, base_adapter, data_sha256, tensors_sha256
+from pdm_edge.fleet.priors import PriorStore, import_delta_package
+from pdm_edge.learning import build_learning
+from pdm_edge.model.adapter import AdapterConfig
+from pdm_edge.model.encoder import Encoder, EncoderConfig
+from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
+from pdm_edge.registry import Registry, generate_keypair, load_private_key, load_public_key
+from pdm_edge.types import Window
+from sensors.simulator import VibrationSimulator
+
+FS = 12_000.0
+WIN_S = 0.25
+ENCODER_SHA = hashlib.sha256(b"pdm-edge tests: randomly initialised encoder, seed 0").hexdigest()
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def enc() -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(EncoderConfig()).eval()
+
+
+def _windows(count: int, seed: int = 1, first: int = 0) -> list[Window]:
+    sim = VibrationSimulator(sample_rate_hz=FS, seed=seed)
+    n = int(FS * WIN_S)
+    return [Window("site", "m1", "de", "vibration", i * round(WIN_S * 1e9), FS, "g", sim.generate(n), i)
+            for i in range(first, first + count)]
+
+
+def _cfg(**train) -> ScorerConfig:
+    return ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=WIN_S, train=TrainConfig(max_epochs=2, max_seconds=20.0, **train))
+
+
+@pytest.fixture(scope="module")
+def trained(enc: Encoder) -> Scorer:
+    s = Scorer(enc, ENCODER_SHA, _cfg())
+    s.learn_many(_windows(40))
+    s.calibrate()
+    return s
+
+
+def _package(enc: Encoder, scorer: Scorer, **meta) -> DeltaPackage:
+    base = base_adapter(enc, scorer.config.adapter, scorer.config.train.seed)
+    fields = dict(device_id="app-1", stream="site/m1/de", machine_class=machine_class("vibration", FS, "pump"), kind="update",
+                  encoder_sha256=ENCODER_SHA, adapter_config=scorer.config.adapter.to_dict(), seed=scorer.config.train.seed,
+                  data_sha256=data_sha256(np.zeros((1, 2, 64, 32), np.float32)), normal_windows=40, training_seconds=1.5)
+    fields.update(meta)
+    return DeltaPackage.from_adapter(scorer.adapter.state_dict(), base, **fields)
+
+
+# -- machine classes and schedule ----------------------------------------------------------------
+def test_machine_class_bands_and_schedule() -> None:
+    assert rate_band(25_600) == "16-32k" and rate_band(12_000) == "8-16k" and rate_band(48_000) == "32-64k"
+    assert machine_class("vibration", 25_600, "pump-a") == "vibration-16-32k-pump-a"
+    with pytest.raises(ValueError):
+        rate_band(0)
+    import datetime as dt
+
+    night = dt.datetime(2026, 1, 1, 2, 30, tzinfo=dt.timezone.utc)
+    noon = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+    assert in_schedule("22:00-06:00", night) and not in_schedule("22:00-06:00", noon)
+    assert in_schedule("00:00-24:00", noon)
+    for bad in ("25:00-01:00", "1:00-2:00", "00:00-24:30"):
+        with pytest.raises(ValueError):
+            parse_schedule(bad)
+
+
+def test_fleet_config_is_opt_in_and_validated() -> None:
+    cfg = config_from_dict({"mqtt": {"broker": "localhost:1883"}}, environ={})
+    assert cfg.fleet.enabled is False
+    with pytest.raises(Exception, match="schedule"):
+        config_from_dict({"mqtt": {"broker": "localhost:1883"}, "fleet": {"schedule": "soon"}}, environ={})
+
+
+# -- the delta package ------------------------------------------------------------------------------
+def test_delta_package_round_trip_signed_and_small(enc: Encoder, trained: Scorer, tmp_path: Path) -> None:
+    priv, pub = generate_keypair(tmp_path / "keys")
+    pkg = _package(enc, trained)
+    path = pkg.write(tmp_path / "u.pdmdelta", load_private_key(priv))
+    size = path.stat().st_size
+    n_params = sum(v.size for v in pkg.delta.values())
+    assert size <= 256 * 1024, size
+    assert size < n_params * 4  # compressed below the raw float32 bytes
+    back, note = DeltaPackage.read(path, trusted_public_keys=[pub], require_signature=True, encoder_sha256=ENCODER_SHA)
+    assert note.startswith("signed by ")
+    assert back.meta == pkg.meta
+    state = back.apply(base_adapter(enc, trained.config.adapter, 0))
+    for k, v in trained.adapter.state_dict().items():
+        assert torch.allclose(state[k], v, rtol=0, atol=1e-6), k  # float32 rounding of (a - b) + b
+    # the members are exactly the manifest, the arrays and the signature; arrays have adapter shapes only
+    with zipfile.ZipFile(path) as zf:
+        assert sorted(zf.namelist()) == ["delta.npz", "manifest.json", "manifest.sig"]
+        meta = json.loads(zf.read("manifest.json"))["meta"]
+    assert {"device_id", "stream", "machine_class", "data_sha256", "normal_windows", "fault_windows",
+            "training_seconds", "encoder_sha256"} <= set(meta)
+
+
+def test_delta_package_refuses_tampering_wrong_key_encoder_and_base(enc: Encoder, trained: Scorer, tmp_path: Path) -> None:
+    priv, pub = generate_keypair(tmp_path / "k1")
+    _, other_pub = generate_keypair(tmp_path / "k2")
+    pkg = _package(enc, trained)
+    data = pkg.to_bytes(load_private_key(priv))
+    with pytest.raises(RegistryError, match="does not verify"):
+        DeltaPackage.from_bytes(data, trusted_public_keys=[other_pub])
+    with pytest.raises(RegistryError, match="not signed"):
+        DeltaPackage.from_bytes(pkg.to_bytes(), require_signature=True)
+    with pytest.raises(RegistryError, match="incompatible"):
+        DeltaPackage.from_bytes(data, encoder_sha256="0" * 64)
+    # a changed array: the manifest's sha256 no longer matches
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as zin, zipfile.ZipFile(buf, "w") as zout:
+        for n in zin.namelist():
+            payload = zin.read(n)
+            if n == "delta.npz":
+                arrays = dict(np.load(io.BytesIO(payload)))
+                k = sorted(arrays)[0]
+                arrays[k] = arrays[k] + 1.0
+                b = io.BytesIO()
+                np.savez(b, **arrays)
+                payload = b.getvalue()
+            zout.writestr(n, payload)
+    with pytest.raises(RegistryError, match="sha256"):
+        DeltaPackage.from_bytes(buf.getvalue(), trusted_public_keys=[pub])
+    with pytest.raises(RegistryError, match="not a readable zip"):
+        DeltaPackage.from_bytes(b"not a zip")
+    # another base (adapter rank) is refused before anything is applied
+    other_base = base_adapter(enc, AdapterConfig(rank=4), seed=1)
+    with pytest.raises(RegistryError, match="another base"):
+        pkg.apply(other_base)
+
+
+def test_delta_package_of_the_shipped_encoder_is_under_256_kb(tmp_path: Path) -> None:
+    from pdm_edge.model import load_encoder
+
+    encoder, sha = load_encoder()
+    cfg = ScorerConfig(kind="vibration", sample_rate_hz=25_600.0, hop_s=1.0)
+    base = base_adapter(encoder, cfg.adapter, 0)
+    rng = np.random.default_rng(0)  # a trained adapter: every tensor moved away from the base
+    adapter = {k: v + rng.normal(0, 0.01, v.shape).astype(np.float32) for k, v in base.items()}
+    pkg = DeltaPackage.from_adapter(adapter, base, device_id="a", stream="s/m/x", machine_class="vibration-16-32k-default",
+                                    kind="update", encoder_sha256=sha, adapter_config=cfg.adapter.to_dict(), seed=0)
+    size = len(pkg.to_bytes())
+    assert size <= 256 * 1024, size
+
+
+# -- priors: a calibration starts from the prior; import goes through the gate ---------------------------
+def test_scorer_calibration_starts_from_the_prior(enc: Encoder, trained: Scorer) -> None:
+    prior = {k: v.clone() for k, v in trained.adapter.state_dict().items()}
+    s = Scorer(enc, ENCODER_SHA, ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=WIN_S, train_adapter=False))
+    s.prior_adapter = prior
+    s.learn_many(_windows(30, seed=5))
+    s.calibrate()
+    for k, v in s.adapter.state_dict().items():
+        assert torch.equal(v, prior[k]), k
+    fresh = Scorer(enc, ENCODER_SHA, ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=WIN_S, train_adapter=False))
+    assert not all(torch.equal(v, prior[k]) for k, v in fresh.adapter.state_dict().items())
+
+
+def _app_config(tmp_path: Path, **fleet) -> object:
+    return config_from_dict({
+        "mqtt": {"broker": "localhost:1883"},
+        "feedback": {"state_dir": str(tmp_path / "var")},
+        "registry": {"dir": str(tmp_path / "var" / "registry")},
+        "learning": {"calibration_s": 5.0, "max_train_seconds": 20.0, "replay_normal_windows": 100},
+        "fleet": {"enabled": True, "machine_class": "pump", **fleet},
+        "sensors": {"site/m1/de": {"kind": "vibration", "sample_rate_hz": FS, "unit": "g", "window_s": WIN_S, "hop_s": WIN_S}},
+    }, environ={})
+
+
+def test_imported_delta_package_becomes_prior_and_passes_the_gate(enc: Encoder, trained: Scorer, tmp_path: Path) -> None:
+    priv, pub = generate_keypair(tmp_path / "keys")
+    cfg = _app_config(tmp_path, verify_key=str(pub))
+    klass = machine_class("vibration", FS, "pump")
+    # trained with the appliance's own adapter configuration (rank from [learning])
+    pkg = _package(enc, trained, kind="prior", device_id="fleet-server", stream="", machine_class=klass, round=3)
+    unsigned = pkg.write(tmp_path / "unsigned.pdmdelta")
+    with pytest.raises(RegistryError, match="not signed"):
+        import_delta_package(unsigned, cfg, enc, ENCODER_SHA)
+    signed = pkg.write(tmp_path / "prior.pdmdelta", load_private_key(priv))
+    got, queued = import_delta_package(signed, cfg, enc, ENCODER_SHA)
+    assert got.meta.round == 3 and queued == ["site/m1/de"]
+    assert PriorStore.for_config(cfg, enc, ENCODER_SHA).path(klass).exists()
+    # the appliance's learning loop trains the queued job from the prior; the registry's gate judges it
+    reg = Registry(cfg.registry.dir)
+    loop = build_learning(cfg, reg, enc, ENCODER_SHA, train=TrainConfig(max_epochs=1, max_seconds=10.0))
+    try:
+        ws = _windows(60, seed=7)
+        feats = loop.template("site/m1/de").features(ws)
+        loop.offer("site/m1/de", [w.start_ns for w in ws], feats)
+        jobs = loop.run_pending()
+    finally:
+        loop.close()
+    assert len(jobs) == 1 and jobs[0].status == "done", jobs
+    rec = reg.get(jobs[0].version)
+    assert rec.status in ("active", "rejected") and rec.reason.startswith("gate ")
+    assert rec.training_summary["fleet_prior"].startswith(f"{klass} round 3")
+    reg.close()
+
+
+def test_prior_of_another_adapter_configuration_is_not_used(enc: Encoder, trained: Scorer, tmp_path: Path) -> None:
+    cfg = _app_config(tmp_path)
+    store = PriorStore.for_config(cfg, enc, ENCODER_SHA)
+    klass = machine_class("vibration", FS, "pump")
+    pkg = _package(enc, trained, kind="prior", machine_class=klass)
+    store.save(pkg.to_bytes())
+    sc = ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=WIN_S, adapter=AdapterConfig(rank=2))
+    assert store.adapter_for("site/m1/de", sc) is None  # logged, falls back to a fresh adapter
+    assert store.adapter_for("site/m1/de", _cfg()) is not None
