@@ -229,3 +229,116 @@ def test_prior_of_another_adapter_configuration_is_not_used(enc: Encoder, traine
     sc = ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=WIN_S, adapter=AdapterConfig(rank=2))
     assert store.adapter_for("site/m1/de", sc) is None  # logged, falls back to a fresh adapter
     assert store.adapter_for("site/m1/de", _cfg()) is not None
+
+
+# -- the Flower client app: what leaves the appliance -------------------------------------------------------
+@pytest.fixture
+def appliance(tmp_path: Path) -> Path:
+    """An appliance's TOML and state directory whose replay buffer holds 60 windows of one stream."""
+    from pdm_edge.learning.replay import ReplayBuffer
+    from pdm_edge.model import load_encoder
+
+    state = tmp_path / "var"
+    toml = tmp_path / "pdm-edge.toml"
+    toml.write_text(f"""appliance_id = "app-1"
+[mqtt]
+broker = "localhost:1883"
+[feedback]
+state_dir = "{state}"
+[registry]
+dir = "{state / 'registry'}"
+[learning]
+replay_normal_windows = 100
+[fleet]
+enabled = true
+machine_class = "pump"
+max_train_seconds = 3.0
+[sensors."site/m1/de"]
+kind = "vibration"
+sample_rate_hz = {FS}
+unit = "g"
+window_s = {WIN_S}
+hop_s = {WIN_S}
+""")
+    encoder, sha = load_encoder()
+    ws = _windows(60, seed=3)
+    feats = Scorer(encoder, sha, _cfg()).features(ws)
+    rb = ReplayBuffer.in_dir(state, capacity=100)
+    rb.offer("site/m1/de", [w.start_ns for w in ws], feats)
+    rb.close()
+    return toml
+
+
+def _message(kind: str, content, node_id: int = 7):
+    """A message as the SuperLink delivers it to a node (metadata set by the server side)."""
+    import time as _time
+    import uuid
+
+    from flwr.app import Metadata
+    from flwr.app.message.message import make_message
+
+    md = Metadata(run_id=1, message_id=uuid.uuid4().hex, src_node_id=1, dst_node_id=node_id, reply_to_message_id="",
+                  group_id="1", created_at=_time.time(), ttl=3600.0, message_type=kind)
+    return make_message(md, content)
+
+
+def test_client_sends_only_adapter_tensors_and_metadata(appliance: Path) -> None:
+    """Every message the client app sends (query, train with and without DP clipping, evaluate)
+    is captured by an outermost Flower mod; it holds only the adapter's tensors, under their
+    names and shapes, and scalar metadata: no window, feature image or embedding batch."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    from pdm_edge.fleet.client_app import array_record, make_client_app
+    from pdm_edge.fleet.delta import DeltaMeta
+    from pdm_edge.model import load_encoder
+
+    sent = []
+
+    def capture(msg, ctxt, call_next):
+        reply = call_next(msg, ctxt)
+        sent.append(reply)
+        return reply
+
+    app = make_client_app(mods=[capture])
+    ctx = Context(run_id=1, node_id=7, node_config={"config": str(appliance)}, state=RecordDict(), run_config={})
+    encoder, sha = load_encoder()
+    sc = ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=WIN_S)
+    base = base_adapter(encoder, sc.adapter, 0)
+    adapter_shapes = {k: v.shape for k, v in base.items()}
+    klass = machine_class("vibration", FS, "pump")
+
+    q = app(_message("query", RecordDict({"config": ConfigRecord({})})), ctx)
+    assert q.content["config"]["participate"] is True and json.loads(q.content["config"]["classes"]) == [klass]
+    zero = array_record({k: np.zeros_like(v) for k, v in base.items()})
+    for cfg in ({"machine-class": klass}, {"machine-class": klass, KEY_CLIPPING_NORM: 0.05, "uniform-weights": True}):
+        r = app(_message("train", RecordDict({"arrays": zero, "config": ConfigRecord(cfg)})), ctx)
+        assert not r.has_error(), r.error
+        update = r.content["arrays"].to_numpy_ndarrays()
+        if KEY_CLIPPING_NORM in cfg:  # Flower's fixedclipping_mod clipped the update
+            assert np.sqrt(sum(float(np.sum(u ** 2)) for u in update)) <= 0.05 + 1e-6
+    prior = DeltaPackage.from_adapter(base, base, device_id="fleet-server", stream="", machine_class=klass, kind="prior",
+                                      encoder_sha256=sha, adapter_config=sc.adapter.to_dict(), seed=0, round=1)
+    e = app(_message("evaluate", RecordDict({"arrays": zero, "config": ConfigRecord({"prior-package": prior.to_bytes(),
+                                                                                       "server-round": 1})})), ctx)
+    assert e.content["metrics"]["prior-stored"] == 1
+
+    assert len(sent) == 4
+    meta_fields = {f for f in DeltaMeta.__dataclass_fields__}
+    n_arrays = 0
+    for msg in sent:
+        for rec in msg.content.array_records.values():
+            for name, arr in zip(rec.keys(), rec.to_numpy_ndarrays()):
+                assert name in adapter_shapes and arr.shape == adapter_shapes[name], (name, arr.shape)
+                assert arr.shape[-3:] != (2, 64, 32) and arr.shape[-1] != int(FS * WIN_S)
+                n_arrays += 1
+        for rec in msg.content.metric_records.values():
+            assert all(isinstance(v, (int, float)) for v in rec.values())
+        for rec in msg.content.config_records.values():
+            for key, v in rec.items():
+                assert isinstance(v, (str, bool, int, float)), (key, type(v))  # no bytes, no lists of numbers
+                if key == "delta-meta":
+                    meta = json.loads(v)
+                    assert set(meta) <= meta_fields
+                    assert all(not isinstance(x, list) for x in meta.values())
+    assert n_arrays == 2 * len(adapter_shapes)
