@@ -342,3 +342,131 @@ def test_client_sends_only_adapter_tensors_and_metadata(appliance: Path) -> None
                     assert set(meta) <= meta_fields
                     assert all(not isinstance(x, list) for x in meta.values())
     assert n_arrays == 2 * len(adapter_shapes)
+
+
+# -- command line ------------------------------------------------------------------------------------------
+def test_fleet_cli_join_needs_opt_in_and_status_shows_priors(appliance: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pdm_edge.cli import main
+
+    off = tmp_path / "off.toml"
+    off.write_text(appliance.read_text().replace("enabled = true", "enabled = false"))
+    r = CliRunner().invoke(main, ["--config", str(off), "fleet", "join", "--print"])
+    assert r.exit_code == 1 and "opted in" in r.output
+    r = CliRunner().invoke(main, ["--config", str(appliance), "fleet", "join", "--print"])
+    assert r.exit_code == 1 and "root_certificates" in r.output  # no TLS configured and not marked insecure
+    with_tls = tmp_path / "tls.toml"
+    with_tls.write_text(appliance.read_text().replace('machine_class = "pump"', 'machine_class = "pump"\nroot_certificates = "/etc/ca.pem"'))
+    r = CliRunner().invoke(main, ["--config", str(with_tls), "fleet", "join", "--print"])
+    assert r.exit_code == 0 and "--root-certificates /etc/ca.pem" in r.output and "--superlink 127.0.0.1:8000" in r.output
+    r = CliRunner().invoke(main, ["--config", str(appliance), "fleet", "status"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["enabled"] is True and doc["priors"] == {} and doc["rounds"] == []
+
+
+# -- a federation of real Flower processes on loopback ----------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_loopback_federation_three_appliances_survives_a_killed_client(tmp_path: Path) -> None:
+    """A Flower SuperLink and three appliances (``pdm-edge fleet join`` -> flower-supernode, each
+    with its own state directory) on loopback: a run of two rounds where one appliance is killed
+    during round 1 still completes round 2 with the other two (Flower's minimum-clients rule);
+    the killed appliance rejoins and takes part in the next run, with differential privacy on
+    and epsilon reported per round. Every appliance stores the signed prior."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from pdm_edge.fleet.runner import FleetServer, read_rounds, stop_group
+    from pdm_edge.learning.replay import ReplayBuffer
+    from pdm_edge.model import load_encoder
+
+    from .conftest import wait_until
+
+    port = _free_port()
+    priv, pub = generate_keypair(tmp_path / "keys")
+    encoder, sha = load_encoder()
+    tomls = []
+    for i in range(3):
+        state = tmp_path / f"app{i}" / "var"
+        toml = tmp_path / f"app{i}" / "pdm-edge.toml"
+        toml.parent.mkdir(parents=True)
+        toml.write_text(f"""appliance_id = "app-{i}"
+[mqtt]
+broker = "localhost:1883"
+[feedback]
+state_dir = "{state}"
+[registry]
+dir = "{state / 'registry'}"
+[learning]
+replay_normal_windows = 100
+[fleet]
+enabled = true
+insecure = true
+server = "127.0.0.1:{port}"
+machine_class = "pump"
+verify_key = "{pub}"
+max_train_seconds = 3.0
+[sensors."site/m{i}/de"]
+kind = "vibration"
+sample_rate_hz = {FS}
+unit = "g"
+window_s = {WIN_S}
+hop_s = {WIN_S}
+""")
+        ws = _windows(60, seed=20 + i)
+        rb = ReplayBuffer.in_dir(state, capacity=100)
+        rb.offer(f"site/m{i}/de", [w.start_ns for w in ws], Scorer(encoder, sha, _cfg()).features(ws))
+        rb.close()
+        tomls.append(toml)
+
+    def join(i: int) -> subprocess.Popen:
+        log = open(tmp_path / f"node{i}.log", "ab")
+        return subprocess.Popen([sys.executable, "-m", "pdm_edge.cli", "--config", str(tomls[i]), "fleet", "join",
+                                 "--port", str(_free_port())], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+    klass = machine_class("vibration", FS, "pump")
+    nodes = [join(i) for i in range(3)]
+    srv = FleetServer(tmp_path / "server", f"127.0.0.1:{port}", insecure=True).start()
+    try:
+        out: dict[str, object] = {}
+        run = threading.Thread(target=lambda: out.update(rounds=srv.submit(
+            num_rounds=2, min_clients=2, round_timeout_s=90, signing_key=str(priv), timeout_s=900)))
+        run.start()
+        # kill appliance 2 while round 1 is still going (its prior is being published)
+        assert wait_until(lambda: len(read_rounds(tmp_path / "server")) >= 1, timeout=600)
+        stop_group(nodes[2])
+        run.join(900)
+        rounds = out["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2]
+        assert rounds[0]["n_participants"] == 3 and rounds[0]["aggregated"]
+        assert rounds[1]["aggregated"] and sorted(rounds[1]["participants"]) == ["app-0", "app-1"]
+        assert rounds[1]["client_bytes_out_max"] <= 1_000_000 and rounds[0]["prior_bytes"] <= 256 * 1024
+        # the killed appliance rejoins; the next run has three participants again, with DP
+        nodes[2] = join(2)
+        dp_rounds = srv.submit(num_rounds=2, min_clients=3, round_timeout_s=90, signing_key=str(priv), dp_noise=1.0,
+                               dp_clip=0.5, timeout_s=900)
+        assert [r["n_participants"] for r in dp_rounds] == [3, 3]
+        eps = [r["epsilon"] for r in dp_rounds]
+        assert eps[0] > 0 and eps[1] > eps[0]
+    finally:
+        for n in nodes:
+            stop_group(n)
+        srv.stop()
+    for i in range(3):
+        store = PriorStore(tmp_path / f"app{i}" / "var", "pump", encoder, sha, [pub])
+        pkg = store.load(klass)
+        assert pkg is not None and pkg.meta.kind == "prior"
+        events = read_rounds(tmp_path / f"app{i}" / "var" / "fleet")
+        assert any(e["event"] == "trained" for e in events) and any(e["event"] == "prior" for e in events)

@@ -195,6 +195,15 @@ def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def log_round(state_dir: Path, record: dict[str, Any]) -> None:
+    """Append one fleet event of this appliance to ``{state_dir}/fleet/rounds.jsonl`` (what
+    ``/metrics``, ``pdm-edge fleet status`` and the dashboard's models page show)."""
+    path = state_dir / "fleet" / "rounds.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"ts_ns": time.time_ns(), **record}) + "\n")
+
+
 def _array_bytes(rec: ArrayRecord) -> int:
     return int(sum(a.nbytes for a in rec.to_numpy_ndarrays()))
 
@@ -237,6 +246,9 @@ def make_client_app(mods: list[Any] | None = None) -> ClientApp:
                                 "cpu-seconds": round(time.process_time() - cpu0, 3),
                                 "bytes-in": _array_bytes(incoming), "bytes-out": _array_bytes(out),
                                 "normal-windows": int(meta["normal_windows"])})
+        log_round(a.state_dir, {"event": "trained", "round": int(cfg.get("server-round", 0)), "machine_class": meta["machine_class"],
+                                "streams": meta["stream"], "normal_windows": int(meta["normal_windows"]),
+                                "cpu_s": metrics["cpu-seconds"], "bytes_in": metrics["bytes-in"], "bytes_out": metrics["bytes-out"]})
         return Message(RecordDict({ARRAYS: out, METRICS: metrics, META: ConfigRecord({"delta-meta": json.dumps(meta)})}),
                        reply_to=msg)
 
@@ -247,8 +259,12 @@ def make_client_app(mods: list[Any] | None = None) -> ClientApp:
         stored = 0
         data = cfg.get(PRIOR_PACKAGE)
         if isinstance(data, bytes) and a.cfg.fleet.enabled:
-            a.priors.save(data, f"round-{cfg.get('server-round')}")
+            pkg = a.priors.save(data, f"round-{cfg.get('server-round')}")
             stored = 1
+            log_round(a.state_dir, {"event": "prior", "round": pkg.meta.round, "machine_class": pkg.meta.machine_class,
+                                    "prior_version": f"{pkg.meta.machine_class}-r{pkg.meta.round}-{pkg.meta.adapter_sha256[:12]}",
+                                    "participants": list(pkg.meta.notes.get("participants", [])),
+                                    "normal_windows": pkg.meta.normal_windows, "bytes": len(data)})
         return Message(RecordDict({METRICS: MetricRecord({WEIGHT: 1, "prior-stored": stored})}), reply_to=msg)
 
     return app
