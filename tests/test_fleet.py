@@ -470,3 +470,22 @@ hop_s = {WIN_S}
         assert pkg is not None and pkg.meta.kind == "prior"
         events = read_rounds(tmp_path / f"app{i}" / "var" / "fleet")
         assert any(e["event"] == "trained" for e in events) and any(e["event"] == "prior" for e in events)
+
+
+def test_fleet_metrics_from_the_appliance_round_log(tmp_path: Path) -> None:
+    from pdm_edge.fleet.client_app import log_round
+    from pdm_edge.metrics import FLEET_METRIC_NAMES, Metrics
+
+    m = Metrics()
+    m.add_fleet(tmp_path)
+    assert b"pdm_edge_fleet_prior_round{" not in m.render()  # nothing yet: families without samples
+    log_round(tmp_path, {"event": "trained", "round": 1, "machine_class": "c", "cpu_s": 4.5, "bytes_in": 90_000, "bytes_out": 90_000})
+    log_round(tmp_path, {"event": "prior", "round": 1, "machine_class": "c", "participants": ["a", "b", "c"], "bytes": 80_000})
+    log_round(tmp_path, {"event": "trained", "round": 2, "machine_class": "c", "cpu_s": 5.0, "bytes_in": 90_000, "bytes_out": 91_000})
+    text = m.render().decode()
+    for name in FLEET_METRIC_NAMES:
+        assert name in text, name
+    assert 'pdm_edge_fleet_rounds_total{event="trained",machine_class="c"} 2.0' in text
+    assert 'pdm_edge_fleet_prior_round{machine_class="c"} 1.0' in text
+    assert 'pdm_edge_fleet_last_round_participants{machine_class="c"} 3.0' in text
+    assert 'pdm_edge_fleet_last_round_bytes{direction="out",machine_class="c"} 91000.0' in text
