@@ -489,3 +489,37 @@ def test_fleet_metrics_from_the_appliance_round_log(tmp_path: Path) -> None:
     assert 'pdm_edge_fleet_prior_round{machine_class="c"} 1.0' in text
     assert 'pdm_edge_fleet_last_round_participants{machine_class="c"} 3.0' in text
     assert 'pdm_edge_fleet_last_round_bytes{direction="out",machine_class="c"} 91000.0' in text
+
+
+def test_models_page_shows_fleet_rounds_priors_and_versions_from_a_prior(dashboard_demo, monkeypatch, enc, trained) -> None:
+    """The dashboard's models page (Streamlit AppTest) shows the rounds this appliance took part
+    in, the priors it holds and what they changed."""
+    from streamlit.testing.v1 import AppTest
+
+    from pdm_edge.config import load_config
+    from pdm_edge.fleet.client_app import log_round
+
+    cfg_path = Path(dashboard_demo.config_path)
+    cfg_path.write_text(cfg_path.read_text() + '\n[fleet]\nenabled = true\nmachine_class = "pump"\ninsecure = true\n')
+    cfg = load_config(cfg_path)
+    state = Path(cfg.feedback.state_dir)
+    klass = machine_class("vibration", FS, "pump")
+    pkg = _package(enc, trained, kind="prior", device_id="fleet-server", stream="", machine_class=klass, round=2,
+                   notes={"participants": ["app-0", "app-1", "app-2"]})
+    pkg.write(state / "fleet" / "priors" / f"{klass}.pdmdelta")
+    log_round(state, {"event": "trained", "round": 2, "machine_class": klass, "streams": "plant1/fan-1/de", "normal_windows": 48,
+                      "cpu_s": 6.2, "bytes_in": 90_752, "bytes_out": 90_752})
+    log_round(state, {"event": "prior", "round": 2, "machine_class": klass, "prior_version": f"{klass}-r2-abc",
+                      "participants": ["app-0", "app-1", "app-2"], "normal_windows": 144, "bytes": 76_000})
+    monkeypatch.setenv("PDM_EDGE_CONFIG", str(cfg_path))
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "dashboard" / "app.py"), default_timeout=120)
+    at.run()
+    at.switch_page("pages/models.py").run()
+    assert not at.exception, at.exception
+    assert any(m.value == "#### Fleet rounds" for m in at.markdown)
+    tables = [df.value for df in at.dataframe]
+    rounds = next(t for t in tables if "what it changed" in t.columns)
+    assert rounds["event"].tolist() == ["prior", "trained"] and rounds["round"].tolist() == [2, 2]
+    assert rounds["participants"].iloc[0] == "app-0, app-1, app-2"
+    priors = next(t for t in tables if "adapter sha256" in t.columns)
+    assert priors["round"].tolist() == [2] and priors["machine class"].tolist() == [klass]
