@@ -212,9 +212,22 @@ def _dp_clipping_when_asked(msg: Message, ctxt: Context, call_next: Any) -> Mess
     """Flower's ``fixedclipping_mod`` on train messages whose config carries a clipping norm
     (the server's ``DifferentialPrivacyClientSideFixedClipping``); others pass through."""
     cfgs = list(msg.content.config_records.values())
-    if msg.metadata.message_type.startswith("train") and cfgs and KEY_CLIPPING_NORM in cfgs[0]:
-        return fixedclipping_mod(msg, ctxt, call_next)
-    return call_next(msg, ctxt)
+    if not (msg.metadata.message_type.startswith("train") and cfgs and KEY_CLIPPING_NORM in cfgs[0]):
+        return call_next(msg, ctxt)
+    replies: list[Message] = []
+
+    def inner(m: Message, c: Context) -> Message:
+        replies.append(call_next(m, c))
+        return replies[-1]
+
+    try:
+        return fixedclipping_mod(msg, ctxt, inner)
+    except ZeroDivisionError:
+        # Flower divides by the update's norm: an update of norm 0 (training kept the global
+        # adapter, early stopping) is within any clipping norm and goes out unchanged
+        if not replies:
+            raise
+        return replies[-1]
 
 
 def make_client_app(mods: list[Any] | None = None) -> ClientApp:
