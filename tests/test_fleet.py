@@ -523,3 +523,31 @@ def test_models_page_shows_fleet_rounds_priors_and_versions_from_a_prior(dashboa
     assert rounds["participants"].iloc[0] == "app-0, app-1, app-2"
     priors = next(t for t in tables if "adapter sha256" in t.columns)
     assert priors["round"].tolist() == [2] and priors["machine class"].tolist() == [klass]
+
+
+@pytest.mark.slow
+def test_femto_leave_one_out_fold_on_simulated_runs_to_failure() -> None:
+    """The leave-one-out fold logic (prior from the others through Flower's FedAvg aggregation,
+    three calibrations of the left-out bearing, alarms and lead time) on three short simulated
+    runs to failure at 25.6 kHz; the real figures come from ``pdm-edge fleet eval-femto``."""
+    from pdm_edge.fleet.femto import Bearing, FleetEval
+    from sensors.simulator import FaultSpec
+
+    bearings = {}
+    for i in range(3):
+        healthy = VibrationSimulator(sample_rate_hz=25_600.0, seed=40 + i)
+        faulty = VibrationSimulator(sample_rate_hz=25_600.0, seed=40 + i, fault=FaultSpec(kind="outer", severity=2.0))
+        x = np.stack([healthy.generate(2560) for _ in range(120)] + [faulty.generate(2560) for _ in range(20)])
+        bearings[f"B{i}"] = Bearing(f"B{i}", np.arange(140) * 10.0, x.astype(np.float32))
+    ev = FleetEval(bearings, rounds=2, max_epochs=1, max_seconds=5.0, dp_noise=1.0, dp_clip=0.5)
+    fold = ev.fold("B0")
+    assert [r["round"] for r in fold["prior_rounds"]] == [1, 2]
+    assert fold["prior_rounds"][0]["participants"] == ["B1", "B2"]
+    assert 0 < fold["prior_rounds"][0]["epsilon"] < fold["prior_rounds"][1]["epsilon"]
+    m = fold["methods"]
+    assert set(m) == {"prior_2min", "scratch_10pct", "prior_alone_2min"}
+    assert m["prior_2min"]["calibration_windows"] == 12 and m["scratch_10pct"]["calibration_windows"] == 14
+    for row in m.values():
+        # the fault fills the last 20 snapshots (200 s): it is alarmed, with a lead time of at most 200 s
+        assert row["first_alarm_after_half_s"] is not None and 0 < row["lead_time_s"] <= 200.0
+    assert isinstance(fold["prior_2min_at_least_as_good"], bool)

@@ -194,7 +194,9 @@ class FleetEval:
                 else:
                     upd, n = self.client_update(b, glob)
                 arrays = [upd[k].copy() for k in names]
-                if self.dp_noise > 0:  # Flower's fixedclipping_mod: clip the update relative to the global
+                if self.dp_noise > 0 and any(np.any(upd[k] != glob[k]) for k in names):
+                    # Flower's fixedclipping_mod: clip the update relative to the global (an
+                    # unchanged adapter has norm 0, within any clipping norm)
                     compute_clip_model_update(arrays, [glob[k] for k in names], self.dp_clip)
                 from flwr.app import MetricRecord
 
