@@ -376,6 +376,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_loopback_federation_three_appliances_survives_a_killed_client(tmp_path: Path) -> None:
     """A Flower SuperLink and three appliances (``pdm-edge fleet join`` -> flower-supernode, each
     with its own state directory) on loopback: a run of two rounds where one appliance is killed
@@ -442,12 +443,12 @@ hop_s = {WIN_S}
     try:
         out: dict[str, object] = {}
         run = threading.Thread(target=lambda: out.update(rounds=srv.submit(
-            num_rounds=2, min_clients=2, round_timeout_s=90, signing_key=str(priv), timeout_s=900)))
+            num_rounds=2, min_clients=2, round_timeout_s=240, signing_key=str(priv), timeout_s=1200)))
         run.start()
         # kill appliance 2 while round 1 is still going (its prior is being published)
         assert wait_until(lambda: len(read_rounds(tmp_path / "server")) >= 1, timeout=600)
         stop_group(nodes[2])
-        run.join(900)
+        run.join(1200)
         rounds = out["rounds"]
         assert [r["round"] for r in rounds] == [1, 2]
         assert rounds[0]["n_participants"] == 3 and rounds[0]["aggregated"]
@@ -455,8 +456,8 @@ hop_s = {WIN_S}
         assert rounds[1]["client_bytes_out_max"] <= 1_000_000 and rounds[0]["prior_bytes"] <= 256 * 1024
         # the killed appliance rejoins; the next run has three participants again, with DP
         nodes[2] = join(2)
-        dp_rounds = srv.submit(num_rounds=2, min_clients=3, round_timeout_s=90, signing_key=str(priv), dp_noise=1.0,
-                               dp_clip=0.5, timeout_s=900)
+        dp_rounds = srv.submit(num_rounds=2, min_clients=3, round_timeout_s=240, signing_key=str(priv), dp_noise=1.0,
+                               dp_clip=0.5, timeout_s=1200)
         assert [r["n_participants"] for r in dp_rounds] == [3, 3]
         eps = [r["epsilon"] for r in dp_rounds]
         assert eps[0] > 0 and eps[1] > eps[0]

@@ -182,13 +182,15 @@ class FleetServer:
               "dp-noise": float(dp_noise), "dp-clip": float(dp_clip), "dp-delta": float(dp_delta), "wait-nodes": float(wait_nodes_s)}
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in rc.items())
         cmd = [_bin("flwr"), "run", str(APP_DIR), "fleet", "--run-config", overrides, "--stream"]
+        log_path = self.out_dir / "last-run.log"  # the ServerApp's log, streamed as the run goes
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, env=flower_env(self.home), timeout=timeout_s)
+            with open(log_path, "w") as fh:
+                res = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=flower_env(self.home), timeout=timeout_s)
         except subprocess.TimeoutExpired as exc:
-            raise FleetError(f"flwr run did not finish within {timeout_s} s") from exc
-        (self.out_dir / "last-run.log").write_text(res.stdout + res.stderr)
-        if res.returncode != 0 or "Traceback" in res.stdout + res.stderr:
-            raise FleetError(f"flwr run failed ({shlex.join(cmd)}): {(res.stdout + res.stderr)[-2000:]}")
+            raise FleetError(f"flwr run did not finish within {timeout_s} s; see {log_path}") from exc
+        output = log_path.read_text()
+        if res.returncode != 0 or "Traceback" in output:
+            raise FleetError(f"flwr run failed ({shlex.join(cmd)}): {output[-2000:]}")
         lines = rounds_path.read_text().splitlines() if rounds_path.exists() else []
         return [json.loads(x) for x in lines[before:]]
 
