@@ -20,13 +20,13 @@ import torch
 from pdm_edge.config import config_from_dict
 from pdm_edge.errors import RegistryError
 from pdm_edge.fleet.classes import in_schedule, machine_class, parse_schedule, rate_band
-from pdm_edge.fleet.delta import DeltaPackage, base_adapter, data_sha256, tensors_sha256
+from pdm_edge.fleet.delta import DeltaPackage, base_adapter, data_sha256
 from pdm_edge.fleet.priors import PriorStore, import_delta_package
 from pdm_edge.learning import build_learning
 from pdm_edge.model.adapter import AdapterConfig
 from pdm_edge.model.encoder import Encoder, EncoderConfig
 from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
-from pdm_edge.registry import Registry, generate_keypair, load_private_key, load_public_key
+from pdm_edge.registry import Registry, generate_keypair, load_private_key
 from pdm_edge.types import Window
 from sensors.simulator import VibrationSimulator
 
@@ -286,7 +286,7 @@ def test_client_sends_only_adapter_tensors_and_metadata(appliance: Path) -> None
     """Every message the client app sends (query, train with and without DP clipping, evaluate)
     is captured by an outermost Flower mod; it holds only the adapter's tensors, under their
     names and shapes, and scalar metadata: no window, feature image or embedding batch."""
-    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+    from flwr.app import ConfigRecord, Context, RecordDict
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
     from pdm_edge.fleet.client_app import array_record, make_client_app

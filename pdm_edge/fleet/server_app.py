@@ -174,15 +174,14 @@ def query_nodes(grid: Grid, timeout: float) -> dict[int, dict[str, Any]]:
     return out
 
 
-def _template(klass: str, encoder_sha256: str, out_dir: Path, verify: Any) -> tuple[DeltaPackage, dict[str, np.ndarray]]:
-    """The class's current prior (from ``out_dir``) or a zero delta on the default adapter."""
+def _template(klass: str, out_dir: Path, verify: Any) -> tuple[DeltaPackage, dict[str, np.ndarray]]:
+    """The class's current prior (from ``out_dir``) or a zero delta on the default adapter, and
+    its base adapter (the server's encoder, ``models/encoder.pt``, which every participant runs)."""
     from pdm_edge.fleet.delta import base_adapter
     from pdm_edge.model import load_encoder
     from pdm_edge.model.adapter import AdapterConfig
 
     encoder, sha = load_encoder()
-    if sha != encoder_sha256:
-        raise ValueError(f"the fleet server's encoder {sha[:12]}... differs from the appliances' {encoder_sha256[:12]}...")
     path = out_dir / "priors" / f"{klass}.pdmdelta"
     if path.exists():
         pkg, _ = DeltaPackage.read(path, trusted_public_keys=verify, encoder_sha256=sha)
@@ -215,12 +214,17 @@ def main(grid: Grid, context: Context) -> None:
         time.sleep(1.0)
     nodes = query_nodes(grid, timeout)
     classes: dict[str, list[int]] = {}
-    sha = ""
+    from pdm_edge.model import load_encoder
+
+    _, sha = load_encoder()
     for nid, info in nodes.items():
         if not info["participate"]:
             log.info("node %s (%s) sits this run out: %s", nid, info["appliance"], info["reason"])
             continue
-        sha = info["encoder_sha256"]
+        if info["encoder_sha256"] != sha:
+            log.warning("node %s (%s) runs encoder %s..., the server %s...; left out", nid, info["appliance"],
+                        info["encoder_sha256"][:12], sha[:12])
+            continue
         for k in info["classes"]:
             if not rc["machine-class"] or k == rc["machine-class"]:
                 classes.setdefault(k, []).append(nid)
@@ -230,7 +234,7 @@ def main(grid: Grid, context: Context) -> None:
         if len(ids) < min_clients:
             log.warning("class %s: %d participant(s), fewer than min-clients %d; skipped", klass, len(ids), min_clients)
             continue
-        template, base = _template(klass, sha, out_dir, verify)
+        template, base = _template(klass, out_dir, verify)
         dp_noise = float(rc["dp-noise"])
         inner = FleetFedAvg(klass, template, base, out_dir, signing_key, fraction_train=1.0, fraction_evaluate=1.0,
                             min_train_nodes=min_clients, min_evaluate_nodes=min_clients, min_available_nodes=min_clients,
