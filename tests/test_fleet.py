@@ -552,3 +552,39 @@ def test_femto_leave_one_out_fold_on_simulated_runs_to_failure() -> None:
         # the fault fills the last 20 snapshots (200 s): it is alarmed, with a lead time of at most 200 s
         assert row["first_alarm_after_half_s"] is not None and 0 < row["lead_time_s"] <= 200.0
     assert isinstance(fold["prior_2min_at_least_as_good"], bool)
+
+
+def test_mosquitto_shared_subscription_splits_one_streams_chunks(mosquitto) -> None:
+    """Why ``pdm-edge run`` instances do not share streams through ``$share/...`` on Mosquitto
+    (deploy/README.md section 11): Mosquitto hands the messages of ONE topic to the members of a
+    shared subscription in turn, so both instances would get parts of every stream."""
+    import paho.mqtt.client as mqtt
+
+    from .conftest import wait_until
+
+    host, port = mosquitto.address.split(":")
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    subscribed: list[str] = []
+    clients = []
+    for name in got:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"share-{name}", protocol=mqtt.MQTTv5)
+        c.on_message = lambda cl, ud, msg, name=name: got[name].append(int(msg.payload))
+        c.on_subscribe = lambda cl, ud, mid, rc, props, name=name: subscribed.append(name)
+        c.connect(host, int(port))
+        c.subscribe("$share/pdm/pdm/v1/site/m1/de/waveform", qos=1)
+        c.loop_start()
+        clients.append(c)
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="share-pub", protocol=mqtt.MQTTv5)
+    pub.connect(host, int(port))
+    pub.loop_start()
+    try:
+        assert wait_until(lambda: len(subscribed) == 2, timeout=10)
+        for i in range(20):
+            pub.publish("pdm/v1/site/m1/de/waveform", str(i), qos=1).wait_for_publish(5)
+        assert wait_until(lambda: len(got["a"]) + len(got["b"]) == 20, timeout=10)
+    finally:
+        for c in (*clients, pub):
+            c.loop_stop()
+            c.disconnect()
+    assert sorted(got["a"] + got["b"]) == list(range(20))  # each chunk once...
+    assert got["a"] and got["b"]  # ...but one stream's chunks are split between the two members
