@@ -313,7 +313,7 @@ class Scorer:
         with torch.random.fork_rng():
             torch.manual_seed(self.config.train.seed)
             adapter = Adapter(self.encoder, self.config.adapter)
-        if getattr(self, "prior_adapter", None) is not None:
+        if self.prior_adapter is not None:
             adapter.load_state_dict(self.prior_adapter)
         return adapter
 
