@@ -588,3 +588,47 @@ def test_mosquitto_shared_subscription_splits_one_streams_chunks(mosquitto) -> N
             c.disconnect()
     assert sorted(got["a"] + got["b"]) == list(range(20))  # each chunk once...
     assert got["a"] and got["b"]  # ...but one stream's chunks are split between the two members
+
+
+def test_fleet_export_of_an_active_version_imports_elsewhere_as_prior(appliance: Path, tmp_path: Path) -> None:
+    """Over the air: ``pdm-edge fleet export`` writes a stream's active version as a signed delta
+    package; ``pdm-edge fleet import`` on another appliance stores it as its class's prior and
+    queues a training job of its stream of that class (which the gate will judge)."""
+    from click.testing import CliRunner
+
+    from pdm_edge.cli import main
+    from pdm_edge.config import load_config
+    import sqlite3
+
+    from pdm_edge.model import load_encoder
+
+    cfg = load_config(appliance)
+    encoder, sha = load_encoder()
+    s = Scorer(encoder, sha, ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=WIN_S,
+                                          train=TrainConfig(max_epochs=1, max_seconds=5.0)))
+    s.learn_many(_windows(30, seed=9))
+    s.calibrate()
+    with Registry(cfg.registry.dir) as reg:
+        rec = reg.add_candidate(s, site="site", machine="m1", sensor="de", parent=None, trigger="manual")
+        reg.promote(rec.id, "test")
+    priv, pub = generate_keypair(tmp_path / "keys")
+    out = tmp_path / "ota.pdmdelta"
+    r = CliRunner().invoke(main, ["--config", str(appliance), "fleet", "export", "site/m1/de", str(out), "--key", str(priv)])
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size <= 256 * 1024
+    other = tmp_path / "other.toml"
+    other.write_text(appliance.read_text().replace(str(cfg.feedback.state_dir), str(tmp_path / "other-var"))
+                     .replace('max_train_seconds = 3.0', f'max_train_seconds = 3.0\nverify_key = "{pub}"'))
+    r = CliRunner().invoke(main, ["--config", str(other), "fleet", "import", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "training queued for: site/m1/de" in r.output
+    con = sqlite3.connect(tmp_path / "other-var" / "learning.sqlite")
+    assert con.execute("SELECT stream, trigger, status FROM job").fetchall() == [("site/m1/de", "manual", "queued")]
+    con.close()
+    # a package signed by another key is refused, nothing stored
+    _, other_pub = generate_keypair(tmp_path / "k2")
+    third = tmp_path / "third.toml"
+    third.write_text(other.read_text().replace(str(pub), str(other_pub)).replace(str(tmp_path / "other-var"), str(tmp_path / "third-var")))
+    r = CliRunner().invoke(main, ["--config", str(third), "fleet", "import", str(out)])
+    assert r.exit_code == 1 and "does not verify" in r.output
+    assert not (tmp_path / "third-var" / "fleet" / "priors").exists()
