@@ -404,6 +404,58 @@ class DashboardConfig(_Strict):
     """How often the live views refresh, seconds."""
 
 
+class FleetConfig(_Strict):
+    """Fleet learning through Flower (opt-in): ``[fleet]`` (see :mod:`pdm_edge.fleet`)."""
+
+    enabled: bool = False
+    """Opt-in: the appliance joins federated rounds (``pdm-edge fleet join``) and its new streams
+    calibrate from the fleet prior of their class. Off: nothing leaves the appliance."""
+    server: str = "127.0.0.1:8000"
+    """``HOST:PORT`` of the Flower SuperLink's fleet API (``pdm-edge fleet server``)."""
+    machine_class: str = "default"
+    """The configured part of a stream's machine class (sensor kind and sample-rate band are the
+    others, :func:`pdm_edge.fleet.classes.machine_class`): machines of one kind, e.g. ``pump-a``."""
+    schedule: str = "00:00-24:00"
+    """UTC window ``HH:MM-HH:MM`` in which the appliance takes part in rounds (may wrap midnight)."""
+    only_when_idle: bool = True
+    """Skip rounds while the appliance's own training loop has a job running."""
+    use_prior: bool = True
+    """Calibrate streams starting from the fleet prior of their class when one is stored."""
+    insecure: bool = False
+    """Talk to the SuperLink without TLS (loopback tests only)."""
+    root_certificates: str | None = None
+    """PEM CA bundle that the SuperLink's TLS certificate must chain to."""
+    auth_private_key: str | None = None
+    """SuperNode authentication key pair (Flower's ``--auth-supernode-private-key``, an ECDSA key
+    whose public part the SuperLink operator registers); ``.pub`` next to it is the public key."""
+    verify_key: str | None = None
+    """Ed25519 public key (PEM) that fleet priors and imported delta packages must be signed with;
+    unsigned ones are refused when set (``[registry] verify_key`` when unset)."""
+    max_train_seconds: float = Field(60.0, gt=0)
+    """Wall-time budget of one round's local training."""
+
+    @field_validator("machine_class")
+    @classmethod
+    def _class(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} must match [A-Za-z0-9_-]+")
+        return v
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, v: str) -> str:
+        parse_host_port(v, 8000)
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        from pdm_edge.fleet.classes import parse_schedule
+
+        parse_schedule(v)
+        return v
+
+
 class AppConfig(_Strict):
     """The whole appliance configuration (the TOML file's top level)."""
 
@@ -426,6 +478,7 @@ class AppConfig(_Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+    fleet: FleetConfig = Field(default_factory=FleetConfig)
     sensors: dict[str, SensorConfig] = Field(default_factory=dict)
 
     @field_validator("appliance_id", "site")

@@ -235,6 +235,80 @@ def _families(s: Mapping[str, Any]) -> Iterable[Any]:
         yield g
 
 
+FLEET_METRIC_NAMES: tuple[str, ...] = (
+    "pdm_edge_fleet_rounds_total",
+    "pdm_edge_fleet_prior_round",
+    "pdm_edge_fleet_last_round_participants",
+    "pdm_edge_fleet_last_round_timestamp_seconds",
+    "pdm_edge_fleet_last_train_cpu_seconds",
+    "pdm_edge_fleet_last_round_bytes",
+)
+"""Metrics of fleet learning (:mod:`pdm_edge.fleet`), exposed when ``[fleet] enabled``."""
+
+
+class FleetCollector(Collector):
+    """Fleet-learning metrics read at scrape time from the appliance's fleet log
+    (``{state_dir}/fleet/rounds.jsonl``, written by :mod:`pdm_edge.fleet.client_app`, which runs
+    in the SuperNode's process, not in the service): rounds taken part in by event (``trained``:
+    an update sent; ``prior``: a prior received and stored), and per machine class the round of
+    the stored prior, its participants, when it arrived, the CPU seconds of the last local
+    training and the bytes of the last round (``in``: global adapter + prior package, ``out``:
+    the update)."""
+
+    def __init__(self, state_dir: Any) -> None:
+        from pathlib import Path
+
+        self.path = Path(state_dir) / "fleet" / "rounds.jsonl"
+
+    def describe(self) -> Iterable[Any]:
+        return []
+
+    def collect(self) -> Iterable[Any]:
+        events: list[dict[str, Any]] = []
+        try:
+            with open(self.path) as fh:
+                for line in fh:
+                    try:
+                        events.append(json.loads(line))
+                    except ValueError:
+                        continue
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("fleet log %s unreadable: %s", self.path, exc)
+        counts: dict[tuple[str, str], int] = {}
+        last: dict[str, dict[str, Any]] = {}
+        for e in events:
+            k = (str(e.get("machine_class")), str(e.get("event")))
+            counts[k] = counts.get(k, 0) + 1
+            last.setdefault(k[0], {})[k[1]] = e
+        c = CounterMetricFamily("pdm_edge_fleet_rounds", "Fleet rounds this appliance took part in, by machine class and "
+                                "event (trained: update sent; prior: prior stored).", labels=["machine_class", "event"])
+        for (klass, ev), n in sorted(counts.items()):
+            c.add_metric([klass, ev], n)
+        yield c
+        rnd = GaugeMetricFamily("pdm_edge_fleet_prior_round", "Round of the stored fleet prior.", labels=["machine_class"])
+        part = GaugeMetricFamily("pdm_edge_fleet_last_round_participants", "Participants of the stored prior's round.",
+                                 labels=["machine_class"])
+        ts = GaugeMetricFamily("pdm_edge_fleet_last_round_timestamp_seconds", "When the last prior arrived (Unix time).",
+                               labels=["machine_class"])
+        cpu = GaugeMetricFamily("pdm_edge_fleet_last_train_cpu_seconds", "CPU seconds of the last local fleet training.",
+                                labels=["machine_class"])
+        nbytes = GaugeMetricFamily("pdm_edge_fleet_last_round_bytes", "Bytes of the last round's arrays and packages.",
+                                   labels=["machine_class", "direction"])
+        for klass, evs in sorted(last.items()):
+            p, t = evs.get("prior"), evs.get("trained")
+            if p is not None:
+                rnd.add_metric([klass], float(p.get("round") or 0))
+                part.add_metric([klass], float(len(p.get("participants") or [])))
+                ts.add_metric([klass], float(p.get("ts_ns", 0)) / 1e9)
+            if t is not None:
+                cpu.add_metric([klass], float(t.get("cpu_s", 0.0)))
+                nbytes.add_metric([klass, "in"], float(t.get("bytes_in", 0)) + float((p or {}).get("bytes", 0)))
+                nbytes.add_metric([klass, "out"], float(t.get("bytes_out", 0)))
+        yield from (rnd, part, ts, cpu, nbytes)
+
+
 class Metrics:
     """The appliance's metrics on a registry of their own.
 
@@ -284,6 +358,10 @@ class Metrics:
                     pass
             self.active_model.labels(site, machine, sensor, version).set(1.0)
             self._active[key] = version
+
+    def add_fleet(self, state_dir: Any) -> None:
+        """Expose the fleet metrics of the appliance with this state directory (:class:`FleetCollector`)."""
+        self.registry.register(FleetCollector(state_dir))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -358,6 +358,8 @@ class Service:
         self.hooks = hooks or ServiceHooks()
         self._encoder, self._sha = encoder, encoder_sha256
         self.metrics = Metrics(self._metrics_snapshot)
+        if config.fleet.enabled:
+            self.metrics.add_fleet(config.feedback.state_dir)
         self.ingestor: Any = None
         self.scoring: Any = None
         self.results: Any = None

@@ -136,3 +136,6 @@ for site, machine, sensor in streams:
         if a4.button("Roll back…", key=f"rollback-{sk}", disabled=active is None or not (active.get("previous_active") or active.get("parent"))):
             st.session_state[PENDING] = {"key": sk, "action": "rollback", "stream": (site, machine, sensor)}
             st.rerun()
+from dashboard.fleet_rounds import render_fleet_rounds  # noqa: E402  fleet rounds (pdm_edge.fleet)
+
+render_fleet_rounds(c, versions)

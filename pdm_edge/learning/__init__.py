@@ -51,11 +51,18 @@ def build_learning(cfg: Any, registry: Any, encoder: Any, encoder_sha256: str, *
                    train: Any = None) -> LearningLoop:
     """The :class:`LearningLoop` of an :class:`~pdm_edge.config.AppConfig` (``[learning]``),
     with its state in ``state_dir`` (default ``[feedback] state_dir``); ``train`` overrides the
-    adapter training settings (:func:`scorer_config_for`)."""
+    adapter training settings (:func:`scorer_config_for`). With ``[fleet] enabled`` and
+    ``use_prior``, calibrations start from the fleet prior of the stream's machine class
+    (:class:`pdm_edge.fleet.priors.PriorStore`)."""
     lc = cfg.learning
+    prior_for = None
+    if cfg.fleet.enabled and cfg.fleet.use_prior:
+        from pdm_edge.fleet.priors import PriorStore
+
+        prior_for = PriorStore.for_config(cfg, encoder, encoder_sha256).adapter_for
     return LearningLoop(registry, encoder, encoder_sha256, state_dir if state_dir is not None else cfg.feedback.state_dir,
                         scorer_config=scorer_config_for(cfg, train), calibration_s=lc.calibration_s,
                         retrain_after_labels=lc.retrain_after_labels, replay_capacity=lc.replay_normal_windows,
                         gate_fraction=lc.gate_fraction, gate_margin=lc.gate_margin, labels=labels,
-                        label_windows=label_windows, nice=lc.nice, on_event=on_event,
+                        label_windows=label_windows, nice=lc.nice, on_event=on_event, prior_for=prior_for,
                         confirm_far_above=lc.confirm_far_above or None, confirm_silenced_alerts=lc.confirm_silenced_alerts)

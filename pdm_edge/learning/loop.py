@@ -168,6 +168,62 @@ def _label_applies(label: Label, stream: str) -> bool:
     return label.site == site and label.machine == machine and (label.sensor is None or label.sensor == sensor)
 
 
+def stream_dataset(replay: ReplayBuffer, labels: LabelBook | None, label_windows: LabelledWindowBuffer | None,
+                   stream: str, tmpl: Scorer) -> dict[str, Any]:
+    """A stream's training data (step 2 of the module docstring), feature images in time order.
+
+    Returns:
+        ``t_normal`` (start ns), ``normal`` ``(N, 2, 64, 32)``, ``fault`` ``(F, 2, 64, 32)``,
+        ``fault_events`` (label id per fault window), ``fault_info`` (per fault window: label id,
+        fault type, span start), ``gate`` (held-back normal windows), ``labelled_normal_windows``
+        and ``labels`` (counts per kind), ``labelled_normal`` (the windows labelled normal, time
+        order, for the gate's label rule).
+    """
+    t_norm, f_norm = replay.training(stream)
+    t_gate, f_gate = replay.gate_set(stream)
+    labelled: dict[str, list[tuple[int, np.ndarray, str]]] = {"normal": [], "fault": []}
+    drop_spans: list[tuple[int, int]] = []
+    n_labels = {"normal": 0, "fault": 0, "ignore": 0}
+    fault_info: dict[str, dict[str, Any]] = {}
+    if labels is not None:
+        site, machine, _ = stream.split("/")
+        for label in labels.list(site=site, machine=machine):
+            if not _label_applies(label, stream):
+                continue
+            n_labels[label.kind] += 1
+            if label.kind in ("fault", "ignore"):
+                drop_spans.append((label.start_ns, label.end_ns))
+            if label.kind == "ignore" or label_windows is None:
+                continue
+            ws = [w for w in label_windows.windows_for(label.id) if w.stream == stream]
+            if ws:
+                f = tmpl.features(ws)
+                labelled[label.kind] += [(w.start_ns, x, label.id) for w, x in zip(ws, f)]
+                if label.kind == "fault":
+                    fault_info[label.id] = {"label": label.id, "fault_type": label.fault_type, "start_ns": int(label.start_ns)}
+
+    def keep(t: np.ndarray) -> np.ndarray:
+        m = np.ones(len(t), bool)
+        for a, b in drop_spans:
+            m &= ~((t >= a) & (t < b))
+        return m
+
+    k, kg = keep(t_norm), keep(t_gate)
+    t_norm, f_norm, t_gate, f_gate = t_norm[k], f_norm[k], t_gate[kg], f_gate[kg]
+    if labelled["normal"]:
+        t_all = np.r_[t_norm, [t for t, _, _ in labelled["normal"]]]
+        f_all = np.concatenate([f_norm, np.stack([x for _, x, _ in labelled["normal"]])])
+        order = np.argsort(t_all, kind="stable")
+        t_norm, f_norm = t_all[order], f_all[order]
+    faults = sorted(labelled["fault"], key=lambda p: (p[2], p[0]))  # by event, each in time order
+    f_fault = np.stack([x for _, x, _ in faults]) if faults else np.zeros((0, *f_norm.shape[1:]), np.float32)
+    lab_sorted = sorted(labelled["normal"], key=lambda p: p[0])
+    f_lab = np.stack([x for _, x, _ in lab_sorted]) if lab_sorted else np.zeros((0, *f_norm.shape[1:]), np.float32)
+    return {"t_normal": t_norm, "normal": f_norm, "fault": f_fault, "fault_events": [ev for _, _, ev in faults],
+            "fault_info": [fault_info[ev] for _, _, ev in faults], "gate": f_gate,
+            "labelled_normal_windows": len(labelled["normal"]), "labels": n_labels, "labelled_normal": f_lab}
+
+
 class LearningLoop:
     """The on-device training loop of every stream (see the module docstring).
 
@@ -191,6 +247,8 @@ class LearningLoop:
         on_event: ``(stream, event, version, detail)`` for every job step.
         poll_s: how often the worker looks for queued jobs and new labels, seconds.
         label_settle_s: how long a new label waits before it counts (:data:`LABEL_SETTLE_S`).
+        prior_for: ``(stream, scorer config) -> (adapter state_dict, description)`` or ``None``:
+            the fleet prior a calibration of the stream starts from (:mod:`pdm_edge.fleet.priors`).
     """
 
     def __init__(self, registry: Registry, encoder: Encoder, encoder_sha256: str, state_dir: str | os.PathLike[str], *,
@@ -200,7 +258,8 @@ class LearningLoop:
                  label_windows: LabelledWindowBuffer | None = None, nice: int = 10,
                  on_event: Callable[[str, str, str, str], None] | None = None, poll_s: float = 2.0,
                  label_settle_s: float = LABEL_SETTLE_S, confirm_far_above: float | None = None,
-                 confirm_silenced_alerts: bool = False) -> None:
+                 confirm_silenced_alerts: bool = False,
+                 prior_for: Callable[[str, ScorerConfig], tuple[dict[str, Any], str] | None] | None = None) -> None:
         self.registry = registry
         self.encoder, self.sha = encoder, encoder_sha256
         self.state_dir = Path(state_dir)
@@ -215,6 +274,7 @@ class LearningLoop:
         self.on_event = on_event
         self.poll_s = poll_s
         self.label_settle_s = label_settle_s
+        self.prior_for = prior_for
         self.replay = ReplayBuffer.in_dir(self.state_dir, capacity=replay_capacity, gate_fraction=gate_fraction)
         self.ckpt_dir = self.state_dir / "learning"
         self._con = _open_jobs(self.state_dir / "learning.sqlite")
@@ -431,49 +491,7 @@ class LearningLoop:
     # -- 2. data -----------------------------------------------------------------------------------
     def _dataset(self, stream: str, tmpl: Scorer) -> dict[str, Any]:
         """Normal and fault windows (feature images, time order) of a stream and its gate set."""
-        t_norm, f_norm = self.replay.training(stream)
-        t_gate, f_gate = self.replay.gate_set(stream)
-        labelled: dict[str, list[tuple[int, np.ndarray, str]]] = {"normal": [], "fault": []}
-        drop_spans: list[tuple[int, int]] = []
-        n_labels = {"normal": 0, "fault": 0, "ignore": 0}
-        fault_info: dict[str, dict[str, Any]] = {}
-        if self.labels is not None:
-            site, machine, _ = stream.split("/")
-            for label in self.labels.list(site=site, machine=machine):
-                if not _label_applies(label, stream):
-                    continue
-                n_labels[label.kind] += 1
-                if label.kind in ("fault", "ignore"):
-                    drop_spans.append((label.start_ns, label.end_ns))
-                if label.kind == "ignore" or self.label_windows is None:
-                    continue
-                ws = [w for w in self.label_windows.windows_for(label.id) if w.stream == stream]
-                if ws:
-                    f = tmpl.features(ws)
-                    labelled[label.kind] += [(w.start_ns, x, label.id) for w, x in zip(ws, f)]
-                    if label.kind == "fault":
-                        fault_info[label.id] = {"label": label.id, "fault_type": label.fault_type, "start_ns": int(label.start_ns)}
-
-        def keep(t: np.ndarray) -> np.ndarray:
-            m = np.ones(len(t), bool)
-            for a, b in drop_spans:
-                m &= ~((t >= a) & (t < b))
-            return m
-
-        k, kg = keep(t_norm), keep(t_gate)
-        t_norm, f_norm, t_gate, f_gate = t_norm[k], f_norm[k], t_gate[kg], f_gate[kg]
-        if labelled["normal"]:
-            t_all = np.r_[t_norm, [t for t, _, _ in labelled["normal"]]]
-            f_all = np.concatenate([f_norm, np.stack([x for _, x, _ in labelled["normal"]])])
-            order = np.argsort(t_all, kind="stable")
-            t_norm, f_norm = t_all[order], f_all[order]
-        faults = sorted(labelled["fault"], key=lambda p: (p[2], p[0]))  # by event, each in time order
-        f_fault = np.stack([x for _, x, _ in faults]) if faults else np.zeros((0, *f_norm.shape[1:]), np.float32)
-        lab_sorted = sorted(labelled["normal"], key=lambda p: p[0])
-        f_lab = np.stack([x for _, x, _ in lab_sorted]) if lab_sorted else np.zeros((0, *f_norm.shape[1:]), np.float32)
-        return {"t_normal": t_norm, "normal": f_norm, "fault": f_fault, "fault_events": [ev for _, _, ev in faults],
-                "fault_info": [fault_info[ev] for _, _, ev in faults], "gate": f_gate,
-                "labelled_normal_windows": len(labelled["normal"]), "labels": n_labels, "labelled_normal": f_lab}
+        return stream_dataset(self.replay, self.labels, self.label_windows, stream, tmpl)
 
     # -- 3. training and 4. checkpoints -------------------------------------------------------------
     def _checkpoint_path(self, job: Job) -> Path:
@@ -501,6 +519,9 @@ class LearningLoop:
             raise ModelError(f"{job.stream} is not a configured sensor stream")
         data = self._dataset(job.stream, tmpl)
         cand = Scorer(self.encoder, self.sha, tmpl.config)
+        prior = self.prior_for(job.stream, tmpl.config) if self.prior_for is not None else None
+        if prior is not None:
+            cand.prior_adapter = prior[0]
         cand.learn_many(data["normal"])
         if len(data["fault"]):
             cand.learn_many(data["fault"], "fault", events=data["fault_info"])
@@ -516,6 +537,7 @@ class LearningLoop:
             "span_ns": [int(t[0]), int(t[-1])] if len(t) else None,
             "adapter_epochs": info["adapter_epochs"], "train_seconds": round(time.monotonic() - t0, 2),
             "resumed_from_epoch": int(resume["epoch"]) if resume else None, "threshold": info["threshold"],
+            "fleet_prior": prior[1] if prior is not None else None,
         }
         return cand, summary, GateInputs(normal_windows=data["gate"], fault_windows=data["fault"], margin=self.gate_margin,
                                          fault_events=data["fault_events"], labelled_normal_windows=data["labelled_normal"],

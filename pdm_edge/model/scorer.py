@@ -328,6 +328,10 @@ class Scorer:
             p.requires_grad_(False)
         self.encoder_sha256 = encoder_sha256
         self.config = config
+        self.prior_adapter: dict[str, torch.Tensor] | None = None
+        """Fleet prior (an adapter ``state_dict``, :mod:`pdm_edge.fleet`): when set, every fresh
+        adapter starts from it instead of the seed's initialisation, so calibration starts from
+        what the machine's class learned."""
         self.spec = config.feature_spec
         self.kind = kind_index(config.kind)
         self.adapter = self._new_adapter()
@@ -347,10 +351,18 @@ class Scorer:
         self._recon_masks = self._complementary_masks()
 
     def _new_adapter(self) -> Adapter:
-        """A fresh adapter, initialised from the configured seed without touching torch's global RNG."""
+        """A fresh adapter, initialised from the configured seed without touching torch's global
+        RNG, then loaded with :attr:`prior_adapter` when one is set.
+
+        Raises:
+            RuntimeError: the prior does not fit this adapter configuration (torch's message).
+        """
         with torch.random.fork_rng():
             torch.manual_seed(self.config.train.seed)
-            return Adapter(self.encoder, self.config.adapter)
+            adapter = Adapter(self.encoder, self.config.adapter)
+        if self.prior_adapter is not None:
+            adapter.load_state_dict(self.prior_adapter)
+        return adapter
 
     # -- features --------------------------------------------------------------------------
     @staticmethod
