@@ -18,6 +18,9 @@ windows, with the same threshold rule, and the frozen-encoder ablation:
 - ``knn_spectrum``: mean Euclidean distance to the 5 nearest calibration windows of the
   standardised band spectrum (log-mel for acoustic, log band PSD for vibration: the frame mean
   of feature channel 0).
+- ``iso_velocity_z`` (vibration only): the ISO 20816-3 severity measure as a detector, the
+  z-score of log velocity RMS over 10-1000 Hz (mm/s, :func:`pdm_edge.condition.velocity_rms_mm_s`)
+  against the calibration windows (one-sided).
 - ``twfr_gmm`` (acoustic only): the time-weighted frequency representation with a Gaussian
   mixture after Guan et al. 2023 (arXiv 2310.14173): per log-mel band, frames sorted in
   decreasing order and averaged with global weighted ranking pooling weights ``r**i``
@@ -73,8 +76,10 @@ from pdm_edge.errors import PdmEdgeError
 from pdm_edge.model.encoder import Encoder
 from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig, exceedance_probability, threshold_from_held_out
 
-METHODS = ("pdm_edge", "pdm_edge_frozen", "mahalanobis", "iforest", "rms_z", "kurtosis_z", "knn_spectrum", "twfr_gmm")
-"""Every method of the protocol; ``twfr_gmm`` runs on acoustic rows only."""
+METHODS = ("pdm_edge", "pdm_edge_frozen", "mahalanobis", "iforest", "rms_z", "kurtosis_z", "knn_spectrum", "iso_velocity_z",
+           "twfr_gmm")
+"""Every method of the protocol; ``twfr_gmm`` runs on acoustic rows only, ``iso_velocity_z`` on
+vibration rows only."""
 ALERT_K, ALERT_N = 3, 5
 FALSE_ALERTS_PER_H = 0.1
 TWFR_R = 0.9
@@ -84,7 +89,8 @@ FEMTO_BEARINGS = ("Bearing3_1", "Bearing1_1", "Bearing2_1", "Bearing2_2", "Beari
 
 def methods_for(kind: str) -> tuple[str, ...]:
     """The methods that apply to a sensor kind."""
-    return tuple(m for m in METHODS if kind == "acoustic" or m != "twfr_gmm")
+    skip = "iso_velocity_z" if kind == "acoustic" else "twfr_gmm"
+    return tuple(m for m in METHODS if m != skip)
 
 
 def _windows(x: np.ndarray, n: int, hop: int) -> np.ndarray:
@@ -143,6 +149,12 @@ def _peer_fit(name: str, w: np.ndarray, fs: float, kind: str) -> Callable[[np.nd
         r = np.log(features.rms(w).astype(np.float64))
         mu, sd = r.mean(), max(r.std(ddof=1), 1e-9)
         return lambda x: (np.log(features.rms(x).astype(np.float64)) - mu) / sd
+    if name == "iso_velocity_z":
+        from pdm_edge.condition import velocity_rms_mm_s
+
+        v = np.log(velocity_rms_mm_s(w, fs, "g") + 1e-9)
+        mu, sd = v.mean(), max(v.std(ddof=1), 1e-9)
+        return lambda x: (np.log(velocity_rms_mm_s(x, fs, "g") + 1e-9) - mu) / sd
     if name == "kurtosis_z":
         k = _kurtosis(w)
         mu, sd = k.mean(), max(k.std(ddof=1), 1e-9)
