@@ -440,6 +440,42 @@ def _version_summary(data: bytes) -> dict[str, Any]:
         raise RegistryError(f"version file is not a readable model version: {exc}") from None
 
 
+
+def verify_signature(what: str, manifest_bytes: bytes, sig: bytes | None, keys: Sequence[Any],
+                     require_signature: bool) -> str:
+    """Check a package's Ed25519 signature of its manifest against trusted public keys.
+
+    Args:
+        what: the package, as named in errors (``"package v.zip"``).
+        manifest_bytes: the signed bytes; ``sig``: the signature, or None when unsigned.
+        keys: trusted Ed25519 public keys (any may have signed).
+        require_signature: refuse an unsigned package, or a signed one with no key to verify.
+
+    Returns:
+        a note for the import record: ``"unsigned"``, ``"signed by <fingerprint>"`` or
+        ``"signature not verified (no trusted key)"``.
+
+    Raises:
+        RegistryError: unsigned or unverifiable when required, or a signature no trusted key verifies.
+    """
+    from cryptography.exceptions import InvalidSignature
+
+    if sig is None:
+        if require_signature:
+            raise RegistryError(f"{what} is not signed and a signature is required")
+        return "unsigned"
+    if not keys:
+        if require_signature:
+            raise RegistryError(f"{what} is signed but no trusted public key was given to verify it")
+        return "signature not verified (no trusted key)"
+    for k in keys:
+        try:
+            k.verify(sig, manifest_bytes)
+        except InvalidSignature:
+            continue
+        return f"signed by {key_fingerprint(k)}"
+    raise RegistryError(f"{what}: signature does not verify with any of the {len(keys)} trusted public key(s)")
+
 class Registry:
     """The model versions of every stream on the appliance (see the module docstring).
 
@@ -854,8 +890,6 @@ class Registry:
         Raises:
             RegistryError: naming the check that failed.
         """
-        from cryptography.exceptions import InvalidSignature
-
         name = Path(path).name
         try:
             with zipfile.ZipFile(path) as zf:
@@ -897,27 +931,7 @@ class Registry:
                 *(load_public_key(k) if isinstance(k, (str, os.PathLike)) else k for k in (trusted_public_keys or []))]
         if self.trusted_public_keys:
             require_signature = True
-        sig = files.get(PACKAGE_SIGNATURE)
-        signer = None
-        if sig is None:
-            if require_signature:
-                raise RegistryError(f"package {name} is not signed and a signature is required")
-            sig_note = "unsigned"
-        elif keys:
-            for k in keys:
-                try:
-                    k.verify(sig, manifest_bytes)
-                except InvalidSignature:
-                    continue
-                signer = key_fingerprint(k)
-                break
-            if signer is None:
-                raise RegistryError(f"package {name}: signature does not verify with any of the {len(keys)} trusted public key(s)")
-            sig_note = f"signed by {signer}"
-        else:
-            if require_signature:
-                raise RegistryError(f"package {name} is signed but no trusted public key was given to verify it")
-            sig_note = "signature not verified (no trusted key)"
+        sig_note = verify_signature(f"package {name}", manifest_bytes, files.get(PACKAGE_SIGNATURE), keys, require_signature)
         # encoder compatibility
         if manifest.get("encoder_sha256") != encoder_sha256:
             raise RegistryError(f"package {name} was made for encoder {str(manifest.get('encoder_sha256'))[:12]}..., "

@@ -252,9 +252,7 @@ class DeltaPackage:
         Raises:
             RegistryError: naming the check that failed.
         """
-        from cryptography.exceptions import InvalidSignature
-
-        from pdm_edge.registry import key_fingerprint, load_public_key
+        from pdm_edge.registry import load_public_key, verify_signature
 
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
@@ -287,26 +285,7 @@ class DeltaPackage:
             raise RegistryError(f"delta package {name}: sha256 or size of {DELTA} does not match the manifest (corrupt or tampered)")
         keys = [load_public_key(k) if isinstance(k, (str, os.PathLike)) else k for k in (trusted_public_keys or [])]
         sig = files.get(SIGNATURE)
-        if sig is None:
-            if require_signature:
-                raise RegistryError(f"delta package {name} is not signed and a signature is required")
-            note = "unsigned"
-        elif keys:
-            signer = None
-            for k in keys:
-                try:
-                    k.verify(sig, manifest_bytes)
-                except InvalidSignature:
-                    continue
-                signer = key_fingerprint(k)
-                break
-            if signer is None:
-                raise RegistryError(f"delta package {name}: signature does not verify with any of the {len(keys)} trusted public key(s)")
-            note = f"signed by {signer}"
-        else:
-            if require_signature:
-                raise RegistryError(f"delta package {name} is signed but no trusted public key was given to verify it")
-            note = "signature not verified (no trusted key)"
+        note = verify_signature(f"delta package {name}", manifest_bytes, sig, keys, require_signature)
         meta = DeltaMeta.from_dict(manifest.get("meta") or {})
         if encoder_sha256 is not None and meta.encoder_sha256 != encoder_sha256:
             raise RegistryError(f"delta package {name} was made for encoder {meta.encoder_sha256[:12]}..., this appliance runs "
