@@ -22,7 +22,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # Flower's own command line (flwr run, used by pdm-edge fleet server) needs typer >= 0.16
     # (typing.Literal options); amqtt 0.11 pins typer 0.15.4 for its command-line scripts only,
     # which pdm-edge does not use (it embeds amqtt's broker), so pip resolves 0.15.4 and flwr's
-    # CLI fails. Install the typer flwr 1.42 accepts (< 0.21) over it; pip warns about amqtt's pin.
-    .venv/bin/python -m pip install --quiet "typer>=0.16,<0.21" 2>&1 | grep -v "amqtt" || true
+    # CLI fails. Install the typer flwr 1.42 accepts (< 0.21) over it; pip prints a conflict
+    # line about amqtt's pin and exits 0.
+    .venv/bin/python -m pip install --quiet "typer>=0.16,<0.21"
     echo "$want" > "$stamp"
 fi
