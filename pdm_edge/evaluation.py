@@ -688,6 +688,16 @@ def eval_technician(data: Path, encoder: Encoder, sha: str, train: TrainConfig, 
 
 
 # -- plots ------------------------------------------------------------------------------------------
+def _save(fig: Any, path: Path) -> str:
+    """Lay out, write (PNG, 110 dpi) and close a figure; its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def _plots(results: dict[str, Any], out: Path) -> list[str]:
     import matplotlib
 
@@ -706,11 +716,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
             ax.set(xlabel="labelled events (technician feedback)", ylabel="score on never-labelled clips",
                    title=f"{name}: feedback learning curve")
             ax.legend(fontsize=8)
-            fig.tight_layout()
-            p = out / f"feedback_{name}.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            written.append(str(p))
+            written.append(_save(fig, out / f"feedback_{name}.png"))
         if "roc" in row:
             fig, ax = plt.subplots(figsize=(5.5, 5))
             for m, (y, s) in row["roc"].items():
@@ -719,11 +725,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
             ax.plot([0, 1], [0, 1], "k:", lw=0.8)
             ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"ROC: {name}")
             ax.legend(loc="lower right", fontsize=8)
-            fig.tight_layout()
-            p = out / f"roc_{name}.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            written.append(str(p))
+            written.append(_save(fig, out / f"roc_{name}.png"))
         if "series" in row and "methods" not in row:  # a simulated technician's replay
             ser = row["series"]
             t = np.array(ser["t_s"]) / 60.0
@@ -737,11 +739,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
             ax.set(xlabel="time since start of test (min); green: label -> promoted, grey: label -> rejected", ylabel="score",
                    title=f"{name}: simulated technician, {row['labels_used']} label(s)")
             ax.legend(fontsize=7, loc="upper left")
-            fig.tight_layout()
-            p = out / f"technician_{name}.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            written.append(str(p))
+            written.append(_save(fig, out / f"{name}.png"))  # name: technician_femto_...
         elif "series" in row:
             t = np.array(row["series"]["t_s"]) / 60.0
             ms = [m for m in row["methods"] if m in row["series"]]
@@ -759,11 +757,7 @@ def _plots(results: dict[str, Any], out: Path) -> list[str]:
             np.atleast_1d(axes)[0].legend(fontsize=7, loc="upper left")
             np.atleast_1d(axes)[-1].set_xlabel("time since start of test (min); red lines: sustained alarms")
             fig.suptitle(f"{name}: score over life (end of life at {row['end_of_life_s'] / 60:.1f} min)")
-            fig.tight_layout()
-            p = out / f"life_{name}.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            written.append(str(p))
+            written.append(_save(fig, out / f"life_{name}.png"))
     return written
 
 

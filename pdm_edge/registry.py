@@ -441,6 +441,34 @@ def _version_summary(data: bytes) -> dict[str, Any]:
 
 
 
+def read_package_zip(what: str, source: str | os.PathLike[str] | bytes, *, required: Sequence[str], optional: Sequence[str],
+                     max_member_bytes: int) -> dict[str, bytes]:
+    """The members of a package zip (a model-version or a delta package), checked before use:
+    only ``required`` and ``optional`` names, every required one present, none over
+    ``max_member_bytes``. ``source`` is a path or the zip's bytes.
+
+    Raises:
+        RegistryError: an unexpected or missing member, one too large, or not a readable zip.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as zf:
+            infos = {i.filename: i for i in zf.infolist()}
+            unknown = set(infos) - set(required) - set(optional)
+            if unknown:
+                raise RegistryError(f"{what}: unexpected files {sorted(unknown)}")
+            for req in required:
+                if req not in infos:
+                    raise RegistryError(f"{what}: {req} missing")
+            for i in infos.values():
+                if i.file_size > max_member_bytes:
+                    raise RegistryError(f"{what}: {i.filename} is {i.file_size} bytes, over the {max_member_bytes} limit")
+            return {n: zf.read(n) for n in infos}
+    except RegistryError:
+        raise
+    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+        raise RegistryError(f"{what} is not a readable zip (damaged or tampered): {exc}") from None
+
+
 def verify_signature(what: str, manifest_bytes: bytes, sig: bytes | None, keys: Sequence[Any],
                      require_signature: bool) -> str:
     """Check a package's Ed25519 signature of its manifest against trusted public keys.
@@ -891,25 +919,10 @@ class Registry:
             RegistryError: naming the check that failed.
         """
         name = Path(path).name
-        try:
-            with zipfile.ZipFile(path) as zf:
-                infos = {i.filename: i for i in zf.infolist()}
-                unknown = set(infos) - {PACKAGE_MANIFEST, PACKAGE_VERSION_FILE, PACKAGE_SIGNATURE}
-                if unknown:
-                    raise RegistryError(f"package {name}: unexpected files {sorted(unknown)}")
-                for required in (PACKAGE_MANIFEST, PACKAGE_VERSION_FILE):
-                    if required not in infos:
-                        raise RegistryError(f"package {name}: {required} missing")
-                for i in infos.values():
-                    if i.file_size > MAX_PACKAGE_MEMBER_BYTES:
-                        raise RegistryError(f"package {name}: {i.filename} is {i.file_size} bytes, over the {MAX_PACKAGE_MEMBER_BYTES} limit")
-                files = {n: zf.read(n) for n in infos}
-        except RegistryError:
-            raise
-        except FileNotFoundError:
-            raise RegistryError(f"package {path} does not exist") from None
-        except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
-            raise RegistryError(f"package {name} is not a readable zip (damaged or tampered): {exc}") from None
+        if not Path(path).exists():
+            raise RegistryError(f"package {path} does not exist")
+        files = read_package_zip(f"package {name}", path, required=(PACKAGE_MANIFEST, PACKAGE_VERSION_FILE),
+                                 optional=(PACKAGE_SIGNATURE,), max_member_bytes=MAX_PACKAGE_MEMBER_BYTES)
         manifest_bytes = files[PACKAGE_MANIFEST]
         try:
             manifest = json.loads(manifest_bytes)

@@ -252,25 +252,10 @@ class DeltaPackage:
         Raises:
             RegistryError: naming the check that failed.
         """
-        from pdm_edge.registry import load_public_key, verify_signature
+        from pdm_edge.registry import load_public_key, read_package_zip, verify_signature
 
-        try:
-            with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                infos = {i.filename: i for i in zf.infolist()}
-                unknown = set(infos) - {MANIFEST, DELTA, SIGNATURE}
-                if unknown:
-                    raise RegistryError(f"delta package {name}: unexpected members {sorted(unknown)}")
-                for req in (MANIFEST, DELTA):
-                    if req not in infos:
-                        raise RegistryError(f"delta package {name}: {req} missing")
-                for i in infos.values():
-                    if i.file_size > MAX_MEMBER_BYTES:
-                        raise RegistryError(f"delta package {name}: {i.filename} is {i.file_size} bytes, over the {MAX_MEMBER_BYTES} limit")
-                files = {n: zf.read(n) for n in infos}
-        except RegistryError:
-            raise
-        except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
-            raise RegistryError(f"delta package {name} is not a readable zip (damaged or tampered): {exc}") from None
+        files = read_package_zip(f"delta package {name}", data, required=(MANIFEST, DELTA), optional=(SIGNATURE,),
+                                 max_member_bytes=MAX_MEMBER_BYTES)
         manifest_bytes = files[MANIFEST]
         try:
             manifest = json.loads(manifest_bytes)
