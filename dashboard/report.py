@@ -302,14 +302,16 @@ def scores_csv(store: Any, site: str, machine: str, start_ns: int, end_ns: int) 
 def alerts_csv(alerts: Sequence[Any], peaks: dict[str, float] | None = None) -> str:
     """Alerts as CSV: ``alert_id, sensor, state, start_utc, end_utc`` (empty while open),
     ``start_ns, end_ns, peak_score`` (an open alert's peak so far when ``peaks`` has it),
-    ``threshold, model_version``."""
+    ``threshold, model_version``, and the nearest confirmed fault ``match_label_id,
+    match_fault_type, match_similarity`` (empty when none)."""
     out = io.StringIO()
     w = csv.writer(out)
     w.writerow(["alert_id", "sensor", "state", "start_utc", "end_utc", "start_ns", "end_ns", "peak_score", "threshold",
-                "model_version"])
+                "model_version", "match_label_id", "match_fault_type", "match_similarity"])
     for a in alerts:
+        m = a.fault_match
         w.writerow([a.id, a.sensor, a.state, data.ns_to_datetime(a.start_ns).isoformat(),
                     "" if a.end_ns is None else data.ns_to_datetime(a.end_ns).isoformat(), a.start_ns,
                     "" if a.end_ns is None else a.end_ns, repr((peaks or {}).get(a.id, a.peak_score)), repr(a.threshold),
-                    a.model_version])
+                    a.model_version, m.label_id if m else "", (m.fault_type or "") if m else "", repr(m.similarity) if m else ""])
     return out.getvalue()

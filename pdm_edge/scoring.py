@@ -42,7 +42,7 @@ from pdm_edge.learning.loop import LearningLoop
 from pdm_edge.model.scorer import Scorer
 from pdm_edge.registry import RegisteredVersion
 from pdm_edge.supervision import RateLimitedLog
-from pdm_edge.types import Score, Window
+from pdm_edge.types import FaultMatch, Score, Window
 
 log = logging.getLogger(__name__)
 _replay_log = RateLimitedLog(log, 60.0)
@@ -237,8 +237,13 @@ class ScoringStage:
             except StoreError as exc:
                 _replay_log.log(logging.WARNING, st.name, "event=replay_offer_failed stream=%s windows=%d error=%r",
                                 st.name, len(idx), str(exc)[:200])
-        return [(w, Score(w.site, w.machine, w.sensor, w.start_ns, float(s), thr, bool(s > thr), version))
-                for w, s in zip(ready, scores)]
+        matches: list[FaultMatch | None] = [None] * len(ready)
+        above = np.flatnonzero(scores > thr)
+        if len(above) and scorer.fault_events:  # name the confirmed fault an anomalous window looks like
+            for i, m in zip(above, scorer.nearest_fault(feats[above])):
+                matches[i] = m
+        return [(w, Score(w.site, w.machine, w.sensor, w.start_ns, float(s), thr, bool(s > thr), version, m))
+                for w, s, m in zip(ready, scores, matches)]
 
     def drain(self, timeout: float = 600.0) -> list[tuple[Window, Score]]:
         """Wait (up to ``timeout`` s) until no stream with a backlog is calibrating, then score

@@ -13,6 +13,7 @@ stores; sample rates are in Hz; waveforms are in the physical unit named by ``un
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -128,6 +129,34 @@ class Window:
 
 
 @dataclasses.dataclass(frozen=True)
+class FaultMatch:
+    """The confirmed fault an anomalous window looks like: the nearest of the model version's
+    fault prototypes (embeddings of windows a technician labelled ``fault``), when the window
+    is nearer to it than to the machine's normal baseline (Mahalanobis metric of the baseline).
+
+    Attributes:
+        label_id: id of the ``fault`` label that confirmed the fault.
+        fault_type: its fault type (one of :data:`FAULT_TYPES`), or ``None`` when not given.
+        start_ns: start of the confirmed fault's labelled span (ns, UTC).
+        similarity: ``d_normal / (d_normal + d_fault)`` in (0.5, 1]; 1 = on the prototype.
+
+    >>> FaultMatch("lb-1", "bearing_outer_race", 1_762_128_000 * 10**9, 0.81).describe()
+    'looks like the bearing outer race fault confirmed on 2025-11-03 (similarity 0.81)'
+    """
+
+    label_id: str
+    fault_type: str | None
+    start_ns: int
+    similarity: float
+
+    def describe(self) -> str:
+        """One line for people: which confirmed fault, from when, how similar."""
+        what = f"the {self.fault_type.replace('_', ' ')} fault" if self.fault_type else "the fault"
+        day = datetime.datetime.fromtimestamp(self.start_ns / 1e9, datetime.timezone.utc).strftime("%Y-%m-%d")
+        return f"looks like {what} confirmed on {day} (similarity {self.similarity:.2f})"
+
+
+@dataclasses.dataclass(frozen=True)
 class Score:
     """The anomaly score of one window.
 
@@ -141,6 +170,9 @@ class Score:
             the machine is not calibrated.
         is_anomaly: ``score > threshold`` (always ``False`` while uncalibrated).
         model_version: id of the model version that produced the score, or ``None``.
+        fault_match: for an anomalous window of a version that knows confirmed faults, the
+            one it looks like (:class:`FaultMatch`), else ``None``; it travels to the alert and
+            is not stored with the score.
     """
 
     site: str
@@ -151,6 +183,7 @@ class Score:
     threshold: float | None
     is_anomaly: bool
     model_version: str | None
+    fault_match: FaultMatch | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +199,9 @@ class Alert:
         peak_score: highest anomaly score inside the span.
         threshold: the threshold in force when it was raised.
         model_version: the model version that raised it.
+        fault_match: the confirmed fault the alert's windows look like most (the highest
+            similarity over its anomalous windows), or ``None``: "looks like the outer-race
+            fault confirmed on 11-03".
     """
 
     id: str
@@ -178,6 +214,7 @@ class Alert:
     peak_score: float
     threshold: float
     model_version: str
+    fault_match: FaultMatch | None = None
 
 
 @dataclasses.dataclass(frozen=True)

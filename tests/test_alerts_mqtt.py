@@ -6,6 +6,7 @@ against the ``mosquitto`` fixture and observe the wire with plain paho subscribe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import threading
@@ -20,7 +21,8 @@ from paho.mqtt.properties import Properties
 from pdm_edge.alerts import AlertTracker, ResultPublisher, alert_id
 from pdm_edge.config import AlertsConfig, MqttConfig
 from pdm_edge.errors import ConfigError
-from pdm_edge.types import Score
+from pdm_edge.alerts.publisher import alert_payload
+from pdm_edge.types import FaultMatch, Score
 from tests.conftest import Collector, wait_until
 
 T0 = 1_795_248_000_000_000_000  # 2026-11-21T08:00:00Z
@@ -208,7 +210,7 @@ def test_raise_clear_sequence_topics_payloads_qos_and_retain(mosquitto, protocol
     assert alerts[0]["data"] == {
         "id": aid, "state": "raised", "site": SITE, "machine": MACHINE, "sensor": SENSOR,
         "start": "2026-11-21T08:00:05.000000Z", "end": None, "start_ns": T0 + 5 * SEC, "end_ns": None,
-        "peak_score": 4.0, "threshold": THR, "model_version": "v1",
+        "peak_score": 4.0, "threshold": THR, "model_version": "v1", "fault_match": None,
     }
     assert alerts[1]["data"] == {
         **alerts[0]["data"], "state": "cleared", "end": "2026-11-21T08:00:12.000000Z",
@@ -374,3 +376,25 @@ def test_broker_restart_between_raise_and_clear_still_delivers_the_clear(mosquit
     status = late.wait_for(1)
     late.close()
     assert status and status[-1][2] is True and json.loads(status[-1][1])["state"] == "normal"
+
+
+def test_alert_carries_the_confirmed_fault_its_windows_look_like_most():
+    """The raised alert names the best match of its first n windows; the cleared record the best
+    match over the whole span; the MQTT payload says it in words."""
+    early = FaultMatch("lbl-1", "bearing_outer_race", T0 - 86400 * SEC, 0.62)
+    better = FaultMatch("lbl-2", "bearing_inner_race", T0 - 2 * 86400 * SEC, 0.9)
+    tr = AlertTracker(k=3, n=5)
+    out = []
+    for i, v in enumerate(SERIES):
+        m = early if i == 7 else better if i == 10 else None
+        sc = dataclasses.replace(_score(i, v), fault_match=m)
+        out += tr.update(sc, _end(i))
+    raised, cleared = out
+    assert raised.fault_match == early and cleared.fault_match == better
+    payload = alert_payload(cleared)["fault_match"]
+    assert payload["label_id"] == "lbl-2" and payload["similarity"] == 0.9 and payload["start_ns"] == better.start_ns
+    assert payload["text"].startswith("looks like the bearing inner race fault confirmed on ")
+    # a stream with no confirmed fault raises alerts without a match
+    tr_plain = AlertTracker(3, 5)
+    plain = [a for i, v in enumerate(SERIES) for a in tr_plain.update(_score(i, v), _end(i))]
+    assert [a.fault_match for a in plain] == [None, None]

@@ -4,6 +4,7 @@ role checks, the label form writing through ``submit_label``, promote with confi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -21,7 +22,7 @@ from pdm_edge.config import config_from_dict, load_config
 from pdm_edge.feedback import LabelBook, LabelledWindowBuffer, make_label, submit_label
 from pdm_edge.store.base import ModelEvent
 from pdm_edge.store.sqlite import SQLiteStore
-from pdm_edge.types import Alert, Score, Window
+from pdm_edge.types import Alert, FaultMatch, Score, Window
 
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "dashboard" / "app.py"
@@ -547,6 +548,27 @@ def test_fleet_page_statuses_and_stale_flag(tmp_path, monkeypatch):
     assert list(df["status"]) == ["ALARM", "STALE", "uncalibrated", "normal"]
     assert df.loc[df["machine"] == "quiet", "last data"].item() == "3.0 h ago"
     assert df.loc[df["machine"] == "pump", "open alerts"].item() == 1
+
+
+def test_an_alert_that_looks_like_a_confirmed_fault_says_so(tmp_path, monkeypatch):
+    """Issue 11: the labelling queue and the machine page name the confirmed fault an alert
+    resembles ("looks like the ... fault confirmed on ...")."""
+    now = time.time_ns()
+    st = SQLiteStore(tmp_path / "store.sqlite")
+    st.write_scores(_scores("pump", now - 2 * NS, [0.1, 9.0, 9.5]))
+    match = FaultMatch("lbl-0042", "bearing_outer_race", 1_762_128_000 * NS, 0.87)
+    st.write_alerts([dataclasses.replace(_alert("pump", now - 4 * NS), fault_match=match)])
+    st.close()
+    cfg = _write_toml(tmp_path / "c.toml", _cfg_dict(tmp_path))
+    at = _app(monkeypatch, cfg)
+    at.switch_page("pages/labels.py").run()
+    assert not at.exception, at.exception
+    assert "looks like the bearing outer race fault confirmed on 2025-11-03 (similarity 0.87)" in _texts(at)
+    at.session_state["pdm_machine"] = "s/pump"
+    at.switch_page("pages/machine.py").run()
+    assert not at.exception, at.exception
+    table = next(df.value for df in at.dataframe if "looks like" in df.value.columns)
+    assert table["looks like"].tolist() == [match.describe()]
 
 
 def test_read_only_banner_and_sign_in(dashboard_demo, monkeypatch):

@@ -99,8 +99,8 @@ def test_a_recurrence_of_a_confirmed_fault_is_named(bearing: dict[str, np.ndarra
     named = s.nearest_fault(np.r_[bearing["held"][:5], bearing["strong"][10:]])
     assert named[:5] == [None] * 5, "normal windows were named as a fault"
     for n in named[5:]:
-        assert n is not None and n["fault_type"] == "bearing_outer_race" and n["label"] == "lbl-0007"
-        assert 0.5 < n["similarity"] <= 1.0
+        assert n is not None and n.fault_type == "bearing_outer_race" and n.label_id == "lbl-0007"
+        assert n.start_ns == event["start_ns"] and 0.5 < n.similarity <= 1.0
     reloaded = Scorer.from_state(enc, sha, s.state())
     assert reloaded.nearest_fault(bearing["strong"][10:12]) == s.nearest_fault(bearing["strong"][10:12])
 

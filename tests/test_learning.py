@@ -179,6 +179,12 @@ def test_false_alarms_labelled_normal_stop_recurring_and_faults_stay_detected(ri
     # a new occurrence of the confirmed fault is still detected
     again = rig.feed(_windows(VibrationSimulator(seed=9, fault=FaultSpec(kind="outer", severity=0.5), **base), 12, t0_s=80))
     assert np.mean([s.is_anomaly for _, s in again]) > 0.9
+    # ... and named: an anomalous window carries the confirmed fault it looks like (for its alert)
+    fault_label = next(lb for lb in rig.book.list(machine="m") if lb.kind == "fault")
+    named = [s.fault_match for _, s in again if s.is_anomaly]
+    assert sum(m is not None and m.label_id == fault_label.id and m.fault_type == "bearing_outer_race"
+               and m.start_ns == fault_label.start_ns for m in named) >= 0.9 * len(named), named
+    assert all(s.fault_match is None for _, s in fault + later)  # v1 knew no confirmed fault; v2's normals match none
 
 
 def test_gate_rejects_a_poisoned_candidate(rig: Rig):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import signal
@@ -22,7 +23,7 @@ from pdm_edge.store.influx import InfluxStore
 from pdm_edge.store.records import from_json, to_json
 from pdm_edge.store.spool import Spool, SpoolWriter, spool_depth
 from pdm_edge.store.sqlite import SQLiteStore
-from pdm_edge.types import Alert, Label, Score
+from pdm_edge.types import Alert, FaultMatch, Label, Score
 
 from .conftest import REPO, _free_port, run_cli
 
@@ -60,10 +61,18 @@ def test_records_json_round_trip() -> None:
         "model_event": ModelEvent("p", "m", T0, "promoted", "v2", "gate ok"),
         "condition": Condition("p", "m", "de", T0, "g", 0.5, 1.5, 3.0, 4.2, 0.1, 0.2, 0.05, 2.9, "C"),
     }
-    for kind, rec in recs.items():
+    match = FaultMatch("l1", "imbalance", T0 - S, 0.75)
+    recs["alert_with_match"] = dataclasses.replace(recs["alert"], fault_match=match)
+    recs["score_with_match"] = dataclasses.replace(recs["score"], fault_match=match)
+    for key, rec in recs.items():
+        kind = key.split("_with_")[0]
         assert from_json(kind, to_json(kind, rec)) == rec
     with pytest.raises(ValueError):
         to_json("score", Score("p", "m", "s", T0, float("nan"), None, False, None))
+    with pytest.raises(ValueError, match="similarity"):
+        to_json("alert", dataclasses.replace(recs["alert"], fault_match=FaultMatch("l1", None, T0, float("nan"))))
+    with pytest.raises(TypeError, match="fault_match"):
+        to_json("alert", dataclasses.replace(recs["alert"], fault_match={"label_id": "l1"}))  # type: ignore[arg-type]
     with pytest.raises(TypeError):
         to_json("alert", recs["score"])
 

@@ -6,6 +6,7 @@ its own database, created by the store's first write.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from pdm_edge.condition import Condition
 from pdm_edge.store import MachineState, ModelEvent, ScoreBucket, StoreNotFoundError
 from pdm_edge.store.influx import InfluxStore, quote_ident, quote_literal
 from pdm_edge.store.sqlite import SQLiteStore
-from pdm_edge.types import Alert, Label, Score
+from pdm_edge.types import Alert, FaultMatch, Label, Score
 
 S = 1_000_000_000
 T0 = 1_795_000_000 * S  # 2026-11-18, a whole multiple of 10 s
@@ -281,3 +282,37 @@ def test_influx_retention_policy(influxd_session) -> None:
     assert influxd_session.values('SELECT count(score) FROM "one week".anomaly_score', db)[0][1] == 1
     assert influxd_session.values("SELECT count(score) FROM anomaly_score", db) == []
     s.close()
+
+
+def test_an_alert_keeps_its_nearest_confirmed_fault(store) -> None:
+    match = FaultMatch("lbl-7", "bearing_outer_race", T0 - 86400 * S, 0.81)
+    raised = dataclasses.replace(alert("a1", T0 + 5 * S), fault_match=match)
+    store.write_alerts([raised])
+    assert store.query_alerts("plant1", "pump-07", T0, T0 + 60 * S) == [raised]
+    # the clear may carry a better match, or none: the latest record wins
+    cleared = dataclasses.replace(raised, state="cleared", end_ns=T0 + 9 * S, fault_match=None)
+    store.write_alerts([cleared])
+    assert store.query_alerts("plant1", "pump-07", T0, T0 + 60 * S) == [cleared]
+
+
+def test_a_schema_1_sqlite_store_gains_the_fault_match_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    con = sqlite3.connect(path)
+    con.executescript(
+        "CREATE TABLE alert (site TEXT NOT NULL, machine TEXT NOT NULL, sensor TEXT NOT NULL, alert_id TEXT NOT NULL,"
+        " start_ns INTEGER NOT NULL, state TEXT NOT NULL, end_ns INTEGER NOT NULL, peak_score REAL NOT NULL,"
+        " threshold REAL NOT NULL, model_version TEXT NOT NULL, PRIMARY KEY (site, machine, sensor, alert_id, start_ns))"
+        " WITHOUT ROWID; PRAGMA user_version = 1;")
+    con.execute("INSERT INTO alert VALUES ('plant1', 'pump-07', 'de', 'old', ?, 'raised', 0, 7.5, 3.0, 'v1')", (T0,))
+    con.commit()
+    con.close()
+    s = SQLiteStore(path)
+    try:
+        assert s.query_alerts("plant1", "pump-07", T0, T0 + S) == [alert("old", T0)]
+        new = dataclasses.replace(alert("new", T0 + S), fault_match=FaultMatch("lbl-1", None, T0 - S, 0.7))
+        s.write_alerts([new])
+        assert s.query_alerts("plant1", "pump-07", T0 + S, T0 + 2 * S) == [new]
+    finally:
+        s.close()

@@ -120,6 +120,9 @@ for it in unlabelled[:25]:
                         f"peak score **{peak:.2f}** (threshold {a.threshold:.2f}, {peak / a.threshold:.1f}×)"
                         + (" so far" if a.state == "raised" else "") + "  \n"
                         f"model {common.md(a.model_version)} · id {common.md(a.id[:8])}")
+            if a.fault_match is not None:  # the version knows a confirmed fault that this alert resembles
+                st.markdown(f":orange[:material/history:] **{common.md(a.fault_match.describe())}** "
+                            f"(label {common.md(a.fault_match.label_id[:8])})")
             if st.button("Open machine", key=f"open-{a.id}"):
                 st.session_state[common.MACHINE_KEY] = f"{a.site}/{a.machine}"
                 st.switch_page("pages/machine.py")

@@ -156,11 +156,15 @@ with tab_a:
             "threshold": [a.threshold for a in alerts],
             "model version": [a.model_version for a in alerts],
             "labelled": [", ".join(lb.kind for lb in data.labels_answering(a, [x for x, _ in labels])) or "—" for a in alerts],
+            "looks like": [a.fault_match.describe() if a.fault_match else "—" for a in alerts],
             "alert id": [a.id for a in alerts],
         }), hide_index=True, width="stretch",
             column_config={"peak score": st.column_config.NumberColumn(format="%.2f", help="highest score of the alert so far"),
                            "newest score": st.column_config.NumberColumn(format="%.2f", help="the sensor's newest score (open alerts)"),
-                           "threshold": st.column_config.NumberColumn(format="%.2f")})
+                           "threshold": st.column_config.NumberColumn(format="%.2f"),
+                           "looks like": st.column_config.TextColumn(
+                               help="the confirmed fault (a technician's fault label) this alert's windows resemble most, "
+                                    "from the model version's fault prototypes")})
     else:
         st.caption("No alerts of this sensor in the range.")
 with tab_l:

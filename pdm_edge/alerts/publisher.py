@@ -20,7 +20,11 @@ topic                                           QoS   retain payload
                                                              window start (the store's key too)
 ``pdm/v1/{site}/{machine}/alert``               1     no     ``{id, state, site, machine, sensor, start,
                                                              end, start_ns, end_ns, peak_score,
-                                                             threshold, model_version}``
+                                                             threshold, model_version, fault_match}``;
+                                                             ``fault_match`` is ``null`` or ``{label_id,
+                                                             fault_type, start, start_ns, similarity,
+                                                             text}``: the confirmed fault the alert's
+                                                             windows look like most
 ``pdm/v1/{site}/{machine}/status``              1     yes    see :meth:`AlertTracker.machine_status`
 =============================================== ===== ====== =========================================
 
@@ -88,7 +92,7 @@ from pdm_edge import mqtt as mqtt_util
 from pdm_edge.alerts.debounce import KOfN
 from pdm_edge.config import NAME_RE, AlertsConfig, MqttConfig
 from pdm_edge.errors import ConfigError
-from pdm_edge.types import Alert, Score
+from pdm_edge.types import Alert, FaultMatch, Score
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +186,10 @@ def alert_payload(alert: Alert) -> dict[str, Any]:
         "peak_score": _num(alert.peak_score),
         "threshold": _num(alert.threshold),
         "model_version": alert.model_version,
+        "fault_match": None if alert.fault_match is None else {
+            "label_id": alert.fault_match.label_id, "fault_type": alert.fault_match.fault_type,
+            "start": iso_utc(alert.fault_match.start_ns), "start_ns": int(alert.fault_match.start_ns),
+            "similarity": _num(alert.fault_match.similarity), "text": alert.fault_match.describe()},
     }
 
 
@@ -196,6 +204,13 @@ class _Stream:
     last_threshold: float | None = None
     last_model_version: str | None = None
     open_alert: Alert | None = None
+    recent_matches: collections.deque[FaultMatch | None] = dataclasses.field(default_factory=collections.deque)
+    span_match: FaultMatch | None = None  # the best fault match of the open alert's windows
+
+
+def _best(*matches: FaultMatch | None) -> FaultMatch | None:
+    """The match with the highest similarity, or None."""
+    return max((m for m in matches if m is not None), key=lambda m: m.similarity, default=None)
 
 
 class AlertTracker:
@@ -260,7 +275,7 @@ class AlertTracker:
         key = (score.site, score.machine, score.sensor)
         st = self._streams.get(key)
         if st is None:
-            st = self._streams[key] = _Stream(KOfN(self.k, self.n))
+            st = self._streams[key] = _Stream(KOfN(self.k, self.n), recent_matches=collections.deque(maxlen=self.n))
             self._machines.setdefault((score.site, score.machine), []).append(score.sensor)
         if st.last_start_ns == score.start_ns:
             self.duplicates += 1
@@ -275,21 +290,27 @@ class AlertTracker:
             return []
         value = score.score if math.isfinite(score.score) else float("-inf")
         event = st.debouncer.update(value, score.threshold, score.start_ns, window_end_ns)
+        st.recent_matches.append(score.fault_match)
+        if st.open_alert is not None:
+            st.span_match = _best(st.span_match, score.fault_match)
         if event is None:
             return []
         if event.state == "raised":
+            st.span_match = _best(*st.recent_matches)
             alert = Alert(
                 id=alert_id(score.site, score.machine, score.sensor, event.start_ns),
                 site=score.site, machine=score.machine, sensor=score.sensor,
                 state="raised", start_ns=event.start_ns, end_ns=None, peak_score=event.peak_score,
                 threshold=float(score.threshold), model_version=score.model_version or "unknown",
+                fault_match=st.span_match,
             )
             st.open_alert = alert
             return [alert]
         raised = st.open_alert
         assert raised is not None  # KOfN clears only what it raised
-        st.open_alert = None
-        return [dataclasses.replace(raised, state="cleared", end_ns=event.end_ns, peak_score=event.peak_score)]
+        st.open_alert, match, st.span_match = None, st.span_match, None
+        return [dataclasses.replace(raised, state="cleared", end_ns=event.end_ns, peak_score=event.peak_score,
+                                    fault_match=match)]
 
     def machine_status(self, site: str, machine: str, now_ns: int) -> dict[str, Any]:
         """The health of one machine at ``now_ns`` (ns UTC), as published on ``.../status``.
@@ -580,7 +601,8 @@ class ResultPublisher:
                 self._counts["alerts_raised" if a.state == "raised" else "alerts_cleared"] += 1
         self.publish_score(score)
         for a in alerts:
-            log.warning("alert %s %s on %s/%s/%s (peak %.3g, threshold %.3g)", a.id, a.state, a.site, a.machine, a.sensor, a.peak_score, a.threshold)
+            log.warning("alert %s %s on %s/%s/%s (peak %.3g, threshold %.3g)%s", a.id, a.state, a.site, a.machine, a.sensor,
+                        a.peak_score, a.threshold, f"; {a.fault_match.describe()}" if a.fault_match else "")
             self.publish_alert(a)
         self._maybe_publish_status(score.site, score.machine, now, heartbeat=True)
         return alerts

@@ -75,7 +75,7 @@ from pdm_edge.model.adapter import Adapter, AdapterConfig
 from pdm_edge.model.encoder import Encoder, kind_index, masked_error, random_mask
 from pdm_edge.model.standardize import Standardizer
 from pdm_edge.model.synthetic import synthetic_anomalies
-from pdm_edge.types import Window
+from pdm_edge.types import FaultMatch, Window
 
 N_RECON_MASKS = 4
 NO_GRAD_BATCH = 64
@@ -531,12 +531,13 @@ class Scorer:
         spread = self.component_stats.get("mahalanobis", (0.0, 1.0))[1]
         return np.maximum(0.0, d0 - df) / spread
 
-    def nearest_fault(self, windows: Sequence[Window] | np.ndarray) -> list[dict[str, Any] | None]:
-        """For each window, the confirmed fault it looks like, or None: the event (label id,
-        fault type, span start; see :meth:`learn_many`) of the nearest known-fault prototype
-        when the window is nearer (baseline Mahalanobis metric) to it than to the normal mean,
-        with ``similarity = d_normal / (d_normal + d_fault)`` in (0.5, 1] (1: on the prototype).
-        Windows, raw samples or feature images, as :meth:`score_many`.
+    def nearest_fault(self, windows: Sequence[Window] | np.ndarray) -> list[FaultMatch | None]:
+        """For each window, the confirmed fault it looks like (:class:`~pdm_edge.types.FaultMatch`),
+        or None: the event (label id, fault type, span start; see :meth:`learn_many`) of the
+        nearest known-fault prototype when the window is nearer (baseline Mahalanobis metric) to
+        it than to the normal mean, with ``similarity = d_normal / (d_normal + d_fault)`` in
+        (0.5, 1] (1: on the prototype); None too for a prototype learnt without an event (no
+        label id to name). Windows, raw samples or feature images, as :meth:`score_many`.
 
         Raises:
             NotCalibratedError: before :meth:`calibrate`.
@@ -550,14 +551,15 @@ class Scorer:
         d0 = self.baseline.distance(e)  # type: ignore[union-attr]
         diff = e[:, None, :] - np.asarray(self.fault_prototypes, dtype=np.float64)[None]
         d = np.sqrt(np.maximum(np.einsum("bfi,ij,bfj->bf", diff, self.baseline.precision, diff), 0.0))  # type: ignore[union-attr]
-        out: list[dict[str, Any] | None] = []
+        out: list[FaultMatch | None] = []
         for i in range(len(f)):
             j = int(np.argmin(d[i]))
-            if d[i, j] >= d0[i]:
+            ev = self.fault_events[int(self.fault_prototype_events[j])] if self.fault_prototype_events is not None and self.fault_events else {}
+            if d[i, j] >= d0[i] or not ev.get("label"):
                 out.append(None)
                 continue
-            ev = self.fault_events[int(self.fault_prototype_events[j])] if self.fault_prototype_events is not None and self.fault_events else {}
-            out.append({**ev, "similarity": round(float(d0[i] / (d0[i] + d[i, j])), 3)})
+            out.append(FaultMatch(str(ev["label"]), ev.get("fault_type"), int(ev.get("start_ns") or 0),
+                                  round(float(d0[i] / (d0[i] + d[i, j])), 3)))
         return out
 
     def _score_features(self, f: np.ndarray) -> np.ndarray:

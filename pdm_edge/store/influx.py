@@ -39,6 +39,8 @@ Decisions:
   open), ``is_anomaly`` a bool, the rest strings. Optional label strings are written as ``""``
   (read back as ``None``) so that a rewrite always replaces every field: InfluxDB merges the
   fields of two writes of the same point. An uncalibrated score has no ``threshold`` field.
+  An alert's nearest confirmed fault is four fields (``match_label_id``, ``match_fault_type``,
+  ``match_start_ns``, ``match_similarity``), ``""`` / 0 when it has none.
 - **Idempotence** comes from the timestamps (window start, alert start, label start, event
   time) together with the tags: a retry overwrites the same point. Two consequences, unlike
   SQLite: a window rescored under a *different* model version is a second point (the model
@@ -87,7 +89,7 @@ from pdm_edge.store.base import (
     StoreUnavailableError,
 )
 from pdm_edge.store.records import check_records
-from pdm_edge.types import Alert, Label, Score
+from pdm_edge.types import Alert, FaultMatch, Label, Score
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +363,9 @@ class InfluxStore:
             p = (Point("alert").tag("site", a.site).tag("machine", a.machine).tag("sensor", a.sensor).tag("alert_id", a.id)
                  .field("state", a.state).field("end_ns", int(a.end_ns or 0)).field("peak_score", float(a.peak_score))
                  .field("threshold", float(a.threshold)).field("model_version", a.model_version))
+            m = a.fault_match  # "" / 0 = none (a later write must be able to overwrite a match)
+            p = (p.field("match_label_id", m.label_id if m else "").field("match_fault_type", (m.fault_type or "") if m else "")
+                 .field("match_start_ns", int(m.start_ns) if m else 0).field("match_similarity", float(m.similarity) if m else 0.0))
             lines.append(p.time(a.start_ns, WritePrecision.NS).to_line_protocol())
         self._write_lines(lines)
 
@@ -521,12 +526,16 @@ class InfluxStore:
             StoreError: as :meth:`_query_raw`.
         """
         rows = self._select(
-            f'SELECT "state", "end_ns", "peak_score", "threshold", "model_version", "alert_id", "sensor" '
+            f'SELECT "state", "end_ns", "peak_score", "threshold", "model_version", "alert_id", "sensor", '
+            f'"match_label_id", "match_fault_type", "match_start_ns", "match_similarity" '
             f'FROM {self._from("alert")} WHERE {self._where(site, machine, start_ns, end_ns)}')
         out = [Alert(id=r.get("alert_id") or "", site=site, machine=machine, sensor=r.get("sensor") or "",
                      state=r["state"], start_ns=int(r["time"]), end_ns=int(r.get("end_ns") or 0) or None,
                      peak_score=float(r["peak_score"]), threshold=float(r["threshold"]),
-                     model_version=r.get("model_version") or "")
+                     model_version=r.get("model_version") or "",
+                     fault_match=FaultMatch(r["match_label_id"], r.get("match_fault_type") or None,
+                                            int(r.get("match_start_ns") or 0), float(r.get("match_similarity") or 0.0))
+                     if r.get("match_label_id") else None)
                for r in rows if r.get("state") is not None]
         out.sort(key=lambda a: (a.start_ns, a.id, a.sensor))
         return out

@@ -45,7 +45,7 @@ from typing import Any
 
 from pdm_edge.condition import Condition
 from pdm_edge.store.base import ModelEvent
-from pdm_edge.types import Alert, Label, Score
+from pdm_edge.types import Alert, FaultMatch, Label, Score
 
 KINDS: dict[str, type] = {"score": Score, "alert": Alert, "label": Label, "model_event": ModelEvent, "condition": Condition}
 """Record kind -> record type, in the spool and in :func:`write_records`."""
@@ -167,11 +167,25 @@ def check_record(kind: str, record: Any) -> Any:
         raise ValueError(f"condition.zone must be A, B, C, D or None, got {record.zone!r}")
     if kind == "alert" and record.state not in ("raised", "cleared"):
         raise ValueError(f"alert.state must be 'raised' or 'cleared', got {record.state!r}")
+    if kind in ("score", "alert") and record.fault_match is not None:
+        _check_fault_match(kind, record.fault_match)
     for field in ("author", "note", "kind", "fault_type") if kind == "label" else ():
         v = getattr(record, field)
         if v is not None and not isinstance(v, str):
             raise TypeError(f"label.{field} must be a string, got {type(v).__name__}")
     return dataclasses.replace(record, **changes) if changes else record
+
+
+def _check_fault_match(kind: str, m: Any) -> None:
+    if type(m) is not FaultMatch:
+        raise TypeError(f"{kind}.fault_match must be a FaultMatch or None, got {type(m).__name__}")
+    check_name(m.label_id, f"{kind}.fault_match.label_id")
+    if m.fault_type is not None and not isinstance(m.fault_type, str):
+        raise TypeError(f"{kind}.fault_match.fault_type must be a string, got {type(m.fault_type).__name__}")
+    if isinstance(m.start_ns, bool) or not isinstance(m.start_ns, int) or not -(2**63) <= m.start_ns < 2**63:
+        raise ValueError(f"{kind}.fault_match.start_ns must be an int64 (ns), got {m.start_ns!r}")
+    if isinstance(m.similarity, bool) or not isinstance(m.similarity, (int, float)) or not math.isfinite(m.similarity):
+        raise ValueError(f"{kind}.fault_match.similarity must be a finite number, got {m.similarity!r}")
 
 
 def check_records(kind: str, records: Sequence[Any]) -> list[Any]:
@@ -186,7 +200,9 @@ def to_json(kind: str, record: Any) -> str:
         ValueError, TypeError: as :func:`check_record`.
     """
     record = check_record(kind, record)
-    data = {name: getattr(record, name) for name in _FIELD_NAMES[kind]}  # flat records: no deep copy needed
+    data = {name: getattr(record, name) for name in _FIELD_NAMES[kind]}  # flat records but fault_match
+    if data.get("fault_match") is not None:
+        data["fault_match"] = dataclasses.asdict(data["fault_match"])
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
@@ -201,6 +217,8 @@ def from_json(kind: str, payload: str) -> Any:
         raise ValueError(f"unknown record kind {kind!r}")
     try:
         data = json.loads(payload)
+        if isinstance(data.get("fault_match"), dict):
+            data["fault_match"] = FaultMatch(**data["fault_match"])
         return cls(**data)
     except (json.JSONDecodeError, TypeError) as exc:
         raise ValueError(f"malformed {kind} payload: {exc}") from None

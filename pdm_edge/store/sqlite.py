@@ -49,9 +49,9 @@ from pdm_edge.condition import Condition
 from pdm_edge.errors import StoreError
 from pdm_edge.store.base import MachineState, ModelEvent, ScoreBucket
 from pdm_edge.store.records import check_records
-from pdm_edge.types import Alert, Label, Score
+from pdm_edge.types import Alert, FaultMatch, Label, Score
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS anomaly_score (
@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS alert (
     site TEXT NOT NULL, machine TEXT NOT NULL, sensor TEXT NOT NULL, alert_id TEXT NOT NULL,
     start_ns INTEGER NOT NULL, state TEXT NOT NULL, end_ns INTEGER NOT NULL,
     peak_score REAL NOT NULL, threshold REAL NOT NULL, model_version TEXT NOT NULL,
+    match_label_id TEXT, match_fault_type TEXT, match_start_ns INTEGER, match_similarity REAL,
     PRIMARY KEY (site, machine, sensor, alert_id, start_ns)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS alert_by_machine ON alert (site, machine, start_ns);
@@ -97,6 +98,15 @@ _CONDITION_COLS = ("site", "machine", "sensor", "start_ns", "unit", "rms", "peak
 """The ``condition`` table's columns, in :class:`~pdm_edge.condition.Condition` field order."""
 
 
+_ALERT_V2_COLUMNS = (("match_label_id", "TEXT"), ("match_fault_type", "TEXT"), ("match_start_ns", "INTEGER"),
+                     ("match_similarity", "REAL"))
+"""Columns schema 2 added to ``alert`` (:attr:`pdm_edge.types.Alert.fault_match`); NULL = none."""
+
+
+def _match_columns(m: FaultMatch | None) -> tuple[Any, Any, Any, Any]:
+    return (None, None, None, None) if m is None else (m.label_id, m.fault_type, int(m.start_ns), float(m.similarity))
+
+
 class SQLiteStore:
     """The embedded store: one SQLite file in WAL mode (see the module docstring).
 
@@ -124,6 +134,10 @@ class SQLiteStore:
         try:
             con = self._conn()
             con.executescript(_SCHEMA)  # idempotent (IF NOT EXISTS); executescript commits itself
+            have = {r[1] for r in con.execute("PRAGMA table_info(alert)")}
+            for col, typ in _ALERT_V2_COLUMNS:  # schema 1 -> 2: the alert's nearest confirmed fault
+                if col not in have:
+                    con.execute(f"ALTER TABLE alert ADD COLUMN {col} {typ}")
             con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             self.close()
@@ -194,15 +208,18 @@ class SQLiteStore:
             StoreError: the file cannot be written.
         """
         rows = [(a.site, a.machine, a.sensor, a.id, a.start_ns, a.state, a.end_ns or 0, a.peak_score, a.threshold,
-                 a.model_version) for a in check_records("alert", alerts)]
+                 a.model_version, *_match_columns(a.fault_match)) for a in check_records("alert", alerts)]
         if not rows:
             return
         with self._tx() as con:
             con.executemany(
-                "INSERT INTO alert (site, machine, sensor, alert_id, start_ns, state, end_ns, peak_score, threshold, model_version) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, machine, sensor, alert_id, start_ns) DO UPDATE SET "
+                "INSERT INTO alert (site, machine, sensor, alert_id, start_ns, state, end_ns, peak_score, threshold, model_version, "
+                "match_label_id, match_fault_type, match_start_ns, match_similarity) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (site, machine, sensor, alert_id, start_ns) DO UPDATE SET "
                 "state = excluded.state, end_ns = excluded.end_ns, peak_score = excluded.peak_score, "
-                "threshold = excluded.threshold, model_version = excluded.model_version", rows)
+                "threshold = excluded.threshold, model_version = excluded.model_version, "
+                "match_label_id = excluded.match_label_id, match_fault_type = excluded.match_fault_type, "
+                "match_start_ns = excluded.match_start_ns, match_similarity = excluded.match_similarity", rows)
 
     def write_labels(self, labels: Sequence[Label]) -> None:
         """Upsert labels, keyed by label id (a resubmitted or edited label replaces the old one).
@@ -352,10 +369,12 @@ class SQLiteStore:
             StoreError: the file cannot be read.
         """
         rows = self._query(
-            "SELECT alert_id, site, machine, sensor, state, start_ns, end_ns, peak_score, threshold, model_version "
+            "SELECT alert_id, site, machine, sensor, state, start_ns, end_ns, peak_score, threshold, model_version, "
+            "match_label_id, match_fault_type, match_start_ns, match_similarity "
             "FROM alert WHERE site = ? AND machine = ? AND start_ns >= ? AND start_ns < ? ORDER BY start_ns, alert_id, sensor",
             (site, machine, int(start_ns), int(end_ns)))
-        return [Alert(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or None, r[7], r[8], r[9]) for r in rows]
+        return [Alert(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or None, r[7], r[8], r[9],
+                      FaultMatch(r[10], r[11], int(r[12]), float(r[13])) if r[10] is not None else None) for r in rows]
 
     def query_labels(self, site: str, machine: str, start_ns: int, end_ns: int) -> list[Label]:
         """Labels of a machine whose span starts in ``[start_ns, end_ns)``, sorted by (start, id).
