@@ -366,6 +366,17 @@ def life_alarms(scores: np.ndarray, threshold: float, t: np.ndarray, end_s: floa
             "alarmed_before_failure": alarmed, "in_alarm_at_end": deb.active}
 
 
+def rms_profile(x: np.ndarray, t: np.ndarray, end_s: float) -> list[float]:
+    """The median horizontal RMS (g) of each tenth of a bearing's life, relative to the first
+    tenth (the calibration part): ``x`` ``(T, n)`` snapshots in g, ``t`` ``(T,)`` s. It shows
+    what no detector can change: whether the "healthy" first half is flat (Bearing3_1 after
+    run-in) or already degrading. 10 floats, the first 1.0."""
+    rms = np.sqrt(np.mean(np.square(x, dtype=np.float64), axis=1))
+    tenth = np.minimum((t / end_s * 10).astype(int), 9)
+    med = [float(np.median(rms[tenth == i])) if np.any(tenth == i) else float("nan") for i in range(10)]
+    return [round(m / med[0], 2) for m in med]
+
+
 def eval_femto(data: Path, encoder: Encoder, sha: str, train: TrainConfig, subset: bool = False,
                bearings: tuple[str, ...] = FEMTO_BEARINGS) -> dict[str, Any]:
     """The FEMTO set-A bearings, run to failure; see the module docstring."""
@@ -376,7 +387,8 @@ def eval_femto(data: Path, encoder: Encoder, sha: str, train: TrainConfig, subse
         n_cal = int(np.sum(t <= 0.1 * end_s))
         methods = calibrate_all(encoder, sha, x[:n_cal], 25600.0, "vibration", 10.0, train)
         row: dict[str, Any] = {"snapshots": len(x), "calibration_snapshots": n_cal, "end_of_life_s": end_s,
-                               "healthy_until_s": 0.5 * end_s, "methods": {}, "series": {"t_s": t.tolist()}}
+                               "healthy_until_s": 0.5 * end_s, "rms_by_tenth_of_life": rms_profile(x, t, end_s),
+                               "methods": {}, "series": {"t_s": t.tolist()}}
         for m, c in methods.items():
             s = c.score(x)
             a = life_alarms(s, c.threshold, t, end_s)
@@ -833,6 +845,9 @@ def markdown_table(doc: dict[str, Any]) -> str:
                          + cells(row, lambda v: f"{v['false_alarms_healthy_half']} / {_fmt_lead(v['lead_time_s'])}") + " |")
     extra = []
     for k, row in ds.items():
+        if k.startswith("femto_") and "rms_by_tenth_of_life" in row:
+            extra.append(f"- {k[6:]}: horizontal RMS per tenth of life, relative to the calibration tenth: "
+                         + " ".join(f"{v:.2f}" for v in row["rms_by_tenth_of_life"]))
         if k.startswith("technician_femto_"):
             extra.append(f"- simulated technician, {k[17:]}: {row['labels_used']} label(s), first-half alarms left "
                          f"{row['first_half_alarms_left']}, lead time {_fmt_lead(row['lead_time_s'])} min, alarmed before "
