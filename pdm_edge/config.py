@@ -426,8 +426,9 @@ class FleetConfig(_Strict):
     root_certificates: str | None = None
     """PEM CA bundle that the SuperLink's TLS certificate must chain to."""
     auth_private_key: str | None = None
-    """SuperNode authentication key pair (Flower's ``--auth-supernode-private-key``, an ECDSA key
-    whose public part the SuperLink operator registers); ``.pub`` next to it is the public key."""
+    """SuperNode authentication private key (Flower's ``--auth-supernode-private-key``: an EC
+    P-384 key in OpenSSH format, ``pdm_edge.fleet.runner.generate_node_key``); the operator
+    registers the public key beside it (``.pub``) with the SuperLink."""
     verify_key: str | None = None
     """Ed25519 public key (PEM) that fleet priors and imported delta packages must be signed with;
     unsigned ones are refused when set (``[registry] verify_key`` when unset)."""

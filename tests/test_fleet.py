@@ -375,34 +375,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(2400)
-def test_loopback_federation_three_appliances_survives_a_killed_client(tmp_path: Path) -> None:
-    """A Flower SuperLink and three appliances (``pdm-edge fleet join`` -> flower-supernode, each
-    with its own state directory) on loopback: a run of two rounds where one appliance is killed
-    during round 1 still completes round 2 with the other two (Flower's minimum-clients rule);
-    the killed appliance rejoins and takes part in the next run, with differential privacy on
-    and epsilon reported per round. Every appliance stores the signed prior."""
-    import os
-    import subprocess
-    import sys
-    import threading
-
-    from pdm_edge.fleet.runner import FleetServer, read_rounds, stop_group
+def _appliance(tmp_path: Path, i: int, port: int, verify_key: Path, fleet_extra: str) -> Path:
+    """Appliance ``app-{i}``'s configuration (``[fleet]`` + ``fleet_extra``) and a replay buffer
+    of 60 simulated windows; returns the TOML's path."""
     from pdm_edge.learning.replay import ReplayBuffer
     from pdm_edge.model import load_encoder
 
-    from .conftest import wait_until
-
-    port = _free_port()
-    priv, pub = generate_keypair(tmp_path / "keys")
     encoder, sha = load_encoder()
-    tomls = []
-    for i in range(3):
-        state = tmp_path / f"app{i}" / "var"
-        toml = tmp_path / f"app{i}" / "pdm-edge.toml"
-        toml.parent.mkdir(parents=True)
-        toml.write_text(f"""appliance_id = "app-{i}"
+    state = tmp_path / f"app{i}" / "var"
+    toml = tmp_path / f"app{i}" / "pdm-edge.toml"
+    toml.parent.mkdir(parents=True)
+    toml.write_text(f"""appliance_id = "app-{i}"
 [mqtt]
 broker = "localhost:1883"
 [feedback]
@@ -413,10 +396,10 @@ dir = "{state / 'registry'}"
 replay_normal_windows = 100
 [fleet]
 enabled = true
-insecure = true
+{fleet_extra}
 server = "127.0.0.1:{port}"
 machine_class = "pump"
-verify_key = "{pub}"
+verify_key = "{verify_key}"
 max_train_seconds = 3.0
 [sensors."site/m{i}/de"]
 kind = "vibration"
@@ -425,17 +408,48 @@ unit = "g"
 window_s = {WIN_S}
 hop_s = {WIN_S}
 """)
-        ws = _windows(60, seed=20 + i)
-        rb = ReplayBuffer.in_dir(state, capacity=100)
-        rb.offer(f"site/m{i}/de", [w.start_ns for w in ws], Scorer(encoder, sha, _cfg()).features(ws))
-        rb.close()
-        tomls.append(toml)
+    ws = _windows(60, seed=20 + i)
+    rb = ReplayBuffer.in_dir(state, capacity=100)
+    rb.offer(f"site/m{i}/de", [w.start_ns for w in ws], Scorer(encoder, sha, _cfg()).features(ws))
+    rb.close()
+    return toml
+
+
+def _join(tmp_path: Path, toml: Path) -> "subprocess.Popen[bytes]":
+    """``pdm-edge fleet join`` of an appliance, its output in ``{tmp_path}/{app dir}.log``."""
+    import os
+    import subprocess
+    import sys
+
+    log = open(tmp_path / f"{toml.parent.name}.log", "ab")
+    return subprocess.Popen([sys.executable, "-m", "pdm_edge.cli", "--config", str(toml), "fleet", "join",
+                             "--port", str(_free_port())], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_loopback_federation_three_appliances_survives_a_killed_client(tmp_path: Path) -> None:
+    """A Flower SuperLink and three appliances (``pdm-edge fleet join`` -> flower-supernode, each
+    with its own state directory) on loopback: a run of two rounds where one appliance is killed
+    during round 1 still completes round 2 with the other two (Flower's minimum-clients rule);
+    the killed appliance rejoins and takes part in the next run, with differential privacy on
+    and epsilon reported per round. Every appliance stores the signed prior."""
+    import subprocess
+    import threading
+
+    from pdm_edge.fleet.runner import FleetServer, read_rounds, stop_group
+    from pdm_edge.model import load_encoder
+
+    from .conftest import wait_until
+
+    port = _free_port()
+    priv, pub = generate_keypair(tmp_path / "keys")
+    encoder, sha = load_encoder()
+    tomls = [_appliance(tmp_path, i, port, pub, "insecure = true") for i in range(3)]
 
     def join(i: int) -> subprocess.Popen:
-        log = open(tmp_path / f"node{i}.log", "ab")
-        return subprocess.Popen([sys.executable, "-m", "pdm_edge.cli", "--config", str(tomls[i]), "fleet", "join",
-                                 "--port", str(_free_port())], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        return _join(tmp_path, tomls[i])
 
     klass = machine_class("vibration", FS, "pump")
     nodes = [join(i) for i in range(3)]
@@ -471,6 +485,74 @@ hop_s = {WIN_S}
         assert pkg is not None and pkg.meta.kind == "prior"
         events = read_rounds(tmp_path / f"app{i}" / "var" / "fleet")
         assert any(e["event"] == "trained" for e in events) and any(e["event"] == "prior" for e in events)
+
+
+def _tls_certificates(d: Path) -> tuple[str, str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1 signed by it (PEM files in ``d``):
+    ``(certfile, keyfile, ca_certfile)``, as an operator's PKI would issue them."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, srv_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pdm-edge test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    srv = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+           .issuer_name(ca_name).public_key(srv_key.public_key()).serial_number(x509.random_serial_number())
+           .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+           .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                       x509.DNSName("localhost")]), critical=False)
+           .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    (d / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (d / "server.pem").write_bytes(srv.public_bytes(pem))
+    (d / "server.key").write_bytes(srv_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return str(d / "server.pem"), str(d / "server.key"), str(d / "ca.pem")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_tls_federation_admits_only_registered_appliances(tmp_path: Path) -> None:
+    """TLS to the SuperLink (the appliances verify its certificate against the CA in
+    ``[fleet] root_certificates``) and Flower's SuperNode authentication: of two appliances
+    with their own key pairs, only the one whose public key the operator registered joins the
+    run; the other is refused by the SuperLink."""
+    from pdm_edge.fleet.runner import FleetServer, generate_node_key, stop_group
+
+    port = _free_port()
+    certfile, keyfile, ca = _tls_certificates(tmp_path / "pki")
+    _, pub = generate_keypair(tmp_path / "keys")
+    priv_sign = tmp_path / "keys" / "signing_key.pem"
+    keys = [generate_node_key(tmp_path / f"node{i}" / "id_ecdsa") for i in range(2)]
+    with pytest.raises(Exception, match="already exists"):
+        generate_node_key(keys[0][0])
+    tomls = [_appliance(tmp_path, i, port, pub, f'root_certificates = "{ca}"\nauth_private_key = "{keys[i][0]}"')
+             for i in range(2)]
+    srv = FleetServer(tmp_path / "server", f"127.0.0.1:{port}", ssl=(certfile, keyfile, ca), supernode_auth=True).start()
+    nodes = []
+    try:
+        srv.register_node(keys[0][1], name="app-0")
+        nodes = [_join(tmp_path, t) for t in tomls]
+        rounds = srv.submit(num_rounds=1, min_clients=1, round_timeout_s=240, signing_key=str(priv_sign),
+                            wait_nodes_s=60, timeout_s=900)
+        assert [r["round"] for r in rounds] == [1]
+        assert rounds[0]["participants"] == ["app-0"] and rounds[0]["aggregated"]
+    finally:
+        for n in nodes:
+            stop_group(n)
+        srv.stop()
+    refused = (tmp_path / "app1.log").read_text()
+    assert "app-1" not in str(rounds[0]["participants"])
+    assert "Failed to activate SuperNode" in refused, refused[-2000:]  # Flower's exit code 305: the SuperLink refused it
 
 
 def test_fleet_metrics_from_the_appliance_round_log(tmp_path: Path) -> None:

@@ -6,9 +6,11 @@
   submits the fleet app (:data:`APP_DIR`, :mod:`pdm_edge.fleet.server_app`) with ``flwr run``
   against it. Flower's files go to ``{out_dir}/flwr`` (``FLWR_HOME``), never to ``~/.flwr``.
   TLS: ``--ssl-certfile/--ssl-keyfile/--ssl-ca-certfile`` are passed to the SuperLink;
-  ``insecure`` (loopback tests) turns TLS off. SuperNode authentication: Flower's
-  ``--enable-supernode-auth`` (the operator registers each appliance's public key with
-  ``flwr supernode register``).
+  ``insecure`` (loopback tests) turns TLS off. SuperNode authentication (needs TLS): Flower's
+  ``--enable-supernode-auth``; only appliances whose public key the operator registered
+  (:meth:`FleetServer.register_node`, which runs ``flwr supernode register``) may connect. An
+  appliance's key pair is an EC P-384 key in OpenSSH format (:func:`generate_node_key`), named
+  by ``[fleet] auth_private_key`` (the public key beside it, ``.pub``).
 - Appliance (``pdm-edge fleet join``): :func:`supernode_command` is the ``flower-supernode``
   command line of an appliance's ``[fleet]`` section: ``--superlink`` address, TLS root
   certificates or ``--insecure``, authentication key pair, and the node configuration
@@ -111,9 +113,36 @@ def supernode_command(cfg: Any, config_path: str, *, port: int = 9094) -> list[s
         cmd += ["--root-certificates", fc.root_certificates]
     else:
         raise FleetError("[fleet] needs root_certificates (TLS to the SuperLink) or insecure = true (loopback only)")
-    if fc.auth_private_key:
-        cmd += ["--auth-supernode-private-key", fc.auth_private_key, "--auth-supernode-public-key", fc.auth_private_key + ".pub"]
+    if fc.auth_private_key:  # Flower derives the public key from it
+        cmd += ["--auth-supernode-private-key", fc.auth_private_key]
     return cmd
+
+
+def generate_node_key(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write an appliance's SuperNode authentication key pair: an EC P-384 private key in
+    OpenSSH format at ``path`` (mode 0600) and its public key at ``path + ".pub"`` (the file
+    the operator registers, :meth:`FleetServer.register_node`); returns both paths.
+
+    Raises:
+        FleetError: either file exists already (keys are never overwritten).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    priv_path = Path(path)
+    pub_path = priv_path.with_name(priv_path.name + ".pub")
+    for p in (priv_path, pub_path):
+        if p.exists():
+            raise FleetError(f"key file {p} already exists; not overwriting it")
+    priv_path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(priv)
+    pub_path.write_bytes(pub + b"\n")
+    return priv_path, pub_path
 
 
 class FleetServer:
@@ -125,15 +154,21 @@ class FleetServer:
         address: ``HOST:PORT`` the SuperLink listens on (fleet and control APIs).
         insecure: no TLS (loopback only); otherwise ``ssl`` must name the certificate files.
         ssl: ``(certfile, keyfile, ca_certfile)``.
+        supernode_auth: only registered appliances may connect (:meth:`register_node`); needs TLS.
+
+    Raises:
+        FleetError: neither TLS nor ``insecure``, or ``supernode_auth`` without TLS.
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], address: str = "127.0.0.1:8000", *, insecure: bool = False,
-                 ssl: tuple[str, str, str] | None = None) -> None:
+                 ssl: tuple[str, str, str] | None = None, supernode_auth: bool = False) -> None:
         self.out_dir = Path(out_dir).resolve()
         self.host, self.port = parse_host_port(address, 8000)
-        self.insecure, self.ssl = insecure, ssl
+        self.insecure, self.ssl, self.supernode_auth = insecure, ssl, supernode_auth
         if not insecure and ssl is None:
             raise FleetError("the fleet server needs --ssl-certfile/--ssl-keyfile/--ssl-ca-certfile, or --insecure (loopback only)")
+        if supernode_auth and insecure:
+            raise FleetError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
         self.home = self.out_dir / "flwr"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -151,6 +186,8 @@ class FleetServer:
         else:
             assert self.ssl is not None
             cmd += ["--ssl-certfile", self.ssl[0], "--ssl-keyfile", self.ssl[1], "--ssl-ca-certfile", self.ssl[2]]
+        if self.supernode_auth:
+            cmd.append("--enable-supernode-auth")
         root = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         conn = {"address": f"{root}:{self.port}", **({"insecure": True} if self.insecure else {"root-certificates": self.ssl[2]})}  # type: ignore[index]
         lines = ["[superlink]", 'default = "fleet"', "", "[superlink.fleet]"]
@@ -193,6 +230,20 @@ class FleetServer:
             raise FleetError(f"flwr run failed ({shlex.join(cmd)}): {output[-2000:]}")
         lines = rounds_path.read_text().splitlines() if rounds_path.exists() else []
         return [json.loads(x) for x in lines[before:]]
+
+    def register_node(self, public_key: str | os.PathLike[str], name: str | None = None) -> None:
+        """Allow the appliance with this public key (OpenSSH EC key, :func:`generate_node_key`)
+        to connect (``flwr supernode register``, with SuperNode authentication on).
+
+        Raises:
+            FleetError: the registration failed (Flower's message is included).
+        """
+        cmd = [_bin("flwr"), "supernode", "register", str(Path(public_key).resolve()), "fleet"]
+        if name:
+            cmd += ["--name", name]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=flower_env(self.home), timeout=120)
+        if res.returncode != 0:
+            raise FleetError(f"flwr supernode register failed: {(res.stdout + res.stderr)[-1000:]}")
 
     def stop(self) -> None:
         """Stop the SuperLink and the helpers it started (SIGTERM to its process group, then
