@@ -89,3 +89,27 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temporary(tmp_path):
     assert (blocker / "keep").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "sub"]
     assert sorted(p.name for p in target.parent.iterdir()) == ["f.bin"]
+
+
+def test_every_exception_class_of_the_package_is_in_errors():
+    """One exception tree: no module but pdm_edge.errors defines an exception class."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import pdm_edge
+    from pdm_edge import errors
+
+    outside = []
+    for info in pkgutil.walk_packages(pdm_edge.__path__, "pdm_edge."):
+        if ".flwr_app" in info.name:  # the Flower App project, loaded by flwr in its own process
+            continue
+        mod = importlib.import_module(info.name)
+        outside += [f"{info.name}.{name}" for name, obj in vars(mod).items()
+                    if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__ == info.name
+                    and info.name != "pdm_edge.errors"]
+    assert outside == []
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.PdmEdgeError) and cls.__doc__, name
+        assert name in errors.__doc__, f"{name} is missing from the tree in errors' docstring"

@@ -17,10 +17,10 @@ alert) was ``normal`` (a false alarm), a ``fault`` (with an optional fault type 
 The command line is ``pdm-edge label add|list`` (:mod:`pdm_edge.cli`).
 """
 
+from pdm_edge.errors import LabelError
 from pdm_edge.feedback.labels import (
     LABEL_ID_NAMESPACE,
     LabelBook,
-    LabelError,
     LabelLimits,
     label_id,
     label_payload,

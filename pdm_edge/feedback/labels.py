@@ -59,7 +59,7 @@ from pdm_edge._util import time as _time
 from pdm_edge._util.sqlite import open_wal
 from pdm_edge._util.time import MAX_NS, iso_utc
 from pdm_edge.config import NAME_RE, FeedbackConfig
-from pdm_edge.errors import PdmEdgeError, StoreError
+from pdm_edge.errors import LabelError, StoreError
 from pdm_edge.types import FAULT_TYPES, LABEL_KINDS, Label
 
 LABEL_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:pdm-edge:label")
@@ -69,21 +69,6 @@ MAX_ALERT_ID_CHARS = 128
 _NOTE_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 """Control characters refused in a note (newline, carriage return and tab are allowed)."""
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-class LabelError(PdmEdgeError, ValueError):
-    """A label is invalid.
-
-    Attributes:
-        field: the offending field (``"kind"``, ``"start_ns"``, ``"payload"`` for a payload that
-            is not a JSON object, ...).
-        message: what is wrong with it, in one line.
-    """
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,12 +60,12 @@ import numpy as np
 import torch
 
 from pdm_edge._util.sqlite import open_wal
-from pdm_edge.errors import ModelError, PdmEdgeError, StoreError
+from pdm_edge.errors import ModelError, PdmEdgeError, StoreError, TrainingInterrupted
 from pdm_edge.feedback.labels import LabelBook
 from pdm_edge.feedback.windows import LabelledWindowBuffer
 from pdm_edge.learning.replay import ReplayBuffer
 from pdm_edge.model.encoder import Encoder
-from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainingInterrupted
+from pdm_edge.model.scorer import Scorer, ScorerConfig
 from pdm_edge._util.fs import atomic_write
 from pdm_edge.registry import GateInputs, Registry
 from pdm_edge.types import Label, Window

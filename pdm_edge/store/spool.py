@@ -21,7 +21,7 @@ Decisions:
 - **Outages**: a :class:`~pdm_edge.errors.StoreError` (unreachable, 5xx, auth, database missing)
   leaves the batch in the spool and the writer waits with exponential back-off, doubling from
   ``backoff_min_s`` to ``backoff_max_s``, then retries the same batch; one success resets it.
-- **Poison records never block the spool**: a :class:`~pdm_edge.store.base.StoreRejectedError`
+- **Poison records never block the spool**: a :class:`~pdm_edge.errors.StoreRejectedError`
   (HTTP 400: the server refuses the points themselves), a ``ValueError`` / ``TypeError`` /
   ``OverflowError`` from the store (a number the store cannot hold, e.g. an integer beyond
   int64 in SQLite) or a row that fails to decode would block the queue forever, so the writer
@@ -65,8 +65,7 @@ from typing import Any
 
 from pdm_edge.config import SpoolConfig
 from pdm_edge._util.sqlite import open_wal, tx
-from pdm_edge.errors import StoreError
-from pdm_edge.store.base import StoreRejectedError
+from pdm_edge.errors import StoreError, StoreRejectedError
 from pdm_edge.store.records import KINDS, from_json, to_json, write_records
 from pdm_edge.supervision import RateLimitedLog, StageErrors, run_supervised
 
