@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from pdm_edge.config import config_from_dict
+from pdm_edge.broker import free_port
 from pdm_edge.errors import RegistryError
 from pdm_edge.fleet.classes import in_schedule, machine_class, parse_schedule, rate_band
 from pdm_edge.fleet.delta import DeltaPackage, base_adapter, data_sha256
@@ -367,14 +368,6 @@ def test_fleet_cli_join_needs_opt_in_and_status_shows_priors(appliance: Path, tm
 
 
 # -- a federation of real Flower processes on loopback ----------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_loopback_federation_three_appliances_survives_a_killed_client(tmp_path: Path) -> None:
@@ -394,7 +387,7 @@ def test_loopback_federation_three_appliances_survives_a_killed_client(tmp_path:
 
     from .conftest import wait_until
 
-    port = _free_port()
+    port = free_port()
     priv, pub = generate_keypair(tmp_path / "keys")
     encoder, sha = load_encoder()
     tomls = []
@@ -434,7 +427,7 @@ hop_s = {WIN_S}
     def join(i: int) -> subprocess.Popen:
         log = open(tmp_path / f"node{i}.log", "ab")
         return subprocess.Popen([sys.executable, "-m", "pdm_edge.cli", "--config", str(tomls[i]), "fleet", "join",
-                                 "--port", str(_free_port())], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                 "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
     klass = machine_class("vibration", FS, "pump")
