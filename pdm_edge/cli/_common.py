@@ -22,10 +22,12 @@ import click
 from pdm_edge.config import AppConfig, MqttConfig, config_from_dict, load_config
 from pdm_edge.errors import ConfigError, PdmEdgeError
 
-__all__ = ["BROKER_WAIT_S", "CONFIG_SEARCH", "Ctx", "broker_options", "default_site", "handle_errors", "parse_speed",
+__all__ = ["BROKER_WAIT_S", "CONFIG_SEARCH", "DEFAULT_BROKER", "Ctx", "broker_options", "default_site", "handle_errors", "parse_speed",
            "stream_options"]
 
 CONFIG_SEARCH = ("pdm-edge.toml", "/etc/pdm-edge/pdm-edge.toml")
+DEFAULT_BROKER = "127.0.0.1:1883"
+"""The broker of commands run without a configuration file."""
 BROKER_WAIT_S = 10.0
 """How long ``pdm-edge ingest`` waits for the broker before saying it cannot be reached."""
 
@@ -63,6 +65,13 @@ class Ctx:
                 data[section] = values
         return config_from_dict(data, environ={})
 
+    def config_or_defaults(self) -> AppConfig:
+        """The configuration file's settings; without a file the defaults (broker
+        ``DEFAULT_BROKER``) plus ``PDM_EDGE__*`` environment overrides."""
+        if self.config_path is not None:
+            return self.config()
+        return config_from_dict({"mqtt": {"broker": DEFAULT_BROKER}})
+
     def mqtt(self, broker: str | None, protocol: str | None) -> MqttConfig:
         """Broker settings: flags first, then the configuration file, then 127.0.0.1:1883."""
         overrides: dict[str, Any] = {}
@@ -72,7 +81,7 @@ class Ctx:
             overrides["protocol"] = protocol
         if self.config_path is not None:
             return self.config({"mqtt": overrides}).mqtt
-        overrides.setdefault("broker", "127.0.0.1:1883")
+        overrides.setdefault("broker", DEFAULT_BROKER)
         return config_from_dict({"mqtt": overrides}).mqtt
 
 

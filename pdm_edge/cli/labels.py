@@ -11,7 +11,6 @@ import click
 
 from pdm_edge._util.text import fmt_ns
 from pdm_edge.cli._common import Ctx, default_site, handle_errors
-from pdm_edge.config import config_from_dict
 
 
 @click.group("label")
@@ -28,10 +27,7 @@ def _label_settings(obj: Ctx, state_dir: str | None) -> tuple[Any, Path]:
     """``(LabelLimits, state directory)`` from the configuration (defaults without a file)."""
     from pdm_edge.feedback import LabelLimits
 
-    if obj.config_path is not None:
-        cfg = obj.config()
-    else:  # no file: defaults plus PDM_EDGE__* environment overrides
-        cfg = config_from_dict({"mqtt": {"broker": "127.0.0.1:1883"}})
+    cfg = obj.config_or_defaults()
     return LabelLimits.from_config(cfg.feedback), Path(state_dir if state_dir else cfg.feedback.state_dir)
 
 

@@ -11,7 +11,6 @@ import click
 
 from pdm_edge._util.text import fmt_ns
 from pdm_edge.cli._common import Ctx, handle_errors
-from pdm_edge.config import config_from_dict
 from pdm_edge.errors import ConfigError
 
 
@@ -149,7 +148,7 @@ def models_train(ctx: click.Context, stream: str, now: bool, state_dir: str | No
     from pdm_edge.learning import request_training
 
     obj: Ctx = ctx.obj
-    cfg = obj.config() if obj.config_path is not None else config_from_dict({"mqtt": {"broker": "127.0.0.1:1883"}})
+    cfg = obj.config_or_defaults()
     parts = stream.split("/")
     if len(parts) != 3 or not all(parts):
         raise click.UsageError(f"STREAM must be site/machine/sensor, got {stream!r}")

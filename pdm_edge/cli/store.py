@@ -11,7 +11,7 @@ import click
 
 from pdm_edge import __version__
 from pdm_edge._util.text import fmt_ns
-from pdm_edge.cli._common import Ctx, handle_errors
+from pdm_edge.cli._common import DEFAULT_BROKER, Ctx, handle_errors
 from pdm_edge.errors import PdmEdgeError
 
 
@@ -55,7 +55,7 @@ def store_check(obj: Ctx, influx_url: str | None, database: str | None, retentio
         store_over["username"] = None
     overrides: dict[str, Any] = {"store": store_over} if store_over else {}
     if obj.config_path is None:  # no file: defaults plus PDM_EDGE__* environment overrides
-        overrides.setdefault("mqtt", {"broker": "127.0.0.1:1883"})
+        overrides.setdefault("mqtt", {"broker": DEFAULT_BROKER})
     cfg = obj.config(overrides)
     sc = cfg.store
     store = open_store(sc, create_database=False)
