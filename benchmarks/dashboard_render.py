@@ -184,9 +184,9 @@ def bench_browser(cfg_path: Path, repeat: int) -> dict[str, float]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    from tests.conftest import _free_port
+    from pdm_edge.broker import free_port
 
-    port = _free_port()
+    port = free_port()
     log = open(cfg_path.parent / "streamlit.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "dashboard/app.py", "--server.headless", "true",
                              "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats",

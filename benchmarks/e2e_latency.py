@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Publish-to-stored latency through a real broker, and the running appliance's memory.
 
-The whole appliance as it runs in the field: a real Mosquitto (``tests.conftest.Mosquitto``:
+The whole appliance as it runs in the field: a real Mosquitto (``pdm_edge._util.procs.Mosquitto``:
 free loopback port, temporary directory, persistence on) and ``pdm-edge run`` as a subprocess
-(``tests.conftest.ServiceProcess``) with the embedded SQLite store, the appliance's defaults
+(``pdm_edge._util.procs.ServiceProcess``) with the embedded SQLite store, the appliance's defaults
 (``score_batch = 64``, ``torch_threads = 1``, 1 s windows with 0.5 s hop) and N configured
 25.6 kHz vibration streams ``bench/mNN/accel``.
 
@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.channels < 1 or args.duration < 2:
         ap.error("need --channels >= 1 and --duration >= 2")
 
-    from tests.conftest import Mosquitto, ServiceProcess
+    from pdm_edge._util.procs import Mosquitto, ServiceProcess
+    from pdm_edge.errors import PdmEdgeError
 
     def _term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -490,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("interrupted; everything stopped", file=sys.stderr)
             return 130
-        except RuntimeError as exc:
+        except (RuntimeError, PdmEdgeError) as exc:
             print(f"benchmark failed: {exc}", file=sys.stderr)
             return 1
         finally:

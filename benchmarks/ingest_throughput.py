@@ -6,7 +6,7 @@ by :func:`~pdm_edge.ingest.chunk.encode_chunk` (float32 0.1 s and 1 s, int16 and
 0.1 s) and :meth:`StreamWindower.push <pdm_edge.ingest.windowing.StreamWindower.push>` per
 0.1 s chunk (1 s window, 0.5 s hop), with ``time.perf_counter`` around every call.
 
-Part 2 starts a real Mosquitto (``tests.conftest.Mosquitto``: free loopback port, temporary
+Part 2 starts a real Mosquitto (``pdm_edge._util.procs.Mosquitto``: free loopback port, temporary
 config, the same settings as the test suite) and, in this process, an
 :class:`~pdm_edge.ingest.service.Ingestor` with N configured 25.6 kHz float32 streams (window
 1 s, hop 0.5 s) and a consumer thread draining ``ingestor.windows``. The load comes from
@@ -62,6 +62,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from pdm_edge.config import IngestConfig, MqttConfig, config_from_dict  # noqa: E402
+from pdm_edge.errors import PdmEdgeError  # noqa: E402
 from pdm_edge.ingest.chunk import Chunk, decode_chunk, encode_chunk, waveform_topic  # noqa: E402
 from pdm_edge.ingest.windowing import StreamSettings, StreamWindower  # noqa: E402
 
@@ -324,11 +325,9 @@ def _publisher_proc(
 # Part 2: one trial
 # ---------------------------------------------------------------------------------------------
 def _import_mosquitto() -> Any:
-    try:
-        from tests.conftest import Mosquitto, _find_mosquitto
-    except ImportError as exc:
-        raise SystemExit(f"cannot import tests.conftest.Mosquitto ({exc}); install the test extras: pip install -e '.[test]'") from None
-    if _find_mosquitto() is None:
+    from pdm_edge._util.procs import Mosquitto, find_mosquitto
+
+    if find_mosquitto() is None:
         raise SystemExit("mosquitto not installed (Debian package 'mosquitto'; deploy/scripts/test.sh installs it)")
     return Mosquitto
 
@@ -762,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; everything stopped", file=sys.stderr)
         return 130
-    except RuntimeError as exc:
+    except (RuntimeError, PdmEdgeError) as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
     doc["elapsed_s"] = time.monotonic() - t0

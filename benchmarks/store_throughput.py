@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Store throughput: sustained points/s into InfluxDB and SQLite, and the drain rate after an outage.
 
-Starts a real influxd (``tests.conftest.InfluxD``: Debian's ``influxdb``, temporary config, free
+Starts a real influxd (``pdm_edge._util.procs.InfluxD``: Debian's ``influxdb``, temporary config, free
 loopback ports, the same settings as the test suite) and a SQLite store in a temporary
 directory, then measures:
 
@@ -47,11 +47,11 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from pdm_edge.config import SpoolConfig  # noqa: E402
+from pdm_edge._util.procs import InfluxD  # noqa: E402
 from pdm_edge.store.influx import InfluxStore  # noqa: E402
 from pdm_edge.store.spool import Spool, SpoolWriter  # noqa: E402
 from pdm_edge.store.sqlite import SQLiteStore  # noqa: E402
 from pdm_edge.types import Score  # noqa: E402
-from tests.conftest import InfluxD  # noqa: E402
 
 S = 1_000_000_000
 BATCH = 5000

@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from pdm_edge import features  # noqa: E402
 from pdm_edge.model.encoder import Encoder, EncoderConfig, kind_index, random_mask  # noqa: E402
 from pdm_edge.model.standardize import Standardizer  # noqa: E402
-from pdm_edge.model.version import atomic_write_bytes  # noqa: E402
+from pdm_edge._util.fs import atomic_write  # noqa: E402
 from sensors.simulator import AcousticFaultSpec, AcousticSimulator, FaultSpec, VibrationSimulator  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, buf)
-    atomic_write_bytes(a.out, buf.getvalue())
+    atomic_write(a.out, buf.getvalue())
     digest = hashlib.sha256(buf.getvalue()).hexdigest()
     n_params = sum(p.numel() for p in model.parameters())
     n_enc = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("decoder"))
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                      "history": history, "wall_s": round(time.time() - t_start, 1)},
         "torch": torch.__version__,
     }
-    atomic_write_bytes(a.out.with_suffix(".json"), (json.dumps(card, indent=1) + "\n").encode())
+    atomic_write(a.out.with_suffix(".json"), (json.dumps(card, indent=1) + "\n").encode())
     log(f"wrote {a.out} ({card['bytes']} bytes, sha256 {digest[:16]}...), {n_params} parameters")
     return 0
 

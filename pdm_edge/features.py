@@ -122,7 +122,7 @@ import scipy.fft
 import scipy.stats
 from scipy import signal
 
-from pdm_edge.errors import PdmEdgeError
+from pdm_edge.errors import FeatureError
 from pdm_edge.types import SENSOR_KINDS
 
 __all__ = [
@@ -195,13 +195,6 @@ HANDCRAFTED_NAMES: dict[str, tuple[str, ...]] = {
 """Name of every column of :func:`handcrafted_features`, per kind."""
 HANDCRAFTED_DIM = 2 * N_BANDS + 4
 """Length ``D`` of the hand-crafted feature vector (132)."""
-
-
-class FeatureError(PdmEdgeError, ValueError):
-    """Input that features cannot be computed from (non-finite, empty, too short, unknown kind...).
-
-    A ``ValueError`` (so callers may catch either) and a :class:`~pdm_edge.errors.PdmEdgeError`.
-    """
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pdm_edge.config import NAME_RE as _NAME_RE
+from pdm_edge._util.sqlite import open_wal, tx
 from pdm_edge.errors import ModelError, RegistryError
 from pdm_edge.types import ModelVersion, stream_id
 
@@ -530,11 +531,7 @@ class Registry:
         self._lock = threading.RLock()
         self._listeners: list[Callable[[RegisteredVersion], None]] = []
         try:
-            self._db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
+            self._db = open_wal(self.db_path, synchronous="FULL", schema=_SCHEMA, row_factory=sqlite3.Row)
         except sqlite3.Error as exc:
             raise RegistryError(f"cannot open model registry {self.db_path}: {exc}") from None
 
@@ -720,8 +717,7 @@ class Registry:
                   metrics: dict[str, Any] | None, set_previous: bool) -> RegisteredVersion:
         """Make ``rec`` the stream's active version in one transaction (lock held)."""
         now = time.time_ns()
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with tx(self._db):
             cur = self._db.execute("SELECT id FROM versions WHERE site = ? AND machine = ? AND sensor = ? AND status = 'active'",
                                    (rec.site, rec.machine, rec.sensor)).fetchone()
             prev = cur["id"] if cur else None
@@ -736,10 +732,6 @@ class Registry:
                 sets.append("metrics = ?")
                 args.append(json.dumps(metrics))
             self._db.execute(f"UPDATE versions SET {', '.join(sets)} WHERE id = ?", (*args, rec.id))
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
         new = self._get(rec.id)
         assert new is not None
         return new
@@ -890,9 +882,9 @@ class Registry:
                 info.external_attr = 0o644 << 16
                 zf.writestr(info, payload)
         out = Path(path)
-        from pdm_edge.model.version import atomic_write_bytes
+        from pdm_edge._util.fs import atomic_write
 
-        atomic_write_bytes(out, buf.getvalue())
+        atomic_write(out, buf.getvalue())
         return out
 
     def import_package(self, path: str | os.PathLike[str], *, encoder_sha256: str,
@@ -994,9 +986,9 @@ class Registry:
             else:
                 vid, seq = self._new_id(site, machine, sensor)  # type: ignore[arg-type]
             target = self.path(vid)
-            from pdm_edge.model.version import atomic_write_bytes
+            from pdm_edge._util.fs import atomic_write
 
-            atomic_write_bytes(target, data)
+            atomic_write(target, data)
             try:
                 return self._insert(vid=vid, seq=seq, site=site, machine=machine, sensor=sensor,  # type: ignore[arg-type]
                                     parent=parent,

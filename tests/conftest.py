@@ -1,17 +1,16 @@
 """Shared fixtures: a real Mosquitto broker on a free loopback port, configs, helpers.
 
-Mosquitto comes from the Debian package ``mosquitto`` (``.ci/run`` installs it). The fixture
-starts it with persistence on in a temporary directory, so a restart keeps persistent sessions
-and their queued QoS 1 messages, exactly as ``deploy/mosquitto.conf`` does on an appliance.
+The processes (Mosquitto, influxd, ``pdm-edge run``) are :mod:`pdm_edge._util.procs`, the same
+classes ``pdm-edge bench`` uses; the fixtures here start and stop them. Mosquitto comes from the
+Debian package ``mosquitto`` (``.ci/run`` installs it) and runs with persistence on in a
+temporary directory, so a restart keeps persistent sessions and their queued QoS 1 messages,
+exactly as ``deploy/mosquitto.conf`` does on an appliance.
 """
 
 from __future__ import annotations
 
-import getpass
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,80 +22,18 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from pdm_edge._util.procs import InfluxD, Mosquitto, ServiceProcess, find_influxd, find_mosquitto
+from pdm_edge.errors import StoreError
+
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = Path(os.environ.get("PDM_EDGE_DATASETS", REPO.parent / "shared" / "datasets"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _find_mosquitto() -> str | None:
-    return shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
-
-
-class Mosquitto:
-    """A mosquitto process owned by a test; ``stop()``/``start()`` simulate a broker restart."""
-
-    def __init__(self, workdir: Path) -> None:
-        exe = _find_mosquitto()
-        if exe is None:
-            pytest.fail("mosquitto not installed: run deploy/scripts/test.sh (apt package 'mosquitto')")
-        self.exe = exe
-        self.port = _free_port()
-        self.workdir = workdir
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-        self.conf.write_text(
-            # run as the current user: started as root, mosquitto would otherwise switch to the
-            # 'mosquitto' user and silently fail to write its log and persistence file here
-            f"user {getpass.getuser()}\n"
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {workdir}/\n"
-            "autosave_interval 1\n"
-            "max_queued_messages 100000\n"
-            "max_inflight_messages 20\n"
-            f"log_dest file {self.log}\n"
-            "log_type error\nlog_type warning\nlog_type notice\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> None:
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}: {err}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on {self.port} within {timeout} s")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
 
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     """A running mosquitto on a free loopback port, stopped after the test."""
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto not installed: run deploy/scripts/test.sh (apt package 'mosquitto')")
     broker = Mosquitto(tmp_path)
     broker.start()
     yield broker
@@ -177,132 +114,13 @@ def run_cli(*args: str, timeout: float = 120.0, env: dict[str, str] | None = Non
 
 
 # -- InfluxDB ----------------------------------------------------------------------------------
-# A real influxd from the Debian package ``influxdb`` (1.6.7), with a temporary config: meta,
-# data and WAL in the test's temp dir, HTTP and RPC bound to free loopback ports, no usage
-# reporting, no _internal monitor database. ``auth=True`` turns on [http] auth-enabled and
-# creates an admin user through /query (the first user may be created without credentials).
-
-INFLUXD_CANDIDATES = ("/usr/bin/influxd", "/usr/local/bin/influxd")
-
-
-def _find_influxd() -> str | None:
-    return shutil.which("influxd") or next((p for p in INFLUXD_CANDIDATES if os.path.exists(p)), None)
-
-
-class InfluxD:
-    """An influxd process owned by a test; ``stop()``/``start()`` simulate an outage."""
-
-    ADMIN_USER = "pdm_admin"
-    ADMIN_PASSWORD = "s3cret pass'word"
-
-    def __init__(self, workdir: Path, auth: bool = False) -> None:
-        exe = _find_influxd()
-        if exe is None:
-            pytest.fail("influxd not installed: run deploy/scripts/test.sh (apt package 'influxdb')")
-        self.exe = exe
-        self.auth = auth
-        self.workdir = workdir
-        self.port = _free_port()
-        self.rpc_port = _free_port()
-        while self.rpc_port == self.port:
-            self.rpc_port = _free_port()
-        self.conf = workdir / "influxdb.conf"
-        self.log = workdir / "influxd.log"
-        self.conf.write_text(
-            "reporting-disabled = true\n"
-            f'bind-address = "127.0.0.1:{self.rpc_port}"\n'
-            "[meta]\n"
-            f'  dir = "{workdir}/meta"\n'
-            "  logging-enabled = false\n"
-            "[data]\n"
-            f'  dir = "{workdir}/data"\n'
-            f'  wal-dir = "{workdir}/wal"\n'
-            '  index-version = "inmem"\n'
-            "  query-log-enabled = false\n"
-            "[monitor]\n"
-            "  store-enabled = false\n"
-            "[subscriber]\n"
-            "  enabled = false\n"
-            "[continuous_queries]\n"
-            "  enabled = false\n"
-            "[http]\n"
-            f'  bind-address = "127.0.0.1:{self.port}"\n'
-            f"  auth-enabled = {'true' if auth else 'false'}\n"
-            "  log-enabled = false\n"
-            "  pprof-enabled = false\n"
-            "[logging]\n"
-            '  level = "warn"\n'
-            "  suppress-logo = true\n"
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._users_created = False
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, timeout: float = 30.0) -> None:
-        import requests
-
-        logf = self.log.open("ab")
-        self.proc = subprocess.Popen([self.exe, "-config", str(self.conf)], stdout=logf, stderr=subprocess.STDOUT)
-        logf.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"influxd exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            try:
-                if requests.get(self.url + "/ping", timeout=0.5).status_code == 204:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.05)
-        else:
-            raise RuntimeError(f"influxd did not answer /ping on {self.port} within {timeout} s")
-        if self.auth and not self._users_created:
-            self.query(f"CREATE USER {self.ADMIN_USER} WITH PASSWORD "
-                       f"'{self.ADMIN_PASSWORD.replace(chr(39), chr(92) + chr(39))}' WITH ALL PRIVILEGES", method="POST",
-                       auth=False)
-            self._users_created = True
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def query(self, q: str, db: str | None = None, method: str = "GET", auth: bool = True) -> dict[str, Any]:
-        """Run InfluxQL directly (admin credentials when auth is on); returns results[0]."""
-        import requests
-
-        params: dict[str, str] = {"q": q, "epoch": "ns"}
-        if db:
-            params["db"] = db
-        if self.auth and auth:
-            params.update(u=self.ADMIN_USER, p=self.ADMIN_PASSWORD)
-        resp = requests.request(method, self.url + "/query", params=params, timeout=10)
-        resp.raise_for_status()
-        result = resp.json()["results"][0]
-        if "error" in result:
-            raise RuntimeError(f"influxd query {q!r}: {result['error']}")
-        return result
-
-    def values(self, q: str, db: str) -> list[list[Any]]:
-        """All rows of all series of a SELECT."""
-        return [v for s in self.query(q, db).get("series", []) for v in s.get("values", [])]
-
+# A real influxd from the Debian package ``influxdb`` (1.6.7): pdm_edge._util.procs.InfluxD.
 
 @pytest.fixture
 def influxd(tmp_path: Path) -> Iterator[InfluxD]:
     """A running influxd (no auth) of the test's own, on free loopback ports; stopped after."""
+    if find_influxd() is None:
+        pytest.fail("influxd not installed: run deploy/scripts/test.sh (apt package 'influxdb')")
     (tmp_path / "influxd").mkdir()
     srv = InfluxD(tmp_path / "influxd")
     srv.start()
@@ -313,6 +131,8 @@ def influxd(tmp_path: Path) -> Iterator[InfluxD]:
 @pytest.fixture(scope="session")
 def influxd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxD]:
     """One influxd (no auth) shared by the tests that only need a server (one database each)."""
+    if find_influxd() is None:
+        pytest.fail("influxd not installed: run deploy/scripts/test.sh (apt package 'influxdb')")
     srv = InfluxD(tmp_path_factory.mktemp("influxd"))
     srv.start()
     yield srv
@@ -322,6 +142,8 @@ def influxd_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Influx
 @pytest.fixture(scope="session")
 def influxd_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxD]:
     """An influxd with ``auth-enabled = true`` and the admin ``InfluxD.ADMIN_USER``."""
+    if find_influxd() is None:
+        pytest.fail("influxd not installed: run deploy/scripts/test.sh (apt package 'influxdb')")
     srv = InfluxD(tmp_path_factory.mktemp("influxd-auth"), auth=True)
     srv.start()
     yield srv
@@ -361,87 +183,6 @@ def service_config_toml(workdir: Path, broker: str, *, influx_url: str | None = 
 def expected_windows(seconds: float, window_s: float = 1.0, hop_s: float = 0.5) -> int:
     """Windows cut from ``seconds`` of contiguous signal."""
     return int((seconds - window_s) // hop_s) + 1 if seconds >= window_s else 0
-
-
-class ServiceProcess:
-    """`pdm-edge run` in a subprocess, with helpers to read /healthz, /metrics and its log."""
-
-    def __init__(self, workdir: Path, config_text: str, env: dict[str, str] | None = None) -> None:
-        self.workdir = workdir
-        self.config = workdir / "pdm-edge.toml"
-        self.config.write_text(config_text)
-        self.log = workdir / "service.log"
-        self.env = env or {}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url: str | None = None
-
-    def start(self, timeout: float = 90.0) -> ServiceProcess:
-        import re
-
-        env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
-        env.update(self.env)
-        with self.log.open("ab") as logf:
-            self.proc = subprocess.Popen([sys.executable, "-m", "pdm_edge.cli", "--config", str(self.config), "run"],
-                                         stdout=logf, stderr=subprocess.STDOUT, cwd=self.workdir, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = re.search(r"event=http_listening address=(\S+)", self.log_text())
-            if m:
-                self.url = f"http://{m.group(1)}"
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"pdm-edge run exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
-            time.sleep(0.1)
-        raise RuntimeError(f"pdm-edge run did not serve HTTP within {timeout} s:\n{self.log_text()[-3000:]}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        import requests
-
-        r = requests.get(f"{self.url}{path}", timeout=10)
-        return r.status_code, r.content
-
-    def health(self) -> dict[str, Any]:
-        import json
-
-        return json.loads(self.get("/healthz")[1])
-
-    def metrics(self) -> list[tuple[str, dict[str, str], float]]:
-        """Every sample of /metrics as ``(name, labels, value)``."""
-        from prometheus_client.parser import text_string_to_metric_families
-
-        code, body = self.get("/metrics")
-        assert code == 200
-        return [(s.name, dict(s.labels), s.value) for fam in text_string_to_metric_families(body.decode()) for s in fam.samples]
-
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of the samples named ``name`` whose labels include ``labels`` (0 when none)."""
-        return sum(v for n, lab, v in self.metrics() if n == name and all(lab.get(k) == x for k, x in labels.items()))
-
-    def rss_kib(self) -> int:
-        """VmRSS of the process from /proc/PID/status, KiB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise RuntimeError("no VmRSS")
-
-    def terminate(self, timeout: float = 90.0) -> int:
-        """SIGTERM, wait; returns the exit status."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture
@@ -551,7 +292,7 @@ def influx_rows(influx: Any, q: str, db: str) -> list[list[Any]]:
     """Every row of an InfluxQL SELECT (``[]`` when the measurement is empty or missing)."""
     try:
         return influx.values(q, db)
-    except RuntimeError as exc:  # database not created yet
+    except StoreError as exc:  # database not created yet
         if "database not found" in str(exc):
             return []
         raise

@@ -120,6 +120,37 @@ def test_config_errors_are_one_clear_line(tmp_path, content, key, words):
     assert lines[0].startswith(f"configuration error: {key}") and words in lines[0]
 
 
+def test_every_command_has_help_and_both_module_entry_points_work():
+    """One module per command group (pdm_edge/cli/): every command is registered and documented,
+    and `python -m pdm_edge` is the same command as `python -m pdm_edge.cli` (the entry point)."""
+    import subprocess
+    import sys
+
+    import click
+    from click.testing import CliRunner
+
+    from pdm_edge.cli import main
+
+    def walk(cmd, path):
+        yield path
+        if isinstance(cmd, click.Group):
+            for name in sorted(cmd.commands):
+                yield from walk(cmd.commands[name], [*path, name])
+
+    paths = list(walk(main, []))
+    groups = {p[0] for p in paths if p}
+    assert groups == {"bench", "config", "demo", "eval", "fleet", "ingest", "label", "models", "replay", "report", "run",
+                      "simulate", "store"}
+    assert len(paths) >= 30
+    runner = CliRunner()
+    for path in paths:
+        r = runner.invoke(main, [*path, "--help"], prog_name="pdm-edge")
+        assert r.exit_code == 0 and r.output.startswith(f"Usage: pdm-edge {' '.join(path)}".rstrip()), (path, r.output)
+    top = subprocess.run([sys.executable, "-m", "pdm_edge", "--help"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert top.returncode == 0 and top.stdout == run_cli("--help").stdout
+    assert top.stdout.startswith("Usage: pdm-edge ")
+
+
 def test_missing_config_file_and_env_override(tmp_path):
     r = run_cli("--config", str(tmp_path / "nope.toml"), "config", "check")
     assert r.returncode == 2 and "configuration file not found" in r.stderr

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DATASETS, REPO, _free_port
+from pdm_edge.broker import free_port
+from tests.conftest import DATASETS, REPO
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -49,7 +50,7 @@ class Streamlit:
     """``streamlit run dashboard/app.py`` on a free loopback port, stopped by its process id."""
 
     def __init__(self, config: Path, log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "PDM_EDGE_CONFIG": str(config)}

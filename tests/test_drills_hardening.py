@@ -17,7 +17,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from pdm_edge.config import load_config
-from tests.conftest import REPO, Mosquitto, wait_until
+from pdm_edge._util.procs import Mosquitto
+from tests.conftest import REPO, wait_until
 
 DEPLOY = REPO / "deploy"
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from pdm_edge.broker import free_port
 from pdm_edge.config import config_from_dict
 from pdm_edge.errors import RegistryError
 from pdm_edge.fleet.classes import in_schedule, machine_class, parse_schedule, rate_band
@@ -367,14 +368,6 @@ def test_fleet_cli_join_needs_opt_in_and_status_shows_priors(appliance: Path, tm
 
 
 # -- a federation of real Flower processes on loopback ----------------------------------------------------
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _appliance(tmp_path: Path, i: int, port: int, verify_key: Path, fleet_extra: str) -> Path:
     """Appliance ``app-{i}``'s configuration (``[fleet]`` + ``fleet_extra``) and a replay buffer
     of 60 simulated windows; returns the TOML's path."""
@@ -423,7 +416,7 @@ def _join(tmp_path: Path, toml: Path) -> "subprocess.Popen[bytes]":
 
     log = open(tmp_path / f"{toml.parent.name}.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "pdm_edge.cli", "--config", str(toml), "fleet", "join",
-                             "--port", str(_free_port())], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                             "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
 
 
@@ -443,7 +436,7 @@ def test_loopback_federation_three_appliances_survives_a_killed_client(tmp_path:
 
     from .conftest import wait_until
 
-    port = _free_port()
+    port = free_port()
     priv, pub = generate_keypair(tmp_path / "keys")
     encoder, sha = load_encoder()
     tomls = [_appliance(tmp_path, i, port, pub, "insecure = true") for i in range(3)]
@@ -528,7 +521,7 @@ def test_tls_federation_admits_only_registered_appliances(tmp_path: Path) -> Non
     run; the other is refused by the SuperLink."""
     from pdm_edge.fleet.runner import FleetServer, generate_node_key, stop_group
 
-    port = _free_port()
+    port = free_port()
     certfile, keyfile, ca = _tls_certificates(tmp_path / "pki")
     _, pub = generate_keypair(tmp_path / "keys")
     priv_sign = tmp_path / "keys" / "signing_key.pem"

@@ -189,7 +189,7 @@ def test_label_author_is_the_topic_user_and_the_old_topic_needs_an_identity():
     by the broker ACL); a different payload author is refused; the old topic without a user is
     refused when an identity is required (the appliance's default)."""
     from pdm_edge.feedback import decode_label_payload, label_topic
-    from pdm_edge.feedback.labels import LabelError
+    from pdm_edge.errors import LabelError
 
     body = json.dumps({"start_ns": T0, "end_ns": T0 + S, "kind": "normal"}).encode()
     assert decode_label_payload(label_topic("p", "m", "tech-anna"), body)["author"] == "tech-anna"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pdm_edge.broker import free_port
 from pdm_edge.condition import Condition
 from pdm_edge.config import SpoolConfig
 from pdm_edge.errors import StoreError
@@ -25,7 +26,7 @@ from pdm_edge.store.spool import Spool, SpoolWriter, spool_depth
 from pdm_edge.store.sqlite import SQLiteStore
 from pdm_edge.types import Alert, FaultMatch, Label, Score
 
-from .conftest import REPO, _free_port, run_cli
+from .conftest import REPO, run_cli
 
 S = 1_000_000_000
 T0 = 1_795_000_000 * S
@@ -235,7 +236,7 @@ def test_rejected_records_are_isolated_and_counted(influxd, tmp_path: Path) -> N
 
 
 def test_stop_during_outage_keeps_records(tmp_path: Path) -> None:
-    store = InfluxStore(f"http://127.0.0.1:{_free_port()}", "x", timeout_s=1)
+    store = InfluxStore(f"http://127.0.0.1:{free_port()}", "x", timeout_s=1)
     spool = Spool(tmp_path / "spool.sqlite")
     spool.put("score", scores(0, 10))
     writer = SpoolWriter(spool, store, SpoolConfig(batch_size=5, backoff_min_s=0.05, backoff_max_s=30)).start()
@@ -313,7 +314,7 @@ def test_store_check_wrong_credentials(influxd_auth, tmp_path: Path) -> None:
 
 
 def test_store_check_unreachable(tmp_path: Path) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     r = run_cli("store", "check", "--influx-url", url, cwd=tmp_path)
     assert r.returncode == 1
     assert r.stderr.strip() == f"error: cannot reach InfluxDB at {url}: connection refused"

@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import datetime as _dt
 import json
 import logging
 import math
@@ -89,6 +88,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from pdm_edge import mqtt as mqtt_util
+from pdm_edge._util.time import iso_utc
 from pdm_edge.alerts.debounce import KOfN
 from pdm_edge.config import NAME_RE, AlertsConfig, MqttConfig
 from pdm_edge.errors import ConfigError
@@ -114,16 +114,6 @@ def alert_id(site: str, machine: str, sensor: str, start_ns: int) -> str:
     """The stable id of the alert of stream ``site/machine/sensor`` whose span starts at
     ``start_ns`` (ns since the epoch, UTC): a UUID-5 string."""
     return str(uuid.uuid5(ALERT_ID_NAMESPACE, f"{site}/{machine}/{sensor}/{int(start_ns)}"))
-
-
-def iso_utc(ns: int | None) -> str | None:
-    """``ns`` since the epoch as ISO-8601 UTC with microseconds (``...T08:00:00.123456Z``),
-    truncated towards the past; ``None`` stays ``None``. Exact values travel as ``*_ns``."""
-    if ns is None:
-        return None
-    sec, rem = divmod(int(ns), _NS)
-    dt = _dt.datetime.fromtimestamp(sec, _dt.timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S") + f".{rem // 1000:06d}Z"
 
 
 def _num(x: float | None) -> float | None:

@@ -14,13 +14,13 @@ alert) was ``normal`` (a false alarm), a ``fault`` (with an optional fault type 
 - :mod:`.service`: :class:`Feedback`, the above tied together in a running appliance
   (windows captured, labels forwarded to the results store through the spool).
 
-The command line is ``pdm-edge label add|list`` (:mod:`pdm_edge.cli`).
+The command line is ``pdm-edge label add|list`` (:mod:`pdm_edge.cli.labels`).
 """
 
+from pdm_edge.errors import LabelError
 from pdm_edge.feedback.labels import (
     LABEL_ID_NAMESPACE,
     LabelBook,
-    LabelError,
     LabelLimits,
     label_id,
     label_payload,

@@ -52,37 +52,23 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from pdm_edge._util import time as _time
+from pdm_edge._util.sqlite import open_wal
+from pdm_edge._util.time import MAX_NS, iso_utc
 from pdm_edge.config import NAME_RE, FeedbackConfig
-from pdm_edge.errors import PdmEdgeError, StoreError
+from pdm_edge.errors import LabelError, StoreError
 from pdm_edge.types import FAULT_TYPES, LABEL_KINDS, Label
 
 LABEL_ID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:pdm-edge:label")
 """Namespace of :func:`label_id`; fixed forever (changing it would change every label id)."""
 
-MAX_NS = 2**63 - 1
 MAX_ALERT_ID_CHARS = 128
 _NOTE_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 """Control characters refused in a note (newline, carriage return and tab are allowed)."""
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-
-
-class LabelError(PdmEdgeError, ValueError):
-    """A label is invalid.
-
-    Attributes:
-        field: the offending field (``"kind"``, ``"start_ns"``, ``"payload"`` for a payload that
-            is not a JSON object, ...).
-        message: what is wrong with it, in one line.
-    """
-
-    def __init__(self, field: str, message: str) -> None:
-        self.field = field
-        self.message = message
-        super().__init__(f"{field}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +96,8 @@ def label_id(site: str, machine: str, sensor: str | None, alert_id: str | None, 
 
 def parse_time(value: Any, field: str) -> int:
     """A label time: an int of ns since the epoch, an ISO-8601 string with a UTC offset
-    (``2026-11-21T08:00:00Z``, ``...+01:00``), or a string of digits (epoch ns, for the CLI).
+    (``2026-11-21T08:00:00Z``, ``...+01:00``), or a string of digits (epoch ns, for the CLI);
+    surrounding blanks are ignored. Parsing is :func:`pdm_edge._util.time.parse_time`.
 
     Returns:
         ns since the epoch (UTC); ISO strings have microsecond resolution.
@@ -119,35 +106,14 @@ def parse_time(value: Any, field: str) -> int:
         LabelError: naming ``field``, for floats (seconds or ns?), booleans, strings without an
             offset (a local time cannot be placed on the time axis), or out-of-range values.
     """
-    if isinstance(value, bool):
-        raise LabelError(field, "must be epoch ns (int) or ISO-8601 with a UTC offset, got a boolean")
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, int):
-        if not 0 <= value <= MAX_NS:
-            raise LabelError(field, f"epoch ns {value} out of range")
-        return value
     if isinstance(value, str):
-        text = value.strip()
-        try:
-            dt = datetime.fromisoformat(text)
-        except ValueError:
-            raise LabelError(field, f"not ISO-8601: {text[:64]!r}") from None
-        if dt.tzinfo is None:
-            raise LabelError(field, f"ISO-8601 time without a UTC offset (add Z or +HH:MM): {text[:64]!r}")
-        delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
-        ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
-        if not 0 <= ns <= MAX_NS:
-            raise LabelError(field, f"time out of range: {text[:64]!r}")
-        return ns
-    raise LabelError(field, f"must be epoch ns (int) or ISO-8601 with a UTC offset, got {type(value).__name__}")
-
-
-def iso_utc(ns: int) -> str:
-    """ns since the epoch as ISO-8601 UTC with microseconds (``2026-11-21T08:00:00.000000Z``),
-    truncated towards the past; exact values travel as ``*_ns``."""
-    sec, rem = divmod(int(ns), 1_000_000_000)
-    return datetime.fromtimestamp(sec, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{rem // 1000:06d}Z"
+        value = value.strip()
+        if value.isdigit():
+            value = int(value)
+    try:
+        return _time.parse_time(value)
+    except ValueError as exc:
+        raise LabelError(field, str(exc)) from None
 
 
 def _name(value: Any, field: str, *, optional: bool, max_chars: int = 256) -> str | None:
@@ -340,11 +306,7 @@ class LabelBook:
         self.path = Path(path)
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            self._con.execute("PRAGMA journal_mode=WAL")
-            self._con.execute("PRAGMA synchronous=FULL")
-            self._con.executescript(_SCHEMA)
+            self._con = open_wal(self.path, synchronous="FULL", schema=_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the label book {self.path}: {exc}") from None
         self._closed = False

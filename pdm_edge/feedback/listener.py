@@ -64,8 +64,8 @@ import paho.mqtt.client as mqtt
 
 from pdm_edge import mqtt as mqtt_util
 from pdm_edge.config import NAME_RE, MqttConfig
-from pdm_edge.errors import PayloadError
-from pdm_edge.feedback.labels import LabelError, parse_time
+from pdm_edge.errors import LabelError, PayloadError
+from pdm_edge.feedback.labels import parse_time
 from pdm_edge.ingest.chunk import DEADLETTER_TOPIC, deadletter_payload
 from pdm_edge.supervision import RateLimitedLog
 from pdm_edge.types import Label
@@ -235,7 +235,7 @@ class LabelListener:
         appliance_id: names the persistent session (client id ``{appliance_id}-labels``).
         on_label: called with the keyword arguments of
             :func:`~pdm_edge.feedback.labels.submit_label` (without ``book``); returns
-            ``(label, created)`` and raises :class:`~pdm_edge.feedback.labels.LabelError` for an
+            ``(label, created)`` and raises :class:`~pdm_edge.errors.LabelError` for an
             invalid label. Runs in the MQTT network thread: it must be quick.
         deadletter: publish rejected messages (they are counted either way).
         require_identity: refuse labels on the topic without the user level (see the module

@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from pdm_edge._util.sqlite import open_wal, tx
 from pdm_edge.errors import StoreError
 from pdm_edge.types import Label, Window
 
@@ -240,16 +241,10 @@ class LabelledWindowBuffer:
         self._last_expire = -float("inf")
         try:
             if readonly:
-                self._con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
-                                            check_same_thread=False, timeout=5.0)
+                self._con = open_wal(self.path, readonly=True, timeout_s=5.0)
                 self._con.execute("SELECT 1 FROM window LIMIT 1")
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-                self._con.execute("PRAGMA journal_mode=WAL")
-                self._con.execute("PRAGMA synchronous=NORMAL")
-                self._con.execute("PRAGMA foreign_keys=ON")
-                self._con.executescript(_SCHEMA)
+                self._con = open_wal(self.path, foreign_keys=True, schema=_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the labelled-window buffer {self.path}: {exc}") from None
         self._closed = False
@@ -265,14 +260,8 @@ class LabelledWindowBuffer:
             if self._closed:
                 raise StoreError(f"the labelled-window buffer {self.path} is closed")
             try:
-                self._con.execute("BEGIN IMMEDIATE" if what == "write" else "BEGIN")
-                try:
-                    result = fn(self._con)
-                except BaseException:
-                    self._con.execute("ROLLBACK")
-                    raise
-                self._con.execute("COMMIT")
-                return result
+                with tx(self._con, write=what == "write"):
+                    return fn(self._con)
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot {what} the labelled-window buffer {self.path}: {exc}") from None
 

@@ -43,6 +43,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from pdm_edge._util.sqlite import open_wal
 from pdm_edge.fleet.classes import in_schedule
 from pdm_edge.fleet.delta import DeltaPackage, data_sha256
 
@@ -104,7 +105,7 @@ class _Appliance:
         if not path.exists():
             return False
         try:
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+            con = open_wal(path, readonly=True, timeout_s=5.0)
             try:
                 return con.execute("SELECT 1 FROM job WHERE status = 'running' LIMIT 1").fetchone() is not None
             finally:

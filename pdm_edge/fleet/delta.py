@@ -229,10 +229,10 @@ class DeltaPackage:
 
     def write(self, path: str | os.PathLike[str], signing_key: Any | None = None) -> Path:
         """Write the package atomically at ``path``; returns the path."""
-        from pdm_edge.model.version import atomic_write_bytes
+        from pdm_edge._util.fs import atomic_write
 
         out = Path(path)
-        atomic_write_bytes(out, self.to_bytes(signing_key))
+        atomic_write(out, self.to_bytes(signing_key))
         return out
 
     @classmethod

@@ -87,11 +87,11 @@ class PriorStore:
         Raises:
             RegistryError: a failed check (:meth:`DeltaPackage.from_bytes`).
         """
-        from pdm_edge.model.version import atomic_write_bytes
+        from pdm_edge._util.fs import atomic_write
 
         pkg, note = DeltaPackage.from_bytes(data, name=name, trusted_public_keys=self.keys,
                                             require_signature=bool(self.keys), encoder_sha256=self.sha)
-        atomic_write_bytes(self.path(pkg.meta.machine_class), data)
+        atomic_write(self.path(pkg.meta.machine_class), data)
         log.info("fleet prior for %s stored (round %s, %s)", pkg.meta.machine_class, pkg.meta.round, note)
         return pkg
 

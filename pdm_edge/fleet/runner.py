@@ -30,14 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from pdm_edge.config import parse_host_port
-from pdm_edge.errors import PdmEdgeError
+from pdm_edge.errors import FleetError
 
 APP_DIR = Path(__file__).resolve().parent / "flwr_app"
 """The Flower App project (``pyproject.toml``) that ``flwr run`` packages and submits."""
-
-
-class FleetError(PdmEdgeError):
-    """A fleet process could not be started or a run failed."""
 
 
 def _bin(name: str) -> str:

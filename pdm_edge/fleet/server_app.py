@@ -136,9 +136,9 @@ class FleetFedAvg(FedAvg):
         pkg = DeltaPackage.from_adapter({k: self.base[k] + delta[k] for k in self.base}, self.base, **fields)
         data = pkg.to_bytes(self.signing_key)
         path = self.out_dir / "priors" / f"{self.klass}.pdmdelta"
-        from pdm_edge.model.version import atomic_write_bytes
+        from pdm_edge._util.fs import atomic_write
 
-        atomic_write_bytes(path, data)
+        atomic_write(path, data)
         rec = {"machine_class": self.klass, "round": server_round, "finished_ns": time.time_ns(),
                "participants": participants, "n_participants": len(participants),
                "prior_version": f"{self.klass}-r{server_round}-{pkg.meta.adapter_sha256[:12]}",

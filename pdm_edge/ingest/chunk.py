@@ -43,11 +43,11 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
 
+from pdm_edge._util.time import parse_time
 from pdm_edge.config import MAX_NAME_CHARS, NAME_RE
 from pdm_edge.errors import PayloadError
 from pdm_edge.types import UNITS
@@ -83,7 +83,6 @@ counter."""
 
 _DTYPES = {"float32": np.dtype("<f4"), "int16": np.dtype("<i2")}
 _KNOWN_FIELDS = frozenset({"ts", "fs", "unit", "seq", "dtype", "scale", "data", "values"})
-_MAX_NS = 2**63 - 1
 _MAX_INT = 2**63 - 1
 DEFAULT_MIN_SAMPLE_RATE_HZ = 1.0
 DEFAULT_MAX_SAMPLE_RATE_HZ = 1_000_000.0
@@ -154,7 +153,8 @@ def parse_waveform_topic(topic: str) -> tuple[str, str, str]:
 
 
 def parse_timestamp(ts: Any) -> int:
-    """Read a chunk timestamp: an int of epoch ns, or an ISO-8601 string with a UTC offset.
+    """Read a chunk timestamp: an int of epoch ns, or an ISO-8601 string with a UTC offset
+    (:func:`pdm_edge._util.time.parse_time`).
 
     Returns:
         epoch ns (UTC).
@@ -164,26 +164,10 @@ def parse_timestamp(ts: Any) -> int:
             out-of-range ints, unparsable strings, or ISO strings without an offset (a local
             time without zone cannot be placed on the time axis).
     """
-    if isinstance(ts, bool):
-        raise PayloadError("bad_timestamp", "ts is a boolean")
-    if isinstance(ts, int):
-        if not 0 <= ts <= _MAX_NS:
-            raise PayloadError("bad_timestamp", f"epoch ns {ts} out of range")
-        return ts
-    if isinstance(ts, str):
-        try:
-            dt = datetime.fromisoformat(ts)
-        except ValueError:
-            raise PayloadError("bad_timestamp", f"not ISO-8601: {ts[:64]!r}") from None
-        if dt.tzinfo is None:
-            raise PayloadError("bad_timestamp", f"ISO-8601 timestamp without UTC offset: {ts[:64]!r}")
-        # exact integer arithmetic: datetime has microsecond resolution
-        delta = dt - datetime.fromisoformat("1970-01-01T00:00:00+00:00")
-        ns = (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1_000
-        if not 0 <= ns <= _MAX_NS:
-            raise PayloadError("bad_timestamp", f"timestamp out of range: {ts[:64]!r}")
-        return ns
-    raise PayloadError("bad_timestamp", f"ts must be epoch ns (int) or ISO-8601 string, got {type(ts).__name__}")
+    try:
+        return parse_time(ts)
+    except ValueError as exc:
+        raise PayloadError("bad_timestamp", str(exc)) from None
 
 
 def _number(obj: dict[str, Any], key: str) -> float:

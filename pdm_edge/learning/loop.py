@@ -59,13 +59,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pdm_edge.errors import ModelError, PdmEdgeError, StoreError
+from pdm_edge._util.sqlite import open_wal
+from pdm_edge.errors import ModelError, PdmEdgeError, StoreError, TrainingInterrupted
 from pdm_edge.feedback.labels import LabelBook
 from pdm_edge.feedback.windows import LabelledWindowBuffer
 from pdm_edge.learning.replay import ReplayBuffer
 from pdm_edge.model.encoder import Encoder
-from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainingInterrupted
-from pdm_edge.model.version import atomic_write_bytes
+from pdm_edge.model.scorer import Scorer, ScorerConfig
+from pdm_edge._util.fs import atomic_write
 from pdm_edge.registry import GateInputs, Registry
 from pdm_edge.types import Label, Window
 
@@ -115,12 +116,7 @@ class Job:
 
 
 def _open_jobs(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-    con.execute("PRAGMA journal_mode=WAL")
-    con.execute("PRAGMA synchronous=FULL")
-    con.executescript(_SCHEMA)
-    return con
+    return open_wal(path, synchronous="FULL", schema=_SCHEMA)
 
 
 def _enqueue(con: sqlite3.Connection, stream: str, trigger: str, detail: str = "") -> int | None:
@@ -500,7 +496,7 @@ class LearningLoop:
     def _write_checkpoint(self, job: Job, state: dict[str, Any]) -> None:
         buf = io.BytesIO()
         torch.save({"job": job.id, "stream": job.stream, "state": state}, buf)
-        atomic_write_bytes(self._checkpoint_path(job), buf.getvalue())
+        atomic_write(self._checkpoint_path(job), buf.getvalue())
 
     def _read_checkpoint(self, job: Job) -> dict[str, Any] | None:
         path = self._checkpoint_path(job)

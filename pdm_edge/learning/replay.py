@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from pdm_edge import features
+from pdm_edge._util.sqlite import open_wal, tx
 from pdm_edge.errors import StoreError
 
 _SCHEMA = """
@@ -81,11 +82,7 @@ class ReplayBuffer:
         self.seed = seed
         self._lock = threading.Lock()
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-            self._con.execute("PRAGMA journal_mode=WAL")
-            self._con.execute("PRAGMA synchronous=NORMAL")
-            self._con.executescript(_SCHEMA)
+            self._con = open_wal(self.path, schema=_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the replay buffer {self.path}: {exc}") from exc
 
@@ -116,24 +113,21 @@ class ReplayBuffer:
             return 0
         with self._lock:
             try:
-                self._con.execute("BEGIN IMMEDIATE")
-                row = self._con.execute("SELECT seen, first_ns FROM stream WHERE stream = ?", (stream,)).fetchone()
-                seen, first_ns = (int(row[0]), int(row[1])) if row else (0, int(start_ns[0]))
-                stored = 0
-                for t, f in zip(start_ns, feats):
-                    slot = seen if seen < self.capacity else int(self._rng(stream, seen).integers(0, seen + 1))
-                    seen += 1
-                    if slot < self.capacity:
-                        self._con.execute("INSERT OR REPLACE INTO reservoir (stream, slot, start_ns, features) VALUES (?, ?, ?, ?)",
-                                          (stream, slot, int(t), f.tobytes()))
-                        stored += 1
-                self._con.execute("INSERT OR REPLACE INTO stream (stream, seen, first_ns, last_ns) VALUES (?, ?, ?, ?)",
-                                  (stream, seen, first_ns, int(start_ns[-1])))
-                self._con.execute("COMMIT")
+                with tx(self._con):
+                    row = self._con.execute("SELECT seen, first_ns FROM stream WHERE stream = ?", (stream,)).fetchone()
+                    seen, first_ns = (int(row[0]), int(row[1])) if row else (0, int(start_ns[0]))
+                    stored = 0
+                    for t, f in zip(start_ns, feats):
+                        slot = seen if seen < self.capacity else int(self._rng(stream, seen).integers(0, seen + 1))
+                        seen += 1
+                        if slot < self.capacity:
+                            self._con.execute("INSERT OR REPLACE INTO reservoir (stream, slot, start_ns, features) VALUES (?, ?, ?, ?)",
+                                              (stream, slot, int(t), f.tobytes()))
+                            stored += 1
+                    self._con.execute("INSERT OR REPLACE INTO stream (stream, seen, first_ns, last_ns) VALUES (?, ?, ?, ?)",
+                                      (stream, seen, first_ns, int(start_ns[-1])))
                 return stored
             except sqlite3.Error as exc:
-                if self._con.in_transaction:
-                    self._con.execute("ROLLBACK")
                 raise StoreError(f"replay buffer write failed: {exc}") from exc
 
     def _read(self, stream: str, gate: bool) -> tuple[np.ndarray, np.ndarray]:

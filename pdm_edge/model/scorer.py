@@ -70,7 +70,7 @@ import torch
 from scipy import linalg, special, stats
 
 from pdm_edge import features
-from pdm_edge.errors import ModelError, NotCalibratedError
+from pdm_edge.errors import ModelError, NotCalibratedError, TrainingInterrupted
 from pdm_edge.model.adapter import Adapter, AdapterConfig
 from pdm_edge.model.encoder import Encoder, kind_index, masked_error, random_mask
 from pdm_edge.model.standardize import Standardizer
@@ -83,10 +83,6 @@ NO_GRAD_BATCH = 64
 MAX_FAULT_PROTOTYPES = 256
 """Most known-fault embeddings a model version keeps (evenly subsampled in time order beyond
 it); stored as float16 (64 KiB at most), so a version file stays under 256 KiB."""
-
-
-class TrainingInterrupted(ModelError):
-    """Adapter training was asked to stop (service shutdown); its checkpoint was written."""
 
 
 @dataclasses.dataclass(frozen=True)

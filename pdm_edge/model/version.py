@@ -4,9 +4,9 @@ A model version holds the adapter (LoRA + head), the scorer configuration (featu
 training, threshold rule), the per-machine standardisation, the embedding baseline, the score
 standardisation, the threshold and the encoder's sha256 (DESIGN.md section 3). It is one file
 written with ``torch.save`` and read with ``torch.load(weights_only=True)`` (tensors and plain
-values only, no pickled code). Writing is atomic: a temporary file in the same directory is
-written, flushed and fsync'ed, then renamed over the target, and the directory is fsync'ed, so
-a crash or power loss leaves either the old file or the new one, never a torn one.
+values only, no pickled code). Writing is atomic (:func:`pdm_edge._util.fs.atomic_write`: a
+temporary file in the same directory, fsync, rename, fsync of the directory), so a crash or
+power loss leaves either the old file or the new one, never a torn one.
 """
 
 from __future__ import annotations
@@ -19,32 +19,12 @@ from typing import Any
 
 import torch
 
+from pdm_edge._util.fs import atomic_write
 from pdm_edge.errors import ModelError
 from pdm_edge.model.encoder import Encoder
 from pdm_edge.model.scorer import Scorer
 
 FORMAT = "pdm-edge-model-version/1"
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync of the directory)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def save_version(path: str | os.PathLike[str], scorer: Scorer, metadata: dict[str, Any] | None = None) -> str:
@@ -56,7 +36,7 @@ def save_version(path: str | os.PathLike[str], scorer: Scorer, metadata: dict[st
     buf = io.BytesIO()
     torch.save({"format": FORMAT, "state": scorer.state(), "metadata": dict(metadata or {})}, buf)
     data = buf.getvalue()
-    atomic_write_bytes(path, data)
+    atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

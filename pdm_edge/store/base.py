@@ -34,8 +34,8 @@ window start, an alert by its start and id (its "cleared" update overwrites the 
 a label by its start and id. ``threshold`` is stored as NaN-free: an uncalibrated score has no
 threshold field (InfluxDB) / NULL (SQLite).
 
-Errors: every store failure is a :class:`~pdm_edge.errors.StoreError`; the subclasses below say
-which kind (unreachable, credentials, missing database, records refused for good), so that the
+Errors: every store failure is a :class:`~pdm_edge.errors.StoreError`; its subclasses (in
+:mod:`pdm_edge.errors`) say which kind (unreachable, credentials, missing database, records refused for good), so that the
 spool can retry the first three and isolate the last. Records are checked the same way by both
 stores before writing (:mod:`pdm_edge.store.records`: finite numbers, names without control
 characters or a trailing backslash), which raises ``ValueError`` / ``TypeError``.
@@ -48,27 +48,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from pdm_edge.condition import Condition
-from pdm_edge.errors import StoreError
 from pdm_edge.types import Alert, Label, Score
-
-
-class StoreUnavailableError(StoreError):
-    """The store cannot be reached now (connection refused, timeout, DNS, 5xx, locked file):
-    transient, the spool retries with back-off."""
-
-
-class StoreAuthError(StoreError):
-    """The store refused the credentials (HTTP 401/403)."""
-
-
-class StoreNotFoundError(StoreError):
-    """The database (or retention policy / bucket mapping) does not exist and was not created."""
-
-
-class StoreRejectedError(StoreError):
-    """The store understood the request and refused (some of) its records for good (HTTP 400:
-    field type conflict, unparsable point). Retrying the same records cannot succeed; the spool
-    isolates and drops such records and counts them as ``rejected``."""
 
 
 @dataclasses.dataclass(frozen=True)

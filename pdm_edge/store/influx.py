@@ -27,7 +27,7 @@ Decisions:
   retries the write (so a database dropped later is created again on the next write). On 1.x that needs an admin user when auth is on; on 2.x the v1 API cannot
   create databases (map the bucket with a DBRP instead), on 3 Core writes create the database
   themselves. When creation is not possible, the write fails with
-  :class:`~pdm_edge.store.base.StoreNotFoundError` saying so.
+  :class:`~pdm_edge.errors.StoreNotFoundError` saying so.
 - **Names**: tag values go through ``Point``. Line protocol cannot carry a tag value that ends in
   a backslash or holds a control character, so those names are refused before writing, by both
   stores alike (:func:`pdm_edge.store.records.check_name`). In InfluxQL, identifiers are
@@ -56,7 +56,7 @@ Decisions:
   line: "cannot reach InfluxDB at URL" (connection refused, timeout, DNS, TLS), "authentication
   failed" (401/403), database not found (404 or the query's error), the server's own error text
   for other 4xx/5xx. A 400 on write (type conflict, unparsable point) is
-  :class:`~pdm_edge.store.base.StoreRejectedError`; "points beyond retention policy" is logged
+  :class:`~pdm_edge.errors.StoreRejectedError`; "points beyond retention policy" is logged
   and treated as written (the server dropped them deliberately).
 - A query answer flagged ``partial`` (the server's ``max-row-limit``) raises rather than
   returning a silently truncated series.
@@ -78,16 +78,8 @@ from influxdb_client import Point, WritePrecision
 
 from pdm_edge import __version__
 from pdm_edge.condition import Condition
-from pdm_edge.errors import StoreError
-from pdm_edge.store.base import (
-    MachineState,
-    ModelEvent,
-    ScoreBucket,
-    StoreAuthError,
-    StoreNotFoundError,
-    StoreRejectedError,
-    StoreUnavailableError,
-)
+from pdm_edge.errors import StoreAuthError, StoreError, StoreNotFoundError, StoreRejectedError, StoreUnavailableError
+from pdm_edge.store.base import MachineState, ModelEvent, ScoreBucket
 from pdm_edge.store.records import check_records
 from pdm_edge.types import Alert, FaultMatch, Label, Score
 

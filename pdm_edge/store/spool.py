@@ -21,7 +21,7 @@ Decisions:
 - **Outages**: a :class:`~pdm_edge.errors.StoreError` (unreachable, 5xx, auth, database missing)
   leaves the batch in the spool and the writer waits with exponential back-off, doubling from
   ``backoff_min_s`` to ``backoff_max_s``, then retries the same batch; one success resets it.
-- **Poison records never block the spool**: a :class:`~pdm_edge.store.base.StoreRejectedError`
+- **Poison records never block the spool**: a :class:`~pdm_edge.errors.StoreRejectedError`
   (HTTP 400: the server refuses the points themselves), a ``ValueError`` / ``TypeError`` /
   ``OverflowError`` from the store (a number the store cannot hold, e.g. an integer beyond
   int64 in SQLite) or a row that fails to decode would block the queue forever, so the writer
@@ -64,8 +64,8 @@ from pathlib import Path
 from typing import Any
 
 from pdm_edge.config import SpoolConfig
-from pdm_edge.errors import StoreError
-from pdm_edge.store.base import StoreRejectedError
+from pdm_edge._util.sqlite import open_wal, tx
+from pdm_edge.errors import StoreError, StoreRejectedError
 from pdm_edge.store.records import KINDS, from_json, to_json, write_records
 from pdm_edge.supervision import RateLimitedLog, StageErrors, run_supervised
 
@@ -123,11 +123,7 @@ class Spool:
         self._lock = threading.Lock()
         self._data = threading.Condition(self._lock)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-            self._con.execute("PRAGMA journal_mode=WAL")
-            self._con.execute("PRAGMA synchronous=NORMAL")
-            self._con.executescript(_SCHEMA)
+            self._con = open_wal(self.path, schema=_SCHEMA)
             self._depth = int(self._con.execute("SELECT count(*) FROM spool").fetchone()[0])
             self._dropped = self._meta("dropped")
             self._rejected = self._meta("rejected")
@@ -231,17 +227,8 @@ class Spool:
         disk fails at COMMIT), is rolled back, so a failed write never lands later with the next
         one; sqlite errors become :class:`StoreError`."""
         try:
-            self._con.execute("BEGIN IMMEDIATE")
-            try:
+            with tx(self._con):
                 yield
-                self._con.execute("COMMIT")
-            except BaseException:
-                if self._con.in_transaction:
-                    try:
-                        self._con.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                raise
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write to the spool {self.path}: {exc}") from None
 
@@ -374,7 +361,7 @@ def spool_depth(path: str | os.PathLike[str]) -> tuple[int, int | None]:
     if not p.is_file():
         raise StoreError(f"no spool at {p}")
     try:
-        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True, timeout=5.0)
+        con = open_wal(p, readonly=True, timeout_s=5.0)
         try:
             n = int(con.execute("SELECT count(*) FROM spool").fetchone()[0])
             row = con.execute("SELECT enqueued_ns FROM spool ORDER BY seq LIMIT 1").fetchone()

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from pdm_edge.condition import Condition
+from pdm_edge._util.sqlite import open_wal, tx
 from pdm_edge.errors import StoreError
 from pdm_edge.store.base import MachineState, ModelEvent, ScoreBucket
 from pdm_edge.store.records import check_records
@@ -150,10 +151,7 @@ class SQLiteStore:
         con = getattr(self._local, "con", None)
         if con is None:
             try:
-                con = sqlite3.connect(self.path, timeout=self.timeout_s, isolation_level=None, check_same_thread=False)
-                con.execute("PRAGMA journal_mode=WAL")
-                con.execute("PRAGMA synchronous=NORMAL")
-                con.execute(f"PRAGMA busy_timeout={int(self.timeout_s * 1000)}")
+                con = open_wal(self.path, timeout_s=self.timeout_s)
             except sqlite3.Error as exc:
                 raise StoreError(f"cannot open the SQLite store {self.path}: {exc}") from None
             self._local.con = con
@@ -165,13 +163,8 @@ class SQLiteStore:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         con = self._conn()
         try:
-            con.execute("BEGIN IMMEDIATE")
-            try:
+            with tx(con):
                 yield con
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite store {self.path}: {exc}") from None
 

@@ -1,0 +1,5 @@
+"""``python -m pdm_edge.cli``: the ``pdm-edge`` command."""
+
+from pdm_edge.cli import main
+
+main(prog_name="pdm-edge")
