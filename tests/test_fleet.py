@@ -365,6 +365,18 @@ def test_fleet_cli_join_needs_opt_in_and_status_shows_priors(appliance: Path, tm
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
     assert doc["enabled"] is True and doc["priors"] == {} and doc["rounds"] == []
+    # SuperNode authentication: the appliance's key pair, its private key named in [fleet]
+    key = tmp_path / "keys" / "id_ecdsa"
+    r = CliRunner().invoke(main, ["fleet", "keygen", str(key)])
+    assert r.exit_code == 0, r.output
+    assert key.stat().st_mode & 0o777 == 0o600 and key.with_name("id_ecdsa.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert CliRunner().invoke(main, ["fleet", "keygen", str(key)]).exit_code == 1  # never overwritten
+    with_auth = tmp_path / "auth.toml"
+    with_auth.write_text(with_tls.read_text().replace('machine_class = "pump"', f'machine_class = "pump"\nauth_private_key = "{key}"'))
+    r = CliRunner().invoke(main, ["--config", str(with_auth), "fleet", "join", "--print"])
+    assert r.exit_code == 0 and f"--auth-supernode-private-key {key}" in r.output
+    r = CliRunner().invoke(main, ["fleet", "server", "--insecure", "--supernode-auth"])
+    assert r.exit_code == 1 and "needs TLS" in r.output
 
 
 # -- a federation of real Flower processes on loopback ----------------------------------------------------

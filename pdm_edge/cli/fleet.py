@@ -40,17 +40,27 @@ def fleet_group() -> None:
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--ssl-ca-certfile", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--supernode-auth", is_flag=True,
+              help="Admit only registered appliances (Flower's SuperNode authentication; needs TLS).")
+@click.option("--register-node", "node_keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="An appliance's public key (pdm-edge fleet keygen) to admit; repeat for each appliance.")
 @handle_errors
 def fleet_server(out_dir: str, address: str, num_rounds: int, min_clients: int, round_timeout_s: float, every_s: float,
                  machine_class: str, signing_key: str | None, dp_noise: float, dp_clip: float, dp_delta: float, insecure: bool,
-                 ssl_certfile: str | None, ssl_keyfile: str | None, ssl_ca_certfile: str | None) -> None:
+                 ssl_certfile: str | None, ssl_keyfile: str | None, ssl_ca_certfile: str | None, supernode_auth: bool,
+                 node_keys: tuple[str, ...]) -> None:
     """Run the fleet server: a Flower SuperLink, and the fleet app submitted to it (now and
     then every --every seconds). Prints one JSON line per finished round."""
     from pdm_edge.fleet.runner import FleetServer
 
     ssl = (ssl_certfile, ssl_keyfile, ssl_ca_certfile) if ssl_certfile and ssl_keyfile and ssl_ca_certfile else None
-    with FleetServer(out_dir, address, insecure=insecure, ssl=ssl) as srv:  # type: ignore[arg-type]
+    if node_keys and not supernode_auth:
+        raise click.UsageError("--register-node needs --supernode-auth")
+    with FleetServer(out_dir, address, insecure=insecure, ssl=ssl, supernode_auth=supernode_auth) as srv:  # type: ignore[arg-type]
         click.echo(f"Flower SuperLink on {address}; fleet state in {srv.out_dir}", err=True)
+        for key in node_keys:
+            srv.register_node(key)
+            click.echo(f"admitted the appliance with public key {key}", err=True)
         while True:
             for r in srv.submit(num_rounds=num_rounds, min_clients=min_clients, round_timeout_s=round_timeout_s,
                                 machine_class=machine_class, signing_key=signing_key, dp_noise=dp_noise, dp_clip=dp_clip,
@@ -59,6 +69,19 @@ def fleet_server(out_dir: str, address: str, num_rounds: int, min_clients: int, 
             if every_s <= 0:
                 break
             time.sleep(every_s)
+
+
+@fleet_group.command("keygen")
+@click.argument("path", type=click.Path(dir_okay=False))
+@handle_errors
+def fleet_keygen(path: str) -> None:
+    """Write this appliance's SuperNode key pair: PATH (EC P-384 private key, OpenSSH format,
+    mode 0600; set [fleet] auth_private_key to it) and PATH.pub (give it to the fleet server's
+    operator: pdm-edge fleet server --supernode-auth --register-node PATH.pub)."""
+    from pdm_edge.fleet.runner import generate_node_key
+
+    priv, pub = generate_node_key(path)
+    click.echo(f"private key {priv} (keep it on this appliance), public key {pub} (register it with the fleet server)")
 
 
 @fleet_group.command("join")

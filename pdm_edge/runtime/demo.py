@@ -185,7 +185,8 @@ def run_demo(opts: DemoOptions, *, out: Callable[[str], None] = print, warn: Cal
         alerts.append(a)
         at = (a.start_ns - t0_ns[0]) / 1e9
         out(f"*** ALERT {a.state} {a.site}/{a.machine}/{a.sensor}: span from {at:.1f} s into the recording, "
-                   f"peak score {a.peak_score:.2f} > threshold {a.threshold:.2f}")
+                   f"peak score {a.peak_score:.2f} > threshold {a.threshold:.2f}"
+                   + (f"; {a.fault_match.describe()}" if a.fault_match else ""))
 
     with EmbeddedBroker() as broker:
         absolute = state.resolve()
