@@ -55,7 +55,7 @@ def _bench(scorer: Scorer, windows: np.ndarray, seconds: float) -> dict[str, flo
     while time.perf_counter() < t_end:
         w = windows[i % len(windows)][None]
         t0 = time.perf_counter()
-        scorer.score_many(w)
+        scorer.score_windows(w)
         lat.append(time.perf_counter() - t0)
         i += 1
     lat_ms = np.array(lat) * 1e3
@@ -64,7 +64,7 @@ def _bench(scorer: Scorer, windows: np.ndarray, seconds: float) -> dict[str, flo
     n = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        scorer.score_many(batch)
+        scorer.score_windows(batch)
         n += len(batch)
     batched = n / (time.perf_counter() - t0)
     return {"batch1_windows_per_s": float(1e3 / lat_ms.mean()), "batch1_p50_ms": float(np.percentile(lat_ms, 50)),

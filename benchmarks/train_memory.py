@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pdm_edge import features  # noqa: E402
+from pdm_edge.learning import trainer as trainer_module  # noqa: E402
 from pdm_edge.model import load_encoder  # noqa: E402
 from pdm_edge.model.adapter import AdapterConfig  # noqa: E402
 from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig  # noqa: E402
@@ -114,9 +115,9 @@ def run_variant(variant: str, feats_path: Path, epochs: int, out_dir: Path) -> d
     cfg = ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=0.5, adapter=adapter,
                        train=TrainConfig(max_epochs=epochs, patience=epochs + 1, max_seconds=1e9))
     cls = FullFineTune if variant == "full" else Scorer
-    s = cls(enc, sha, cfg).learn_many(f)
+    s = cls(enc, sha, cfg).learn_features(f)
     trainable = sum(p.numel() for p in s.adapter.parameters() if p.requires_grad)
-    train_step = s._train_adapter
+    train_step = trainer_module.train_adapter
     phase: dict[str, float] = {}
 
     def measured(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -126,7 +127,7 @@ def run_variant(variant: str, feats_path: Path, epochs: int, out_dir: Path) -> d
         phase["peak"], phase["t"] = _status_kb("VmHWM"), time.perf_counter() - phase["t0"]
         return out
 
-    s._train_adapter = measured  # type: ignore[method-assign]
+    trainer_module.train_adapter = measured  # Scorer.calibrate looks it up at each call
     _reset_peak()
     rss0 = _status_kb("VmRSS")
     t0 = time.perf_counter()
@@ -150,20 +151,20 @@ def score_during_training(feats_path: Path, seconds: float) -> dict:
     enc, sha = load_encoder()
     f = np.load(feats_path)
     cfg = ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=0.5, train=TrainConfig(max_epochs=2))
-    scorer = Scorer(enc, sha, cfg).learn_many(f[:200])
+    scorer = Scorer(enc, sha, cfg).learn_features(f[:200])
     scorer.calibrate()
 
     def rate(stop_at: float) -> float:
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() < stop_at:
-            scorer.score_many(f[n % 1000:n % 1000 + 32])
+            scorer.score_features(f[n % 1000:n % 1000 + 32])
             n += 32
         return n / (time.perf_counter() - t0)
 
     alone = rate(time.perf_counter() + seconds)
     trainer = Scorer(enc, sha, ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=0.5,
                                             train=TrainConfig(max_epochs=1000, patience=1001, max_seconds=seconds + 5)))
-    trainer.learn_many(f)
+    trainer.learn_features(f)
     started = threading.Event()
 
     def train() -> None:

@@ -221,7 +221,7 @@ class ScoringStage:
                 return self._handle_stream(st, ws[cut:])
             return []
         feats = scorer.features(ready)
-        scores = scorer.score_many(feats)
+        scores = scorer.score_features(feats)
         thr = float(scorer.threshold)  # type: ignore[arg-type]
         normal = []
         if st.recent_above.maxlen != scorer.config.alert_n:

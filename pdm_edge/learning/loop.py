@@ -522,9 +522,9 @@ class LearningLoop:
         prior = self.prior_for(job.stream, tmpl.config) if self.prior_for is not None else None
         if prior is not None:
             cand.prior_adapter = prior[0]
-        cand.learn_many(data["normal"])
+        cand.learn_features(data["normal"])
         if len(data["fault"]):
-            cand.learn_many(data["fault"], "fault", events=data["fault_info"])
+            cand.learn_features(data["fault"], "fault", events=data["fault_info"])
         resume = self._read_checkpoint(job)
         t0 = time.monotonic()
         info = cand.calibrate(checkpoint=lambda st: self._write_checkpoint(job, st), resume=resume,

@@ -1,8 +1,13 @@
 """Anomaly scoring of windows: features -> frozen encoder + adapter -> distance to normal.
 
-A :class:`Scorer` is one sensor stream's model. Its API follows river's (``learn_one`` /
-``learn_many`` on normal windows, ``score_one`` / ``score_many`` returning a float, higher =
-more anomalous), with one deliberate difference: learning from normal windows only *collects*
+A :class:`Scorer` is one sensor stream's model (inference; the adapter's training loop is
+:mod:`pdm_edge.learning.trainer`, the baseline :mod:`pdm_edge.model.baseline`, the score
+standardisation and threshold :mod:`pdm_edge.model.postprocess`). Its API follows river's
+(``learn_one`` / ``learn_many`` on normal windows), with explicit inputs: ``*_windows`` /
+``*_many`` take ``Window`` objects or raw samples ``(B, N)``, ``*_features`` take feature
+images ``(B, 2, 64, 32)`` (:meth:`Scorer.features`); :meth:`Scorer.score_windows` and
+:meth:`Scorer.score_features` return ``(B,)`` float scores, higher = more anomalous. One
+deliberate difference from river: learning from normal windows only *collects*
 them until :meth:`Scorer.calibrate` fits the machine's baseline, because training the adapter
 takes seconds, not microseconds. After calibration, ``learn_*`` also widens the baseline (the
 embedding statistics) without retraining the adapter.
@@ -12,7 +17,7 @@ Calibration (the machine's baseline, from its own normal windows):
 1. Per-machine standardisation of the feature images (:class:`Standardizer`; one-sided for
    vibration: only added energy counts, see :mod:`pdm_edge.model.standardize`).
 2. Split the windows in time order: the first 80 % train the adapter (LoRA + bottleneck head +
-   anomaly logit) with early stopping on the last 20 % and a wall-time budget. Two objectives,
+   anomaly logit; :func:`pdm_edge.learning.trainer.train_adapter`) with early stopping on the last 20 % and a wall-time budget. Two objectives,
    summed: the self-supervised masked-patch reconstruction through the frozen decoder, and
    **outlier exposure** (Hendrycks et al. 2019): the anomaly logit separates the machine's
    normal windows from synthetic anomalies made from them (band bursts, tones, envelope
@@ -35,7 +40,7 @@ Calibration (the machine's baseline, from its own normal windows):
 5. Threshold: a target false-alert rate per hour becomes a per-window exceedance probability
    ``p`` through the k-of-n alert rule (independent windows: alerts/h ~= W * C(n, k) * p^k with
    W windows per hour); the threshold is the upper prediction bound of the held-out scores at
-   ``p`` (:func:`threshold_from_held_out`), and never below their maximum.
+   ``p`` (:func:`~pdm_edge.model.postprocess.threshold_from_held_out`), and never below their maximum.
 6. The final baselines are refitted on all calibration windows.
 
 Learning from technician labels (DESIGN.md section 3; the on-device loop in
@@ -59,7 +64,6 @@ reloading it reproduces the scores bit for bit.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -67,14 +71,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import linalg, special, stats
 
 from pdm_edge import features
 from pdm_edge.errors import ModelError, NotCalibratedError
 from pdm_edge.model.adapter import Adapter, AdapterConfig
-from pdm_edge.model.encoder import Encoder, kind_index, masked_error, random_mask
+from pdm_edge.model.baseline import CROSSFIT_FOLDS, Baseline, crossfit_distances
+from pdm_edge.model.encoder import Encoder, kind_index, masked_error
+from pdm_edge.model.postprocess import exceedance_probability, robust_scale, threshold_from_held_out
 from pdm_edge.model.standardize import Standardizer
-from pdm_edge.model.synthetic import synthetic_anomalies
 from pdm_edge.types import Window
 
 N_RECON_MASKS = 4
@@ -209,110 +213,6 @@ def spectral_summary(xs: np.ndarray, kind: str) -> np.ndarray:
     return v.reshape(len(x), 3, v.shape[-1] // 2, 2).mean(axis=-1).reshape(len(x), -1)
 
 
-def exceedance_probability(false_alerts_per_h: float, hop_s: float, k: int, n: int) -> float:
-    """Per-window probability ``p`` of exceeding the threshold that gives ``false_alerts_per_h``
-    under the k-of-n rule, assuming independent windows: ``W * C(n, k) * p**k = rate`` with
-    ``W = 3600 / hop_s`` windows per hour; clipped to [1e-9, 0.5]."""
-    w = 3600.0 / hop_s
-    p = (false_alerts_per_h / (w * special.comb(n, k))) ** (1.0 / k)
-    return float(min(0.5, max(1e-9, p)))
-
-
-def threshold_from_held_out(scores: np.ndarray, p: float) -> float:
-    """Upper prediction bound of one new normal score at exceedance probability ``p``, never
-    below the largest held-out score.
-
-    With ``M`` held-out scores of mean ``m`` and standard deviation ``s`` (normal model), a new
-    score exceeds ``m + s * t_{M-1}(1 - p) * sqrt(1 + 1/M)`` with probability ``p`` (the
-    prediction interval of a normal sample; Student's t accounts for the few scores a small
-    calibration gives).
-
-    Args:
-        scores: ``(M,)`` scores of normal windows that the model was not fitted on, ``M >= 2``.
-        p: target per-window exceedance probability (:func:`exceedance_probability`).
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    m = len(scores)
-    mu, sigma = float(np.mean(scores)), float(np.std(scores, ddof=1))
-    q = float(stats.t.isf(p, df=m - 1)) * float(np.sqrt(1.0 + 1.0 / m))
-    return float(max(mu + sigma * q, np.max(scores)))
-
-
-CROSSFIT_FOLDS = 5
-
-
-def crossfit_distances(emb: np.ndarray, folds: int = CROSSFIT_FOLDS) -> np.ndarray:
-    """Held-out Mahalanobis distance of every calibration embedding.
-
-    The embeddings ``(N, D)`` are split into ``folds`` contiguous blocks (in time order); each
-    block is scored against a Ledoit-Wolf baseline fitted on the other blocks, so every normal
-    window gets a score from a baseline that has not seen it (K-fold cross-fitting). Returns
-    ``(N,)``.
-    """
-    n = len(emb)
-    out = np.empty(n)
-    for idx in np.array_split(np.arange(n), min(folds, n // 2)):
-        rest = np.setdiff1d(np.arange(n), idx)
-        out[idx] = Baseline.fit(emb[rest]).distance(emb[idx])
-    return out
-
-
-def _robust_scale(x: np.ndarray) -> tuple[float, float]:
-    med = float(np.median(x))
-    q75, q25 = np.percentile(x, [75, 25])
-    return med, max(float(q75 - q25) / 1.349, 1e-6 * max(1.0, abs(med)), 1e-12)
-
-
-def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ``(D,)`` and Ledoit-Wolf shrunk covariance ``(D, D)`` of samples ``x`` ``(N, D)``.
-
-    The shrinkage towards ``mu * I`` (``mu`` the mean variance) is the one of O. Ledoit and
-    M. Wolf, "A well-conditioned estimator for large-dimensional covariance matrices", Journal
-    of Multivariate Analysis 88(2) (2004) 365-411, computed as scikit-learn's ``LedoitWolf``
-    does (a test checks they agree). It is written out here so that the running appliance does
-    not import scikit-learn (about 85 MB of resident memory) for these few lines.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    n, d = x.shape
-    mean = x.mean(axis=0)
-    xc = x - mean
-    cov = xc.T @ xc / n
-    if d == 1:
-        return mean, cov
-    x2 = xc * xc
-    var = x2.sum(axis=0) / n
-    mu = var.sum() / d
-    delta_ = float(np.sum((xc.T @ xc) ** 2)) / n**2
-    beta_ = float(np.sum(x2.T @ x2))
-    beta = (beta_ / n - delta_) / (d * n)
-    delta = (delta_ - 2.0 * mu * var.sum() + d * mu**2) / d
-    shrinkage = 0.0 if delta == 0 else min(beta, delta) / delta
-    shrunk = (1.0 - shrinkage) * cov
-    shrunk.flat[:: d + 1] += shrinkage * mu
-    return mean, shrunk
-
-
-@dataclasses.dataclass
-class Baseline:
-    """Normal embeddings' mean and Ledoit-Wolf precision (inverse covariance)."""
-
-    mean: np.ndarray  # (D,) float64 holding float32-representable values
-    precision: np.ndarray  # (D, D) float64 holding float32-representable values
-
-    @classmethod
-    def fit(cls, emb: np.ndarray) -> Baseline:
-        """Fit on embeddings ``(N, D)``, ``N >= 2`` (:func:`ledoit_wolf`)."""
-        mean, cov = ledoit_wolf(np.asarray(emb, dtype=np.float64))
-        precision = linalg.pinvh(cov, check_finite=False)
-        # rounded to float32 so that a model version stores them in half the bytes and a
-        # reloaded scorer computes exactly what the live one does
-        return cls(mean.astype(np.float32).astype(np.float64), precision.astype(np.float32).astype(np.float64))
-
-    def distance(self, emb: np.ndarray) -> np.ndarray:
-        d = np.asarray(emb, dtype=np.float64) - self.mean
-        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, self.precision, d), 0.0))
-
-
 class Scorer:
     """One stream's anomaly scorer (see the module docstring for the method).
 
@@ -365,13 +265,13 @@ class Scorer:
         return adapter
 
     # -- features --------------------------------------------------------------------------
-    @staticmethod
-    def _is_feature_batch(x: Any) -> bool:
-        return isinstance(x, np.ndarray) and x.ndim == 4 and tuple(x.shape[1:]) == features.INPUT_SHAPE
-
     def _samples(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
         if isinstance(windows, np.ndarray):
-            return windows.reshape(1, -1) if windows.ndim == 1 else windows
+            x = windows.reshape(1, -1) if windows.ndim == 1 else windows
+            if x.ndim != 2:
+                raise ValueError(f"raw samples must be (B, N) or (N,), got shape {windows.shape}; "
+                                 "feature images go to score_features / learn_features")
+            return x
         if not windows:
             return np.zeros((0, 1), np.float32)
         for w in windows:
@@ -380,14 +280,24 @@ class Scorer:
         return np.stack([w.samples for w in windows])
 
     def features(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
-        """Feature images ``(B, 2, 64, 32)`` float32 (before standardisation) of windows or raw
-        samples ``(B, N)``; a batch that already is feature images is returned as it is."""
-        if self._is_feature_batch(windows):
-            return np.asarray(windows, dtype=np.float32)
+        """Feature images ``(B, 2, 64, 32)`` float32 (before standardisation) of ``Window``
+        objects or raw samples ``(B, N)`` / ``(N,)`` (:func:`pdm_edge.features.encoder_input`).
+
+        Raises:
+            ModelError: a window's sample rate differs from the configured one.
+            ValueError: a sample array that is not 1-D or 2-D; non-finite or too short windows.
+        """
         x = self._samples(windows)
         if x.shape[0] == 0:
             return np.zeros((0, *features.INPUT_SHAPE), np.float32)
         return features.encoder_input(x, self.config.sample_rate_hz, self.config.kind, self.spec)
+
+    @staticmethod
+    def _check_features(f: np.ndarray) -> np.ndarray:
+        f = np.asarray(f, dtype=np.float32)
+        if f.ndim != 4 or tuple(f.shape[1:]) != features.INPUT_SHAPE:
+            raise ValueError(f"feature images must be (B, {', '.join(map(str, features.INPUT_SHAPE))}), got shape {f.shape}")
+        return f
 
     # -- river-like API --------------------------------------------------------------------
     @property
@@ -403,13 +313,24 @@ class Scorer:
         return len(self._faults)
 
     def learn_one(self, window: Window | np.ndarray, label: str = "normal") -> Scorer:
-        """Add one window (see :meth:`learn_many`)."""
+        """Add one window, a ``Window`` or raw samples ``(N,)`` (see :meth:`learn_features`)."""
         return self.learn_many([window] if isinstance(window, Window) else np.asarray(window)[None], label)
 
     def learn_many(self, windows: Sequence[Window] | np.ndarray, label: str = "normal",
                    events: Sequence[dict[str, Any]] | None = None) -> Scorer:
-        """Add windows of the machine, ``(B, N)`` samples, ``Window`` objects or ``(B, 2, 64, 32)``
-        feature images, as examples of ``label``.
+        """Add windows of the machine, ``Window`` objects or raw samples ``(B, N)``, as examples
+        of ``label``: :meth:`learn_features` of their :meth:`features`.
+
+        Raises:
+            ModelError: a window's sample rate differs from the configured one.
+            ValueError: an unknown label, non-finite or too short windows.
+        """
+        return self.learn_features(self.features(windows), label, events)
+
+    def learn_features(self, feature_images: np.ndarray, label: str = "normal",
+                       events: Sequence[dict[str, Any]] | None = None) -> Scorer:
+        """Add feature images ``(B, 2, 64, 32)`` (:meth:`features`, before standardisation) of
+        the machine's windows as examples of ``label``.
 
         ``label="normal"`` (the default: unlabelled data of a healthy machine, and windows a
         technician marked as a false alarm): before calibration they are only collected; after
@@ -425,11 +346,11 @@ class Scorer:
         can say which confirmed fault a new window looks like.
 
         Raises:
-            ValueError: an unknown label, non-finite or too short windows.
+            ValueError: an unknown label, or an array that is not ``(B, 2, 64, 32)``.
         """
         if label not in ("normal", "fault"):
             raise ValueError(f"label must be 'normal' or 'fault', got {label!r}")
-        f = self.features(windows)
+        f = self._check_features(feature_images)
         if label == "fault":
             if events is not None and len(events) != len(f):
                 raise ValueError(f"events must name every fault window: {len(events)} events for {len(f)} windows")
@@ -446,23 +367,21 @@ class Scorer:
             self.baseline = Baseline.fit(self._baseline_emb)
         return self
 
-    def score_one(self, window: Window | np.ndarray) -> float:
-        """Anomaly score of one window (see :meth:`score_many`)."""
-        return float(self.score_many([window] if isinstance(window, Window) else np.asarray(window)[None])[0])
-
-    def score_many(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
-        """Anomaly scores, shape ``(B,)`` float64; higher = more anomalous, about 0 for normal
-        windows, in units of the normal spread.
+    def score_windows(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
+        """Anomaly scores of ``Window`` objects or raw samples ``(B, N)`` / ``(N,)``: the
+        :meth:`score_features` of their :meth:`features`. Shape ``(B,)`` float64.
 
         Raises:
-            NotCalibratedError: before :meth:`calibrate` has run: the machine says it has no
-                baseline instead of guessing.
+            NotCalibratedError: before :meth:`calibrate`.
             ModelError: a window's sample rate differs from the configured one.
             ValueError: non-finite or too short windows (from the features).
         """
+        self._require_calibrated()
+        return self.score_features(self.features(windows))
+
+    def _require_calibrated(self) -> None:
         if not self.is_calibrated:
             raise NotCalibratedError(f"not calibrated: {self.n_normal} normal window(s) collected, calibrate() first")
-        return self._score_features(self.features(windows))
 
     # -- internals -------------------------------------------------------------------------
     def _complementary_masks(self) -> torch.Tensor:
@@ -536,7 +455,7 @@ class Scorer:
         fault type, span start; see :meth:`learn_many`) of the nearest known-fault prototype
         when the window is nearer (baseline Mahalanobis metric) to it than to the normal mean,
         with ``similarity = d_normal / (d_normal + d_fault)`` in (0.5, 1] (1: on the prototype).
-        Windows, raw samples or feature images, as :meth:`score_many`.
+        ``Window`` objects or raw samples, as :meth:`score_windows`.
 
         Raises:
             NotCalibratedError: before :meth:`calibrate`.
@@ -560,7 +479,18 @@ class Scorer:
             out.append({**ev, "similarity": round(float(d0[i] / (d0[i] + d[i, j])), 3)})
         return out
 
-    def _score_features(self, f: np.ndarray) -> np.ndarray:
+    def score_features(self, feature_images: np.ndarray) -> np.ndarray:
+        """Anomaly scores of feature images ``(B, 2, 64, 32)`` float32 (:meth:`features`, before
+        standardisation), shape ``(B,)`` float64; higher = more anomalous, about 0 for normal
+        windows, in units of the normal spread.
+
+        Raises:
+            NotCalibratedError: before :meth:`calibrate` has run: the machine says it has no
+                baseline instead of guessing.
+            ValueError: an array that is not ``(B, 2, 64, 32)``.
+        """
+        self._require_calibrated()
+        f = self._check_features(feature_images)
         if len(f) == 0:
             return np.zeros(0)
         xs = self.standardizer.transform(f)  # type: ignore[union-attr]
@@ -606,7 +536,9 @@ class Scorer:
         self.adapter = self._new_adapter()
         history: list[dict[str, float]] = []
         if self.config.train_adapter:
-            history = self._train_adapter(tr, va, fault_xs, checkpoint=checkpoint, resume=resume, should_stop=should_stop)
+            from pdm_edge.learning.trainer import train_adapter  # here: pdm_edge.learning imports this module
+
+            history = train_adapter(self, tr, va, fault_xs, checkpoint=checkpoint, resume=resume, should_stop=should_stop)
         emb = self._embed(xs)
         comps = self.config.components
         # cross-fitted distances hold out every window; measures of the trained adapter only
@@ -621,7 +553,7 @@ class Scorer:
             held["logit"] = self._logit(emb[held_idx])
         if "reconstruction" in comps:
             held["reconstruction"] = self._recon_error(va)
-        self.component_stats = {c: _robust_scale(v) for c, v in held.items()}
+        self.component_stats = {c: robust_scale(v) for c, v in held.items()}
         self._baseline_emb = emb
         self.baseline = Baseline.fit(emb)
         self.spectral_baseline = Baseline.fit(spectral_summary(xs, self.config.kind)) if "spectral" in comps else None
@@ -646,101 +578,6 @@ class Scorer:
             "exceedance_probability": p, "threshold": self.threshold,
         }
         return self.calibration
-
-    def _train_adapter(self, tr: np.ndarray, va: np.ndarray, faults: np.ndarray | None = None, *, checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                       resume: dict[str, Any] | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> list[dict[str, float]]:
-        tc = self.config.train
-        params = [p for p in self.adapter.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-        gen = torch.Generator().manual_seed(tc.seed)
-        rng = np.random.default_rng(tc.seed)
-        n_tok = self.encoder.cfg.n_tokens
-        xt, xv = torch.from_numpy(tr), torch.from_numpy(va)
-        xf = None if faults is None or not len(faults) else torch.from_numpy(faults)
-        val_masks = [random_mask(len(xv), n_tok, tc.mask_ratio, torch.Generator().manual_seed(tc.seed + 1 + i)) for i in range(2)]
-        oe = tc.outlier_exposure
-        xv_syn = synthetic_anomalies(xv, self.config.kind, torch.Generator().manual_seed(tc.seed + 7)) if oe > 0 else None
-        bce = torch.nn.functional.binary_cross_entropy_with_logits
-
-        def oe_loss(normal: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
-            """Outlier exposure: normal windows are negatives, anomalous ones positives."""
-            z = self.adapter.logit(self._tokens(torch.cat([normal, anomalous])).mean(dim=1))[:, 0]
-            y = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))])
-            return bce(z, y)
-
-        def val_loss() -> float:
-            # in chunks of NO_GRAD_BATCH windows: the peak memory of a validation pass stays below
-            # that of a training step
-            with torch.no_grad():
-                errs = []
-                for m in val_masks:
-                    for i in range(0, len(xv), NO_GRAD_BATCH):
-                        xb, mb = xv[i:i + NO_GRAD_BATCH], m[i:i + NO_GRAD_BATCH]
-                        errs.append(masked_error(self.encoder.reconstruct(self._tokens(xb, mb)), self.encoder.patchify(xb), mb))
-                loss = float(torch.cat(errs).mean()) if errs else float("nan")
-                if oe > 0:
-                    parts = [float(oe_loss(xv[i:i + NO_GRAD_BATCH], xv_syn[i:i + NO_GRAD_BATCH])) * len(xv[i:i + NO_GRAD_BATCH])  # type: ignore[index]
-                             for i in range(0, len(xv), NO_GRAD_BATCH)]
-                    loss += oe * sum(parts) / max(1, len(xv))
-                return loss
-
-        def snapshot(epoch: int) -> dict[str, Any]:
-            return {"epoch": epoch, "adapter": copy.deepcopy(self.adapter.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
-                    "best": best, "best_state": best_state, "bad": bad, "history": list(history),
-                    "elapsed_s": elapsed0 + time.monotonic() - t0}
-
-        start, elapsed0 = 1, 0.0
-        if resume is not None:
-            self.adapter.load_state_dict(resume["adapter"])
-            opt.load_state_dict(resume["optimizer"])
-            best, best_state, bad = float(resume["best"]), resume["best_state"], int(resume["bad"])
-            history, start, elapsed0 = list(resume["history"]), int(resume["epoch"]) + 1, float(resume["elapsed_s"])
-            for _ in range(1, start):  # the same data order and masks as an uninterrupted run
-                rng.permutation(len(xt))
-        else:
-            best, best_state, bad, history = val_loss(), copy.deepcopy(self.adapter.state_dict()), 0, []
-            history.append({"epoch": 0, "train_loss": float("nan"), "val_loss": best})
-        t0 = time.monotonic()
-        stopped = bad >= tc.patience or elapsed0 > tc.max_seconds
-        for ep in range(start, tc.max_epochs + 1):
-            if stopped:
-                break
-            epoch_start = copy.deepcopy(self.adapter.state_dict()), copy.deepcopy(opt.state_dict())
-            perm = rng.permutation(len(xt))
-            tot = 0.0
-            for b in range(0, len(perm), tc.batch):
-                if should_stop is not None and should_stop():
-                    # resume from the last finished epoch: roll back the half-done one
-                    self.adapter.load_state_dict(epoch_start[0])
-                    opt.load_state_dict(epoch_start[1])
-                    if checkpoint is not None:
-                        checkpoint(snapshot(ep - 1))
-                    raise TrainingInterrupted(f"adapter training stopped at epoch {ep} of {tc.max_epochs} (checkpoint kept)")
-                j = torch.from_numpy(perm[b:b + tc.batch])
-                x = xt[j]
-                mask = random_mask(len(j), n_tok, tc.mask_ratio, gen)
-                loss = masked_error(self.encoder.reconstruct(self._tokens(x, mask)), self.encoder.patchify(x), mask).mean()
-                if oe > 0:
-                    pos = synthetic_anomalies(x, self.config.kind, gen)
-                    if xf is not None:  # confirmed faults join the positives
-                        pos = torch.cat([pos, xf[torch.randint(len(xf), (max(1, len(j) // 4),), generator=gen)]])
-                    loss = loss + oe * oe_loss(x, pos)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                tot += float(loss.detach()) * len(j)
-            vl = val_loss()
-            history.append({"epoch": ep, "train_loss": tot / len(xt), "val_loss": vl})
-            if vl < best - 1e-5:
-                best, best_state, bad = vl, copy.deepcopy(self.adapter.state_dict()), 0
-            else:
-                bad += 1
-            stopped = bad >= tc.patience or elapsed0 + time.monotonic() - t0 > tc.max_seconds
-            if checkpoint is not None:
-                checkpoint(snapshot(ep))
-        self.adapter.load_state_dict(best_state)
-        return history
 
     # -- state for model versions ------------------------------------------------------------
     def state(self) -> dict[str, Any]:
