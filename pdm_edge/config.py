@@ -360,6 +360,22 @@ class LearningConfig(_Strict):
     """False alerts per hour the threshold aims at."""
     nice: int = Field(10, ge=0, le=19)
     """OS niceness added to the training thread (Linux; ignored elsewhere)."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Adapter optimiser: ``adamw``, or ``sgd`` (no momentum: no optimiser state). 8-bit
+    optimiser states are not offered (see :mod:`pdm_edge.learning.trainer`)."""
+    micro_batch: int = Field(0, ge=0)
+    """Windows per forward/backward pass, gradients accumulated over a batch of 32; 0: the
+    whole batch in one pass."""
+    grad_checkpointing: bool = False
+    """Recompute the adapted blocks' activations in the backward pass instead of keeping them
+    (less training memory, about a third more training time)."""
+    prefix_cache: bool = True
+    """Run the frozen blocks below the first LoRA block once per window per training job and
+    keep their outputs (only matters when LoRA is not in every block)."""
+    max_memory_mb: float = Field(0.0, ge=0)
+    """Memory envelope of a training job, MiB: the loop picks the micro-batch and moves the
+    frozen-prefix cache to a file to fit, and fails the job with the reason when it cannot.
+    0: no envelope."""
 
 
 class RegistryConfig(_Strict):

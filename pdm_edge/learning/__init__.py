@@ -18,7 +18,7 @@ from typing import Any
 from pdm_edge.learning.loop import JOB_STATES, TRIGGERS, Job, LearningLoop, request_training
 from pdm_edge.learning.replay import ReplayBuffer
 
-__all__ = ["JOB_STATES", "TRIGGERS", "Job", "LearningLoop", "ReplayBuffer", "build_learning", "scorer_config_for", "request_training"]
+__all__ = ["JOB_STATES", "TRIGGERS", "Job", "LearningLoop", "ReplayBuffer", "build_learning", "scorer_config_for", "request_training", "train_config_for"]
 
 
 def scorer_config_for(cfg: Any, train: Any = None) -> Any:
@@ -28,7 +28,7 @@ def scorer_config_for(cfg: Any, train: Any = None) -> Any:
     false-alert target from ``[learning]``, the k-of-n rule from ``[alerts]``; ``train`` (a
     ``TrainConfig``) replaces the training settings when given."""
     from pdm_edge.model.adapter import AdapterConfig
-    from pdm_edge.model.scorer import ScorerConfig, TrainConfig
+    from pdm_edge.model.scorer import ScorerConfig
 
     def make(stream: str, window: Any = None) -> ScorerConfig | None:
         sensor = cfg.sensors.get(stream)
@@ -39,11 +39,22 @@ def scorer_config_for(cfg: Any, train: Any = None) -> Any:
         else:
             return None
         return ScorerConfig(kind=kind, sample_rate_hz=fs, hop_s=hop, adapter=AdapterConfig(rank=cfg.learning.lora_rank),
-                            train=train if train is not None else TrainConfig(max_seconds=cfg.learning.max_train_seconds),
+                            train=train if train is not None else train_config_for(cfg),
                             target_false_alerts_per_h=cfg.learning.target_false_alerts_per_h,
                             alert_k=cfg.alerts.k, alert_n=cfg.alerts.n)
 
     return make
+
+
+def train_config_for(cfg: Any) -> Any:
+    """The adapter training settings (``TrainConfig``) of an :class:`~pdm_edge.config.AppConfig`'s
+    ``[learning]``: wall-time budget, optimiser, micro-batch, gradient checkpointing, frozen-prefix
+    cache and memory envelope."""
+    from pdm_edge.model.scorer import TrainConfig
+
+    lc = cfg.learning
+    return TrainConfig(max_seconds=lc.max_train_seconds, optimizer=lc.optimizer, micro_batch=lc.micro_batch,
+                       grad_checkpointing=lc.grad_checkpointing, prefix_cache=lc.prefix_cache, max_memory_mb=lc.max_memory_mb)
 
 
 def build_learning(cfg: Any, registry: Any, encoder: Any, encoder_sha256: str, *, labels: Any = None,

@@ -527,8 +527,9 @@ class LearningLoop:
             cand.learn_features(data["fault"], "fault", events=data["fault_info"])
         resume = self._read_checkpoint(job)
         t0 = time.monotonic()
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         info = cand.calibrate(checkpoint=lambda st: self._write_checkpoint(job, st), resume=resume,
-                              should_stop=self._stop.is_set)
+                              should_stop=self._stop.is_set, work_dir=self.ckpt_dir)
         t = data["t_normal"]
         summary = {
             "job": job.id, "normal_windows": int(len(data["normal"])), "fault_windows": int(len(data["fault"])),

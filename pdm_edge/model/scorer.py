@@ -65,6 +65,7 @@ reloading it reproduces the scores bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -111,6 +112,38 @@ class TrainConfig:
     outlier_exposure: float = 1.0
     """Weight of the outlier-exposure loss (normal windows vs synthetic anomalies and labelled
     faults, :mod:`pdm_edge.model.synthetic`) beside the reconstruction loss; 0 turns it off."""
+    optimizer: str = "adamw"
+    """``"adamw"`` (AdamW, two state tensors per parameter) or ``"sgd"`` (plain SGD without
+    momentum: no optimiser state). 8-bit optimiser states are not offered: with about 23 k
+    adapter parameters AdamW's states are 180 KiB, so 8 bits would save under 150 KiB, and
+    bitsandbytes (the maintained library for them) is not installed here and its 8-bit
+    optimiser kernels target accelerators (:mod:`pdm_edge.learning.trainer`)."""
+    micro_batch: int = 0
+    """Windows per forward/backward pass; gradients of ``batch / micro_batch`` passes are
+    accumulated into one optimiser step (the step is the same as one pass of ``batch``, up to
+    floating-point order). 0: one pass per batch. Less activation memory, a little more time."""
+    grad_checkpointing: bool = False
+    """Recompute the activations of the adapted blocks in the backward pass instead of keeping
+    them (``torch.utils.checkpoint``): less training memory, about one more forward pass."""
+    prefix_cache: bool = True
+    """When the adapter leaves a frozen prefix (``AdapterConfig.layers`` < depth), run the frozen
+    blocks once per window per job (no autograd graph) and keep their outputs: the window's clean
+    tokens, and its masked tokens and synthetic anomaly for ``cache_views`` fixed draws (epoch
+    ``e`` uses draw ``e % cache_views``); only the adapted blocks, the head and the decoder run
+    each epoch. Without a prefix (LoRA in every block) it does nothing."""
+    cache_views: int = 2
+    """Fixed (mask, synthetic anomaly) draws per window kept by the prefix cache."""
+    max_memory_mb: float = 0.0
+    """Memory envelope of one training job, MiB (estimated activations of a pass plus the
+    prefix cache in memory); the loop picks the micro-batch and moves the prefix cache to a file
+    in the job's directory to fit, and refuses (``ModelError``) when one window does not fit.
+    0: no envelope."""
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.micro_batch < 0 or self.cache_views < 1 or self.max_memory_mb < 0 or self.batch < 1:
+            raise ValueError("need batch >= 1, micro_batch >= 0, cache_views >= 1 and max_memory_mb >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -502,7 +535,8 @@ class Scorer:
 
     # -- calibration -----------------------------------------------------------------------
     def calibrate(self, *, checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                  resume: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+                  resume: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
+                  work_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Fit the machine's baseline, adapter, score standardisation and threshold on the
         normal windows collected so far (in time order), with the fault windows collected so
         far as known-fault examples.
@@ -514,6 +548,8 @@ class Scorer:
             resume: such a state: training continues after its epoch instead of starting over.
             should_stop: polled between batches; when it returns True the current state is
                 passed to ``checkpoint`` and :class:`TrainingInterrupted` is raised.
+            work_dir: where the training job may spill its frozen-prefix cache
+                (:func:`pdm_edge.learning.trainer.train_adapter`).
 
         Returns:
             a summary: windows used, adapter epochs and losses, training seconds, held-out
@@ -535,10 +571,12 @@ class Scorer:
         fault_xs = self.standardizer.transform(np.stack(self._faults)) if self._faults else None
         self.adapter = self._new_adapter()
         history: list[dict[str, float]] = []
+        plans: list[dict[str, Any]] = []
         if self.config.train_adapter:
             from pdm_edge.learning.trainer import train_adapter  # here: pdm_edge.learning imports this module
 
-            history = train_adapter(self, tr, va, fault_xs, checkpoint=checkpoint, resume=resume, should_stop=should_stop)
+            history = train_adapter(self, tr, va, fault_xs, checkpoint=checkpoint, resume=resume, should_stop=should_stop,
+                                    work_dir=work_dir, on_plan=lambda p: plans.append(p.to_dict()))
         emb = self._embed(xs)
         comps = self.config.components
         # cross-fitted distances hold out every window; measures of the trained adapter only
@@ -572,7 +610,7 @@ class Scorer:
             "windows": n, "fault_windows": len(self._faults),
             "fault_prototypes": 0 if self.fault_prototypes is None else len(self.fault_prototypes),
             "train_windows": len(tr), "held_out_windows": len(held_idx),
-            "adapter_epochs": len(history), "adapter_history": history,
+            "adapter_epochs": len(history), "adapter_history": history, "memory_plan": plans[0] if plans else None,
             "train_seconds": round(time.monotonic() - t0, 3),
             "held_out_score_mean": mu, "held_out_score_std": sigma, "held_out_score_max": float(np.max(held_scores)),
             "exceedance_probability": p, "threshold": self.threshold,
