@@ -376,6 +376,22 @@ class LearningConfig(_Strict):
     """Memory envelope of a training job, MiB: the loop picks the micro-batch and moves the
     frozen-prefix cache to a file to fit, and fails the job with the reason when it cannot.
     0: no envelope."""
+    max_load_start: float = Field(0.0, ge=0)
+    """A training job starts only while the 1-minute load average per CPU is below this (psutil);
+    0: not checked (the default: the appliance's own scoring is load, so the right value depends
+    on the box; 0.5 suits a box that only scores)."""
+    max_load_pause: float = Field(0.0, ge=0)
+    """A running job pauses (checkpoint, back to the queue) above this load per CPU; keep it
+    above ``max_load_start`` by at least 1 / CPUs (the job's own thread). 0: not checked."""
+    max_cpu_temp_c: float = Field(85.0, ge=0)
+    """No start, and a pause, at or above this CPU temperature (deg C, psutil); 0: not checked."""
+    min_battery_percent: float = Field(20.0, ge=0, le=100)
+    """On battery power: no start, and a pause, below this charge."""
+    train_on_battery: bool = True
+    """False: no training while on battery power."""
+    when_sensor_absent: Literal["ignore", "block"] = "ignore"
+    """A limit whose sensor this machine lacks (no temperature sensor, no load average) is not
+    checked (``ignore``) or keeps training from running (``block``)."""
 
 
 class RegistryConfig(_Strict):

@@ -2,6 +2,8 @@
 
 - :mod:`.replay`: :class:`ReplayBuffer`, the durable reservoir of each stream's normal windows
   with its held-back gate slots;
+- :mod:`.trainer`: :func:`~.trainer.train_adapter`, the adapter's training loop;
+- :mod:`.resources`: :class:`ResourceGuard`, when the machine may train (load, heat, battery);
 - :mod:`.loop`: :class:`LearningLoop`, triggers -> data -> adapter training with atomic
   checkpoints -> gate -> registry, in one low-priority thread; :func:`request_training` queues
   a job from another process.
@@ -17,8 +19,9 @@ from typing import Any
 
 from pdm_edge.learning.loop import JOB_STATES, TRIGGERS, Job, LearningLoop, request_training
 from pdm_edge.learning.replay import ReplayBuffer
+from pdm_edge.learning.resources import ResourceGuard, ResourceLimits
 
-__all__ = ["JOB_STATES", "TRIGGERS", "Job", "LearningLoop", "ReplayBuffer", "build_learning", "scorer_config_for", "request_training", "train_config_for"]
+__all__ = ["JOB_STATES", "TRIGGERS", "Job", "LearningLoop", "ReplayBuffer", "ResourceGuard", "ResourceLimits", "build_learning", "scorer_config_for", "request_training", "train_config_for"]
 
 
 def scorer_config_for(cfg: Any, train: Any = None) -> Any:
@@ -76,4 +79,8 @@ def build_learning(cfg: Any, registry: Any, encoder: Any, encoder_sha256: str, *
                         retrain_after_labels=lc.retrain_after_labels, replay_capacity=lc.replay_normal_windows,
                         gate_fraction=lc.gate_fraction, gate_margin=lc.gate_margin, labels=labels,
                         label_windows=label_windows, nice=lc.nice, on_event=on_event, prior_for=prior_for,
-                        confirm_far_above=lc.confirm_far_above or None, confirm_silenced_alerts=lc.confirm_silenced_alerts)
+                        confirm_far_above=lc.confirm_far_above or None, confirm_silenced_alerts=lc.confirm_silenced_alerts,
+                        resources=ResourceGuard(ResourceLimits(
+                            max_load_start=lc.max_load_start, max_load_pause=lc.max_load_pause, max_cpu_temp_c=lc.max_cpu_temp_c,
+                            min_battery_percent=lc.min_battery_percent, train_on_battery=lc.train_on_battery,
+                            when_sensor_absent=lc.when_sensor_absent)))
