@@ -376,6 +376,11 @@ class LearningConfig(_Strict):
     """Memory envelope of a training job, MiB: the loop picks the micro-batch and moves the
     frozen-prefix cache to a file to fit, and fails the job with the reason when it cannot.
     0: no envelope."""
+    inference: Literal["float32", "int8"] = "float32"
+    """Scoring path of the models this appliance calibrates: ``int8`` scores (and calibrates,
+    so the threshold fits) with the frozen encoder's linear layers dynamically quantised
+    (:mod:`pdm_edge.model.quantize`; faster on CPUs, scores differ slightly); each model version
+    records its path."""
     max_load_start: float = Field(0.0, ge=0)
     """A training job starts only while the 1-minute load average per CPU is below this (psutil);
     0: not checked (the default: the appliance's own scoring is load, so the right value depends

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +123,29 @@ def test_memory_envelope_refuses_with_the_reason() -> None:
     # no envelope: the configured micro-batch (or the batch), the cache in memory
     free = plan_memory(TrainConfig(micro_batch=4), **{**kw, "first": 3})
     assert free.micro_batch == 4 and free.cache_in_memory and free.cache_rows == 1000 * 5
+
+
+def test_int8_inference_path_is_recorded_and_reloads_bit_for_bit(env: Any, tmp_path) -> None:
+    """``inference = "int8"``: the frozen encoder's linear layers are dynamically quantised for
+    calibration and scoring; the version records the path, and reloading it scores the same.
+    The int8 scores follow the float32 ones closely (same adapter training, same data) and the
+    encoder itself is not modified."""
+    from pdm_edge.model.version import load_version, save_version
+
+    before = {k: v.clone() for k, v in env.enc.state_dict().items()}
+    f32, i8 = _scorer(env, 1, max_epochs=2), _scorer(env, 1, max_epochs=2)
+    i8 = Scorer(env.enc, env.sha, dataclasses.replace(i8.config, inference="int8")).learn_features(env.normal)
+    i8.learn_features(env.fault, "fault")
+    f32.calibrate()
+    i8.calibrate()
+    assert i8.infer_encoder is not env.enc and f32.infer_encoder is env.enc
+    x = np.concatenate([env.normal[-10:], env.fault])
+    s32, s8 = f32.score_features(x), i8.score_features(x)
+    assert not np.array_equal(s32, s8)
+    assert np.corrcoef(s32, s8)[0, 1] > 0.9
+    save_version(tmp_path / "v.pt", i8)
+    r = load_version(tmp_path / "v.pt", env.enc, env.sha)
+    assert r.config.inference == "int8"
+    np.testing.assert_array_equal(r.score_features(x), s8)
+    for k, v in env.enc.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -44,7 +44,7 @@ def scorer_config_for(cfg: Any, train: Any = None) -> Any:
         return ScorerConfig(kind=kind, sample_rate_hz=fs, hop_s=hop, adapter=AdapterConfig(rank=cfg.learning.lora_rank),
                             train=train if train is not None else train_config_for(cfg),
                             target_false_alerts_per_h=cfg.learning.target_false_alerts_per_h,
-                            alert_k=cfg.alerts.k, alert_n=cfg.alerts.n)
+                            alert_k=cfg.alerts.k, alert_n=cfg.alerts.n, inference=cfg.learning.inference)
 
     return make
 

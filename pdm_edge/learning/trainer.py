@@ -215,9 +215,10 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
         return adapter.head(encoder.norm(encoder.run_blocks(t, first, adapter, checkpoint=tc.grad_checkpointing)))
 
     def prefix(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The frozen prefix (token states entering block ``first``); no autograd graph."""
+        """The frozen prefix (token states entering block ``first``), through the scoring path's
+        encoder (int8 when the scorer's ``inference`` is); no autograd graph."""
         with torch.no_grad():
-            return encoder.run_blocks(encoder.embed_patches(x, kind, mask), 0, adapter, stop=first)
+            return scorer.infer_encoder.run_blocks(scorer.infer_encoder.embed_patches(x, kind, mask), 0, adapter, stop=first)
 
     def oe_loss(normal: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
         """Outlier exposure: normal windows are negatives, anomalous ones positives."""

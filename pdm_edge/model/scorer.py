@@ -79,6 +79,7 @@ from pdm_edge.model.adapter import Adapter, AdapterConfig
 from pdm_edge.model.baseline import CROSSFIT_FOLDS, Baseline, crossfit_distances
 from pdm_edge.model.encoder import Encoder, kind_index, masked_error
 from pdm_edge.model.postprocess import exceedance_probability, robust_scale, threshold_from_held_out
+from pdm_edge.model.quantize import INFERENCE_PATHS, int8_encoder
 from pdm_edge.model.standardize import Standardizer
 from pdm_edge.types import Window
 
@@ -171,6 +172,9 @@ class ScorerConfig:
         target_false_alerts_per_h: false alerts per hour the threshold aims at.
         alert_k, alert_n: an alert needs ``alert_k`` of the last ``alert_n`` windows above threshold.
         min_windows: fewest normal windows :meth:`Scorer.calibrate` accepts.
+        inference: ``"float32"`` or ``"int8"``: the frozen encoder's linear layers dynamically
+            quantised for scoring and calibration (:mod:`pdm_edge.model.quantize`); saved with
+            the model version, so a version is scored on the path it was calibrated for.
     """
 
     kind: str
@@ -185,9 +189,12 @@ class ScorerConfig:
     alert_k: int = 3
     alert_n: int = 5
     min_windows: int = 20
+    inference: str = "float32"
 
     def __post_init__(self) -> None:
         kind_index(self.kind)
+        if self.inference not in INFERENCE_PATHS:
+            raise ValueError(f"inference must be one of {INFERENCE_PATHS}, got {self.inference!r}")
         if not set(self.components) <= set(COMPONENTS) or not self.components:
             raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {self.components}")
         if not 1 <= self.alert_k <= self.alert_n:
@@ -210,7 +217,7 @@ class ScorerConfig:
             "kind": self.kind, "sample_rate_hz": self.sample_rate_hz, "hop_s": self.hop_s, "features": dict(self.features or {}),
             "adapter": self.adapter.to_dict(), "train": self.train.to_dict(), "components": list(self.components),
             "train_adapter": self.train_adapter, "target_false_alerts_per_h": self.target_false_alerts_per_h,
-            "alert_k": self.alert_k, "alert_n": self.alert_n, "min_windows": self.min_windows,
+            "alert_k": self.alert_k, "alert_n": self.alert_n, "min_windows": self.min_windows, "inference": self.inference,
         }
 
     @classmethod
@@ -261,6 +268,8 @@ class Scorer:
             p.requires_grad_(False)
         self.encoder_sha256 = encoder_sha256
         self.config = config
+        self.infer_encoder = int8_encoder(self.encoder) if config.inference == "int8" else self.encoder
+        """The encoder that scores and calibrates: the frozen one, or its int8 copy."""
         self.prior_adapter: dict[str, torch.Tensor] | None = None
         """Fleet prior (an adapter ``state_dict``, :mod:`pdm_edge.fleet`): when set, every fresh
         adapter starts from it instead of the seed's initialisation, so calibration starts from
@@ -427,7 +436,7 @@ class Scorer:
         return masks
 
     def _tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.adapter.head(self.encoder.tokens(x, self.kind, mask, adapter=self.adapter))
+        return self.adapter.head(self.infer_encoder.tokens(x, self.kind, mask, adapter=self.adapter))
 
     @torch.no_grad()
     def _embed(self, xs: np.ndarray, batch: int = NO_GRAD_BATCH) -> np.ndarray:
