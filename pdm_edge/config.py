@@ -376,6 +376,15 @@ class LearningConfig(_Strict):
     """Memory envelope of a training job, MiB: the loop picks the micro-batch and moves the
     frozen-prefix cache to a file to fit, and fails the job with the reason when it cannot.
     0: no envelope."""
+    aug_gain_db: float = Field(0.0, ge=0)
+    """Augmentation of replay windows in training (:mod:`pdm_edge.learning.augment`): gain,
+    uniform in +- this many dB; 0: off."""
+    aug_noise_snr_db: float = Field(0.0, ge=0)
+    """Augmentation: noise added at this signal-to-noise ratio, dB; 0: off."""
+    aug_shift_frames: int = Field(0, ge=0, le=31)
+    """Augmentation: time shift, uniform in +- this many frames of the 32; 0: off."""
+    aug_speed_pct: float = Field(0.0, ge=0, le=20)
+    """Augmentation: speed change, uniform in +- this many percent; 0: off."""
     inference: Literal["float32", "int8"] = "float32"
     """Scoring path of the models this appliance calibrates: ``int8`` scores (and calibrates,
     so the threshold fits) with the frozen encoder's linear layers dynamically quantised

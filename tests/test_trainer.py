@@ -35,9 +35,12 @@ def _scorer(env: Any, layers: int | None = None, **train: Any) -> Scorer:
     tc = TrainConfig(**{"max_epochs": 3, "batch": 8, "patience": 10, "max_seconds": 1e9, **train})
     s = Scorer(env.enc, env.sha, ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=0.25, min_windows=10,
                                               adapter=AdapterConfig(layers=layers), train=tc))
-    s.learn_features(env.normal)
+    s.learn_features(env.normal, replay=True)
     s.learn_features(env.fault, "fault")
     return s
+
+
+AUG = {"aug_gain_db": 3.0, "aug_noise_snr_db": 20.0, "aug_shift_frames": 4, "aug_speed_pct": 5.0}
 
 
 def _adapter(s: Scorer) -> dict[str, torch.Tensor]:
@@ -50,21 +53,21 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("layers", [None, 1], ids=["every_block", "cached_prefix"])
-def test_interrupted_and_resumed_training_ends_with_the_same_adapter(env: Any, layers: int | None) -> None:
+@pytest.mark.parametrize("layers,aug", [(None, {}), (1, {}), (None, AUG)], ids=["every_block", "cached_prefix", "augmented"])
+def test_interrupted_and_resumed_training_ends_with_the_same_adapter(env: Any, layers: int | None, aug: dict) -> None:
     """Stopped in the middle of epoch 2 and resumed from the checkpoint: the adapter, the
     history and the threshold are those of an uninterrupted run (torch's and numpy's generator
     states travel with the checkpoint; masks and synthetic anomalies are drawn from them)."""
-    ref = _scorer(env, layers)
+    ref = _scorer(env, layers, **aug)
     ref_info = ref.calibrate()
     ckpts: list[dict[str, Any]] = []
     polls = iter(range(1000))
     stop_at = 5 + 3  # 5 batches an epoch (40 training windows / 8): the 4th batch of epoch 2
-    s = _scorer(env, layers)
+    s = _scorer(env, layers, **aug)
     with pytest.raises(TrainingInterrupted):
         s.calibrate(checkpoint=ckpts.append, should_stop=lambda: next(polls) >= stop_at)
     assert ckpts[-1]["epoch"] == 1 and {"torch_rng", "numpy_rng"} <= set(ckpts[-1])
-    resumed = _scorer(env, layers)
+    resumed = _scorer(env, layers, **aug)
     info = resumed.calibrate(resume=ckpts[-1])
     _assert_same(_adapter(resumed), _adapter(ref))
     assert info["threshold"] == ref_info["threshold"]
@@ -149,3 +152,44 @@ def test_int8_inference_path_is_recorded_and_reloads_bit_for_bit(env: Any, tmp_p
     np.testing.assert_array_equal(r.score_features(x), s8)
     for k, v in env.enc.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_augmentations_change_the_image_as_their_waveform_counterparts_would() -> None:
+    from pdm_edge.learning.augment import augment_features
+
+    img = np.full((1, 2, 64, 32), -40.0, np.float32)
+    img[0, :, 20, :] = 0.0  # a tone in band 20 (and a line in bin 20 of the envelope spectrum)
+    img[0, 0, :, 5] += 10.0  # an event in frame 5
+    rng = np.random.default_rng(0)
+    g = augment_features(img, "vibration", rng, gain_db=6.0)
+    shift = float(g[0, 0, 0, 0] - img[0, 0, 0, 0])
+    assert 0 < abs(shift) <= 6.0 and np.allclose(g - img, shift, atol=1e-5)  # one gain, both channels
+    n = augment_features(img, "vibration", rng, noise_snr_db=10.0)
+    assert (n[0, 0] >= img[0, 0] - 1e-4).all() and n[0, 0, 0, 0] > img[0, 0, 0, 0] + 1.0  # quiet bands rise
+    assert abs(n[0, 0, 20, 0] - img[0, 0, 20, 0]) < 0.5 and np.array_equal(n[0, 1], img[0, 1])
+    t = augment_features(img, "vibration", np.random.default_rng(3), shift_frames=4)
+    k = int(np.argmax(t[0, 0, 0])) - 5
+    assert 1 <= abs(k) <= 4 and np.array_equal(t[0, 1], img[0, 1])  # rolled (k = 0 has no chance with this seed)
+    sp = augment_features(img, "vibration", np.random.default_rng(4), speed_pct=10.0)
+    r = 1.0 + np.random.default_rng(4).uniform(-10.0, 10.0) / 100.0  # the same draw
+    assert round(20 * r) != 20 and int(np.argmax(sp[0, 1, :, 0])) == round(20 * r) == int(np.argmax(sp[0, 0, :, 0]))
+    a = augment_features(img, "acoustic", rng, shift_frames=4)
+    np.testing.assert_allclose(a[0, 1], np.gradient(a[0, 0], axis=-1))  # acoustic channel 1 follows channel 0
+
+
+def test_only_replay_windows_are_augmented_and_training_changes(env: Any) -> None:
+    from pdm_edge.learning.augment import Augmenter
+
+    f = env.normal[:6]
+    replay = np.array([True, False, True, False, True, False])
+    aug = Augmenter(f, replay, lambda z: z, "vibration", gain_db=3.0, shift_frames=2)
+    out = aug(np.arange(6), torch.from_numpy(f), np.random.default_rng(0)).numpy()
+    assert np.array_equal(out[~replay], f[~replay]) and not np.array_equal(out[replay], f[replay])
+    plain, augmented = _scorer(env, max_epochs=2), _scorer(env, max_epochs=2, **AUG)
+    plain.calibrate()
+    augmented.calibrate()
+    assert any(not torch.equal(v, _adapter(plain)[k]) for k, v in _adapter(augmented).items())
+    labelled = Scorer(env.enc, env.sha, augmented.config).learn_features(env.normal)  # not from the replay buffer
+    labelled.learn_features(env.fault, "fault")
+    labelled.calibrate()
+    _assert_same(_adapter(labelled), _adapter(plain))

@@ -179,7 +179,8 @@ def stream_dataset(replay: ReplayBuffer, labels: LabelBook | None, label_windows
     """A stream's training data (step 2 of the module docstring), feature images in time order.
 
     Returns:
-        ``t_normal`` (start ns), ``normal`` ``(N, 2, 64, 32)``, ``fault`` ``(F, 2, 64, 32)``,
+        ``t_normal`` (start ns), ``normal`` ``(N, 2, 64, 32)``, ``replay`` ``(N,)`` bool (True
+        for the normal windows from the replay buffer, False for labelled ones), ``fault`` ``(F, 2, 64, 32)``,
         ``fault_events`` (label id per fault window), ``fault_info`` (per fault window: label id,
         fault type, span start), ``gate`` (held-back normal windows), ``labelled_normal_windows``
         and ``labels`` (counts per kind), ``labelled_normal`` (the windows labelled normal, time
@@ -216,16 +217,18 @@ def stream_dataset(replay: ReplayBuffer, labels: LabelBook | None, label_windows
 
     k, kg = keep(t_norm), keep(t_gate)
     t_norm, f_norm, t_gate, f_gate = t_norm[k], f_norm[k], t_gate[kg], f_gate[kg]
+    from_replay = np.ones(len(t_norm), bool)
     if labelled["normal"]:
         t_all = np.r_[t_norm, [t for t, _, _ in labelled["normal"]]]
         f_all = np.concatenate([f_norm, np.stack([x for _, x, _ in labelled["normal"]])])
         order = np.argsort(t_all, kind="stable")
         t_norm, f_norm = t_all[order], f_all[order]
+        from_replay = np.r_[from_replay, np.zeros(len(labelled["normal"]), bool)][order]
     faults = sorted(labelled["fault"], key=lambda p: (p[2], p[0]))  # by event, each in time order
     f_fault = np.stack([x for _, x, _ in faults]) if faults else np.zeros((0, *f_norm.shape[1:]), np.float32)
     lab_sorted = sorted(labelled["normal"], key=lambda p: p[0])
     f_lab = np.stack([x for _, x, _ in lab_sorted]) if lab_sorted else np.zeros((0, *f_norm.shape[1:]), np.float32)
-    return {"t_normal": t_norm, "normal": f_norm, "fault": f_fault, "fault_events": [ev for _, _, ev in faults],
+    return {"t_normal": t_norm, "normal": f_norm, "replay": from_replay, "fault": f_fault, "fault_events": [ev for _, _, ev in faults],
             "fault_info": [fault_info[ev] for _, _, ev in faults], "gate": f_gate,
             "labelled_normal_windows": len(labelled["normal"]), "labels": n_labels, "labelled_normal": f_lab}
 
@@ -556,7 +559,7 @@ class LearningLoop:
         prior = self.prior_for(job.stream, tmpl.config) if self.prior_for is not None else None
         if prior is not None:
             cand.prior_adapter = prior[0]
-        cand.learn_features(data["normal"])
+        cand.learn_features(data["normal"], replay=data["replay"])
         if len(data["fault"]):
             cand.learn_features(data["fault"], "fault", events=data["fault_info"])
         resume = self._read_checkpoint(job)

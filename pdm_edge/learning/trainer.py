@@ -156,7 +156,8 @@ class _Rows:
 def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.ndarray | None = None, *,
                   checkpoint: Callable[[dict[str, Any]], None] | None = None, resume: dict[str, Any] | None = None,
                   should_stop: Callable[[], bool] | None = None, work_dir: str | os.PathLike[str] | None = None,
-                  on_plan: Callable[[MemoryPlan], None] | None = None) -> list[dict[str, float]]:
+                  on_plan: Callable[[MemoryPlan], None] | None = None,
+                  augment: Callable[[np.ndarray, torch.Tensor, np.random.Generator], torch.Tensor] | None = None) -> list[dict[str, float]]:
     """Train ``scorer.adapter`` in place and leave it at its best validation state.
 
     Args:
@@ -177,6 +178,9 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
         work_dir: where a prefix cache that does not fit the memory envelope is spilled (a
             temporary file, removed at the end); the system's temporary directory when None.
         on_plan: receives the :class:`MemoryPlan` before training starts.
+        augment: ``(window indices, standardised batch, numpy generator) -> batch`` applied to
+            every training batch (:class:`pdm_edge.learning.augment.Augmenter`: replay windows
+            only); with the prefix cache, to each cached view once.
 
     Returns:
         the history: one ``{"epoch", "train_loss", "val_loss"}`` per epoch (epoch 0: before
@@ -259,19 +263,24 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
         cache["faults"] = store("faults", xf) if xf is not None else None
         for v in range(tc.cache_views):
             g = torch.Generator().manual_seed(tc.seed + 100 + v)  # fixed draws: the same on resume
+            xa = augment(np.arange(len(xt)), xt, np.random.default_rng(tc.seed + 100 + v)) if augment is not None else xt
             m = random_mask(len(xt), n_tok, tc.mask_ratio, g)
             cache[f"mask{v}"] = m
-            cache[f"masked{v}"] = store(f"masked{v}", xt, m)
+            cache[f"target{v}"] = xa if augment is not None else None
+            cache[f"masked{v}"] = store(f"masked{v}", xa, m)
             if oe > 0:
-                cache[f"syn{v}"] = store(f"syn{v}", torch.cat([synthetic_anomalies(xt[i:i + NO_GRAD_BATCH], scorer.config.kind, g)
-                                                               for i in range(0, len(xt), NO_GRAD_BATCH)]))
+                cache[f"syn{v}"] = store(f"syn{v}", torch.cat([synthetic_anomalies(xa[i:i + NO_GRAD_BATCH], scorer.config.kind, g)
+                                                               for i in range(0, len(xa), NO_GRAD_BATCH)]))
 
     def batch_loss(j: np.ndarray, ep: int) -> float:
         """Forward and backward of one batch (in micro-batches; gradients accumulate); its loss."""
         b = len(j)
         jt = torch.from_numpy(j)
-        x = xt[jt]
         view = (ep - 1) % tc.cache_views
+        if cache:  # the reconstruction target of the view (augmented once when it was cached)
+            x = xt[jt] if cache[f"target{view}"] is None else cache[f"target{view}"][jt]
+        else:
+            x = xt[jt] if augment is None else augment(j, xt[jt], rng)
         mask = cache[f"mask{view}"][jt] if cache else random_mask(b, n_tok, tc.mask_ratio, gen)
         syn = synthetic_anomalies(x, scorer.config.kind, gen) if oe > 0 and not cache else None
         fidx = torch.randint(len(xf), (max(1, b // FAULTS_PER_BATCH),), generator=gen) if oe > 0 and xf is not None else None

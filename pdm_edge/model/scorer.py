@@ -140,7 +140,27 @@ class TrainConfig:
     in the job's directory to fit, and refuses (``ModelError``) when one window does not fit.
     0: no envelope."""
 
+    aug_gain_db: float = 0.0
+    """Augmentation of replay windows (:mod:`pdm_edge.learning.augment`): gain, uniform in
+    +- this many dB; 0: off."""
+    aug_noise_snr_db: float = 0.0
+    """Augmentation: added noise at this SNR, dB; 0: off."""
+    aug_shift_frames: int = 0
+    """Augmentation: time shift, uniform in +- this many frames; 0: off."""
+    aug_speed_pct: float = 0.0
+    """Augmentation: speed change, uniform in +- this many percent; 0: off."""
+
+    @property
+    def augmentation(self) -> dict[str, float]:
+        """The augmentation switches that are on (keyword arguments of
+        :func:`pdm_edge.learning.augment.augment_features`)."""
+        d = {"gain_db": self.aug_gain_db, "noise_snr_db": self.aug_noise_snr_db, "shift_frames": self.aug_shift_frames,
+             "speed_pct": self.aug_speed_pct}
+        return {k: v for k, v in d.items() if v}
+
     def __post_init__(self) -> None:
+        if min(self.aug_gain_db, self.aug_noise_snr_db, self.aug_shift_frames, self.aug_speed_pct) < 0:
+            raise ValueError("augmentation settings must be >= 0 (0: off)")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
         if self.micro_batch < 0 or self.cache_views < 1 or self.max_memory_mb < 0 or self.batch < 1:
@@ -284,6 +304,7 @@ class Scorer:
         self.threshold: float | None = None
         self.calibration: dict[str, Any] = {}
         self._normal: list[np.ndarray] = []  # raw feature images of normal windows, (2, 64, 32)
+        self._replay: list[bool] = []  # per normal window: from the replay buffer (may be augmented)
         self._faults: list[np.ndarray] = []  # raw feature images of labelled fault windows
         self._fault_event_of: list[int] = []  # per fault window: index into fault_events
         self.fault_events: list[dict[str, Any]] = []  # the confirmed faults: label id, fault type, span start
@@ -370,7 +391,7 @@ class Scorer:
         return self.learn_features(self.features(windows), label, events)
 
     def learn_features(self, feature_images: np.ndarray, label: str = "normal",
-                       events: Sequence[dict[str, Any]] | None = None) -> Scorer:
+                       events: Sequence[dict[str, Any]] | None = None, *, replay: bool | np.ndarray = False) -> Scorer:
         """Add feature images ``(B, 2, 64, 32)`` (:meth:`features`, before standardisation) of
         the machine's windows as examples of ``label``.
 
@@ -386,6 +407,9 @@ class Scorer:
         ``events`` names the confirmed fault of each window (one dict per window, JSON values:
         ``{"label": id, "fault_type": ..., "start_ns": ...}``), so that :meth:`nearest_fault`
         can say which confirmed fault a new window looks like.
+
+        ``replay`` (one bool, or ``(B,)`` bools) marks normal windows that come from the replay
+        buffer: only these are augmented in training (``TrainConfig.aug_*``).
 
         Raises:
             ValueError: an unknown label, or an array that is not ``(B, 2, 64, 32)``.
@@ -403,6 +427,7 @@ class Scorer:
             self._faults.extend(f)
             return self
         self._normal.extend(f)
+        self._replay.extend(np.broadcast_to(np.asarray(replay, bool), (len(f),)).tolist())
         if self.is_calibrated and len(f) and self._baseline_emb is not None:
             emb = self._embed(self.standardizer.transform(f))  # type: ignore[union-attr]
             self._baseline_emb = np.concatenate([self._baseline_emb, emb]) if self._baseline_emb is not None else emb
@@ -584,8 +609,13 @@ class Scorer:
         if self.config.train_adapter:
             from pdm_edge.learning.trainer import train_adapter  # here: pdm_edge.learning imports this module
 
+            from pdm_edge.learning.augment import Augmenter
+
+            aug = self.config.train.augmentation
+            replay = np.asarray(self._replay[: n - n_val], bool)
+            augment = Augmenter(raw_f[: n - n_val], replay, self.standardizer.transform, self.config.kind, **aug) if aug and replay.any() else None
             history = train_adapter(self, tr, va, fault_xs, checkpoint=checkpoint, resume=resume, should_stop=should_stop,
-                                    work_dir=work_dir, on_plan=lambda p: plans.append(p.to_dict()))
+                                    work_dir=work_dir, on_plan=lambda p: plans.append(p.to_dict()), augment=augment)
         emb = self._embed(xs)
         comps = self.config.components
         # cross-fitted distances hold out every window; measures of the trained adapter only
