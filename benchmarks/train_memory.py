@@ -123,9 +123,9 @@ VARIANTS: dict[str, tuple[AdapterConfig, dict]] = {
     "adapter": (AdapterConfig(), {}),
     "adapter_gc": (AdapterConfig(), {"grad_checkpointing": True}),
     "adapter_gc_micro8": (AdapterConfig(), {"grad_checkpointing": True, "micro_batch": 8}),
-    "adapter_last_block_nocache": (AdapterConfig(layers=1), {"prefix_cache": False}),
-    "adapter_last_block": (AdapterConfig(layers=1), {}),
-    "adapter_last_block_gc_micro8": (AdapterConfig(layers=1), {"grad_checkpointing": True, "micro_batch": 8}),
+    "adapter_last_block_nocache": (AdapterConfig(layers=1), {}),
+    "adapter_last_block": (AdapterConfig(layers=1), {"prefix_cache": True}),
+    "adapter_last_block_gc_micro8": (AdapterConfig(layers=1), {"prefix_cache": True, "grad_checkpointing": True, "micro_batch": 8}),
     "adapter_int8": (AdapterConfig(), {"inference": "int8"}),
     "full": (AdapterConfig(), {}),
 }

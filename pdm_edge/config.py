@@ -363,15 +363,17 @@ class LearningConfig(_Strict):
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """Adapter optimiser: ``adamw``, or ``sgd`` (no momentum: no optimiser state). 8-bit
     optimiser states are not offered (see :mod:`pdm_edge.learning.trainer`)."""
-    micro_batch: int = Field(0, ge=0)
-    """Windows per forward/backward pass, gradients accumulated over a batch of 32; 0: the
-    whole batch in one pass."""
-    grad_checkpointing: bool = False
+    micro_batch: int = Field(8, ge=0)
+    """Windows per forward/backward pass, gradients accumulated over a batch of 32 (the same
+    update to float rounding, ``tests/test_trainer.py``); 0: the whole batch in one pass. With
+    ``grad_checkpointing`` the default keeps training memory about 10x below full fine-tuning's
+    for about 1.3x the training time (``benchmarks/train_memory.py``)."""
+    grad_checkpointing: bool = True
     """Recompute the adapted blocks' activations in the backward pass instead of keeping them
-    (less training memory, about a third more training time)."""
-    prefix_cache: bool = True
+    (the same gradients; less training memory, more training time)."""
+    prefix_cache: bool = False
     """Run the frozen blocks below the first LoRA block once per window per training job and
-    keep their outputs (only matters when LoRA is not in every block)."""
+    keep their outputs (only matters when LoRA is not in every block; saves time, costs memory)."""
     max_memory_mb: float = Field(0.0, ge=0)
     """Memory envelope of a training job, MiB: the loop picks the micro-batch and moves the
     frozen-prefix cache to a file to fit, and fails the job with the reason when it cannot.

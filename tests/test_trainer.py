@@ -32,7 +32,8 @@ def env(one_torch_thread) -> Any:
 
 
 def _scorer(env: Any, layers: int | None = None, **train: Any) -> Scorer:
-    tc = TrainConfig(**{"max_epochs": 3, "batch": 8, "patience": 10, "max_seconds": 1e9, **train})
+    """A scorer on the module's data; with ``layers``, LoRA in the top blocks and the prefix cache."""
+    tc = TrainConfig(**{"max_epochs": 3, "batch": 8, "patience": 10, "max_seconds": 1e9, "prefix_cache": layers is not None, **train})
     s = Scorer(env.enc, env.sha, ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=0.25, min_windows=10,
                                               adapter=AdapterConfig(layers=layers), train=tc))
     s.learn_features(env.normal, replay=True)
@@ -124,7 +125,7 @@ def test_memory_envelope_refuses_with_the_reason() -> None:
     assert ckpt.pass_bytes_per_window < plain.pass_bytes_per_window
     assert 1 <= plain.micro_batch <= ckpt.micro_batch <= 32
     # no envelope: the configured micro-batch (or the batch), the cache in memory
-    free = plan_memory(TrainConfig(micro_batch=4), **{**kw, "first": 3})
+    free = plan_memory(TrainConfig(micro_batch=4, prefix_cache=True), **{**kw, "first": 3})
     assert free.micro_batch == 4 and free.cache_in_memory and free.cache_rows == 1000 * 5
 
 

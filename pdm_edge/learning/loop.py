@@ -21,9 +21,12 @@ Read top to bottom, one training job goes through these steps:
    of the stream from the labelled-window buffer: ``normal`` labels (false alarms) join the
    normal set, ``fault`` labels become known-fault examples, and replay windows inside a
    ``fault`` or ``ignore`` span are dropped.
-3. **Training** (:meth:`pdm_edge.model.scorer.Scorer.calibrate`): adapter parameters only (the
-   encoder is frozen), early stopping on a validation split, a wall-time budget
-   (``max_train_seconds``). The worker thread runs at a lower OS priority (``nice``) than the
+3. **Training** (:meth:`pdm_edge.model.scorer.Scorer.calibrate`, whose training loop is
+   :func:`pdm_edge.learning.trainer.train_adapter`): adapter parameters only (the encoder is
+   frozen), early stopping on a validation split, a wall-time budget (``max_train_seconds``),
+   the memory options and envelope of ``[learning]`` (frozen-prefix cache, gradient
+   checkpointing, micro-batches, optimiser, ``max_memory_mb``) and augmentation of the replay
+   windows (:mod:`pdm_edge.learning.augment`). The worker thread runs at a lower OS priority (``nice``) than the
    scorer, so scoring does not fall behind while it trains (``benchmarks/train_vs_score.py``
    measures it).
    **Schedule** (:class:`~pdm_edge.learning.resources.ResourceGuard`, ``[learning]`` load,
@@ -32,7 +35,7 @@ Read top to bottom, one training job goes through these steps:
    a limit is crossed, pauses: it writes its checkpoint, goes back to the queue (event
    ``paused``) and resumes from the checkpoint when the limits clear. Scoring never waits.
 4. **Checkpoints**: after every epoch the training state (adapter, optimiser, best state,
-   history) is written atomically (temporary file, fsync, rename, fsync of the directory) to
+   history, torch and numpy generator states) is written atomically (temporary file, fsync, rename, fsync of the directory) to
    ``learning/ckpt-{job}.pt``. A job that was running when the process died (crash, power loss,
    SIGKILL) is queued again at the next start and resumes from its last checkpoint; a stop
    request (SIGTERM) writes a final checkpoint and leaves the job queued. The active model

@@ -230,19 +230,21 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
         y = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))])
         return bce(z, y)
 
+    # validation in chunks of NO_GRAD_BATCH windows, or of the micro-batch when micro-batches are
+    # on: the peak memory of a validation pass stays below that of a training step
+    vb = min(NO_GRAD_BATCH, plan.micro_batch) if plan.micro_batch < tc.batch else NO_GRAD_BATCH
+
     def val_loss() -> float:
-        # in chunks of NO_GRAD_BATCH windows: the peak memory of a validation pass stays below
-        # that of a training step
         with torch.no_grad():
             errs = []
             for m in val_masks:
-                for i in range(0, len(xv), NO_GRAD_BATCH):
-                    xb, mb = xv[i:i + NO_GRAD_BATCH], m[i:i + NO_GRAD_BATCH]
+                for i in range(0, len(xv), vb):
+                    xb, mb = xv[i:i + vb], m[i:i + vb]
                     errs.append(masked_error(encoder.reconstruct(scorer._tokens(xb, mb)), encoder.patchify(xb), mb))
             loss = float(torch.cat(errs).mean()) if errs else float("nan")
             if oe > 0:
-                parts = [float(oe_loss(xv[i:i + NO_GRAD_BATCH], xv_syn[i:i + NO_GRAD_BATCH])) * len(xv[i:i + NO_GRAD_BATCH])  # type: ignore[index]
-                         for i in range(0, len(xv), NO_GRAD_BATCH)]
+                parts = [float(oe_loss(xv[i:i + vb], xv_syn[i:i + vb])) * len(xv[i:i + vb])  # type: ignore[index]
+                         for i in range(0, len(xv), vb)]
                 loss += oe * sum(parts) / max(1, len(xv))
             return loss
 

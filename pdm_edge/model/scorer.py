@@ -126,12 +126,15 @@ class TrainConfig:
     grad_checkpointing: bool = False
     """Recompute the activations of the adapted blocks in the backward pass instead of keeping
     them (``torch.utils.checkpoint``): less training memory, about one more forward pass."""
-    prefix_cache: bool = True
+    prefix_cache: bool = False
     """When the adapter leaves a frozen prefix (``AdapterConfig.layers`` < depth), run the frozen
     blocks once per window per job (no autograd graph) and keep their outputs: the window's clean
     tokens, and its masked tokens and synthetic anomaly for ``cache_views`` fixed draws (epoch
     ``e`` uses draw ``e % cache_views``); only the adapted blocks, the head and the decoder run
-    each epoch. Without a prefix (LoRA in every block) it does nothing."""
+    each epoch. Without a prefix (LoRA in every block) it does nothing. Off by default: it saves
+    time, not memory (a row is 32 KiB, 5 rows a window with 2 views: 196 MB for 10 min of
+    windows, more than the activations it spares; ``benchmarks/train_memory.py``); with
+    ``max_memory_mb`` it goes to a file when it does not fit."""
     cache_views: int = 2
     """Fixed (mask, synthetic anomaly) draws per window kept by the prefix cache."""
     max_memory_mb: float = 0.0
