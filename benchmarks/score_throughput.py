@@ -5,7 +5,11 @@ Measures, for a calibrated scorer (shipped encoder, adapter trained on simulated
 - 1 s vibration windows at 25.6 kHz and 10 s acoustic clips at 16 kHz (scored as 1 s windows
   with 0.5 s hop, 19 per clip, as the appliance and ``pdm-edge eval`` do);
 - batch 1 (one window at a time: latency p50 / p99) and batched (64 windows);
-- resident memory (RSS) of this process after loading the encoder and scoring.
+- resident memory (RSS) of this process after loading the encoder and scoring;
+- the int8 inference path (``ScorerConfig.inference = "int8"``: the encoder's linear layers
+  dynamically quantised, :mod:`pdm_edge.model.quantize`) beside float32 on the same windows,
+  end to end and for the model alone (``score_features`` on precomputed feature images), with
+  the int8 / float32 ratios of batched windows per second.
 
 torch and the BLAS libraries are restricted to one thread, so the figures are per core.
 
@@ -20,6 +24,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_v] = "1"
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
@@ -55,7 +60,7 @@ def _bench(scorer: Scorer, windows: np.ndarray, seconds: float) -> dict[str, flo
     while time.perf_counter() < t_end:
         w = windows[i % len(windows)][None]
         t0 = time.perf_counter()
-        scorer.score_many(w)
+        scorer.score_windows(w)
         lat.append(time.perf_counter() - t0)
         i += 1
     lat_ms = np.array(lat) * 1e3
@@ -64,11 +69,21 @@ def _bench(scorer: Scorer, windows: np.ndarray, seconds: float) -> dict[str, flo
     n = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        scorer.score_many(batch)
+        scorer.score_windows(batch)
         n += len(batch)
     batched = n / (time.perf_counter() - t0)
     return {"batch1_windows_per_s": float(1e3 / lat_ms.mean()), "batch1_p50_ms": float(np.percentile(lat_ms, 50)),
             "batch1_p99_ms": float(np.percentile(lat_ms, 99)), "batch64_windows_per_s": float(batched)}
+
+
+def _bench_model(scorer: Scorer, feats: np.ndarray, seconds: float) -> float:
+    """Windows per second of ``score_features`` on 64 precomputed feature images (no features step)."""
+    scorer.score_features(feats)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        scorer.score_features(feats)
+        n += len(feats)
+    return n / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     s = Scorer(encoder, sha, ScorerConfig(kind="vibration", sample_rate_hz=fs, hop_s=0.5, train=quick)).learn_many(vib[:100])
     s.calibrate()
     results["vibration 1 s @ 25.6 kHz"] = _bench(s, vib[100:], a.seconds)
+    s8 = Scorer(encoder, sha, dataclasses.replace(s.config, inference="int8")).learn_many(vib[:100])
+    s8.calibrate()
+    results["vibration 1 s @ 25.6 kHz, int8 encoder"] = _bench(s8, vib[100:], a.seconds)
+    feats = s.features(vib[100:164])
+    model_only = {"float32": _bench_model(s, feats, a.seconds), "int8": _bench_model(s8, feats, a.seconds)}
 
     fs = 16000.0
     asim = AcousticSimulator(sample_rate_hz=fs, seed=3)
@@ -99,7 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     r = _bench(s2, acu[100:], a.seconds)
     r["clips_10s_per_s"] = r["batch64_windows_per_s"] / 19.0
     results["acoustic 1 s windows @ 16 kHz (10 s clip = 19 windows)"] = r
-    doc = {"threads": 1, "encoder_sha256": sha, "results": results, "rss_mb_before_load": round(rss0, 1), "rss_mb": round(_rss_mb(), 1),
+    s28 = Scorer(encoder, sha, dataclasses.replace(s2.config, inference="int8")).learn_many(acu[:100])
+    s28.calibrate()
+    results["acoustic 1 s windows @ 16 kHz, int8 encoder"] = _bench(s28, acu[100:], a.seconds)
+    names = list(results)
+    int8_ratio = {"vibration": round(results[names[1]]["batch64_windows_per_s"] / results[names[0]]["batch64_windows_per_s"], 2),
+                  "acoustic": round(results[names[3]]["batch64_windows_per_s"] / results[names[2]]["batch64_windows_per_s"], 2),
+                  "model_only": round(model_only["int8"] / model_only["float32"], 2)}
+    doc = {"threads": 1, "encoder_sha256": sha, "results": results, "model_only_windows_per_s": model_only,
+           "int8_over_float32_batch64": int8_ratio, "rss_mb_before_load": round(rss0, 1), "rss_mb": round(_rss_mb(), 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
     if a.json:
         print(json.dumps(doc, indent=1))
@@ -107,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':<55} {'b1 win/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'b64 win/s':>10}")
     for name, r in results.items():
         print(f"{name:<55} {r['batch1_windows_per_s']:9.1f} {r['batch1_p50_ms']:8.2f} {r['batch1_p99_ms']:8.2f} {r['batch64_windows_per_s']:10.1f}")
-    print(f"10 s acoustic clips per second (batched): {results[list(results)[1]]['clips_10s_per_s']:.1f}")
+    print(f"10 s acoustic clips per second (batched): {results[names[2]]['clips_10s_per_s']:.1f}")
+    print(f"model only (score_features, batch 64): float32 {model_only['float32']:.1f}, int8 {model_only['int8']:.1f} windows/s")
+    print(f"int8 / float32 windows/s (batch 64): vibration {int8_ratio['vibration']}x, acoustic {int8_ratio['acoustic']}x, "
+          f"model only {int8_ratio['model_only']}x")
     print(f"resident memory: {doc['rss_mb']} MB now, {doc['peak_rss_mb']} MB peak (one thread)")
     return 0
 

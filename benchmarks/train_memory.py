@@ -14,19 +14,29 @@ memory does not mix:
   batch size and number of epochs.
 
 - ``adapter_last_block``: the adapter with LoRA in the last encoder block only
-  (``AdapterConfig(layers=1)``): the earlier blocks store no activations for backprop.
+  (``AdapterConfig(layers=1)``) and the frozen-prefix cache (the three frozen blocks run once
+  per window per job, :mod:`pdm_edge.learning.trainer`);
+- ``adapter_last_block_nocache``: the same without the cache (the frozen blocks run every
+  epoch, without an autograd graph);
+- ``adapter_gc`` / ``adapter_gc_micro8``: LoRA in every block with gradient checkpointing of the
+  adapted blocks, and with it micro-batches of 8 (gradients accumulated over the batch of 32);
+- ``adapter_last_block_gc_micro8``: last block, cache, checkpointing and micro-batches of 8;
+- ``adapter_int8``: the default adapter on the int8 inference path (calibrated and validated
+  through the dynamically quantised encoder).
 
 All run a fixed number of epochs (no early stopping), so the comparison is per equal work.
-Reported: training time (s, and per epoch) and whole calibration time; peak training memory
+Before measuring, each variant's process runs one small calibration of its own configuration
+(the appliance measured is an idle, *calibrated* service). Reported: training time (s, and per epoch) and whole calibration time; peak training memory
 (the process's high-water mark ``VmHWM``, reset through ``/proc/self/clear_refs`` when training
-starts, minus its resident memory at that moment; MB) and the same for the whole calibration;
+starts, minus its resident memory at that moment: the increment over the calibrated, idle
+process holding the data; MB), the process's peak itself, and the same for the whole calibration;
 trainable parameters; the ratios full / adapter; the size of the adapter's model-version file.
 
 A third measurement shows that training does not starve scoring: windows scored per second on
 the scoring thread alone, then while an adapter calibration runs in a niced thread
 (``nice`` +10, as the learning loop runs it), torch with one thread each.
 
-    .venv/bin/python benchmarks/train_memory.py [--json] [--minutes 10] [--epochs 8]
+    .venv/bin/python benchmarks/train_memory.py [--json] [--minutes 10] [--epochs 8] [--variants a,b,...]
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -53,6 +65,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pdm_edge import features  # noqa: E402
+from pdm_edge.learning import trainer as trainer_module  # noqa: E402
 from pdm_edge.model import load_encoder  # noqa: E402
 from pdm_edge.model.adapter import AdapterConfig  # noqa: E402
 from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig  # noqa: E402
@@ -106,17 +119,38 @@ def _reset_peak() -> None:
         fh.write("5")
 
 
+VARIANTS: dict[str, tuple[AdapterConfig, dict]] = {
+    "adapter": (AdapterConfig(), {}),
+    "adapter_gc": (AdapterConfig(), {"grad_checkpointing": True}),
+    "adapter_gc_micro8": (AdapterConfig(), {"grad_checkpointing": True, "micro_batch": 8}),
+    "adapter_last_block_nocache": (AdapterConfig(layers=1), {}),
+    "adapter_last_block": (AdapterConfig(layers=1), {"prefix_cache": True}),
+    "adapter_last_block_gc_micro8": (AdapterConfig(layers=1), {"prefix_cache": True, "grad_checkpointing": True, "micro_batch": 8}),
+    "adapter_int8": (AdapterConfig(), {"inference": "int8"}),
+    "full": (AdapterConfig(), {}),
+}
+"""Variant -> (adapter placement, TrainConfig options; ``inference`` goes to the ScorerConfig)."""
+
+
 def run_variant(variant: str, feats_path: Path, epochs: int, out_dir: Path) -> dict:
     torch.set_num_threads(1)
     enc, sha = load_encoder()
     f = np.load(feats_path)
-    adapter = AdapterConfig(layers=1) if variant == "adapter_last_block" else AdapterConfig()
-    cfg = ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=0.5, adapter=adapter,
-                       train=TrainConfig(max_epochs=epochs, patience=epochs + 1, max_seconds=1e9))
+    adapter, opts = VARIANTS[variant]
+    opts = dict(opts)
+    inference = opts.pop("inference", "float32")
+    cfg = ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=0.5, adapter=adapter, inference=inference,
+                       train=TrainConfig(max_epochs=epochs, patience=epochs + 1, max_seconds=1e9, **opts))
     cls = FullFineTune if variant == "full" else Scorer
-    s = cls(enc, sha, cfg).learn_many(f)
+    # the idle *calibrated* process: one small calibration first, so that what a process pays
+    # once (optimiser and autograd imports, allocator arenas) is not counted as training memory
+    warm = cls(enc, sha, dataclasses.replace(cfg, min_windows=10, train=dataclasses.replace(cfg.train, max_epochs=1)))
+    warm.learn_features(f[:20]).calibrate()
+    del warm
+    gc.collect()
+    s = cls(enc, sha, cfg).learn_features(f)
     trainable = sum(p.numel() for p in s.adapter.parameters() if p.requires_grad)
-    train_step = s._train_adapter
+    train_step = trainer_module.train_adapter
     phase: dict[str, float] = {}
 
     def measured(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -126,7 +160,7 @@ def run_variant(variant: str, feats_path: Path, epochs: int, out_dir: Path) -> d
         phase["peak"], phase["t"] = _status_kb("VmHWM"), time.perf_counter() - phase["t0"]
         return out
 
-    s._train_adapter = measured  # type: ignore[method-assign]
+    trainer_module.train_adapter = measured  # Scorer.calibrate looks it up at each call
     _reset_peak()
     rss0 = _status_kb("VmRSS")
     t0 = time.perf_counter()
@@ -137,7 +171,8 @@ def run_variant(variant: str, feats_path: Path, epochs: int, out_dir: Path) -> d
            "train_s": round(phase["t"], 2), "s_per_epoch": round(phase["t"] / max(1, info["adapter_epochs"]), 2),
            "peak_training_mb": round((phase["peak"] - phase["rss0"]) / 1024, 1),
            "peak_calibration_mb": round((peak - rss0) / 1024, 1), "rss_before_mb": round(rss0 / 1024, 1),
-           "trainable_params": trainable}
+           "peak_process_mb": round(phase["peak"] / 1024, 1), "trainable_params": trainable,
+           "memory_plan": info.get("memory_plan")}
     if variant == "adapter":
         p = out_dir / "version.pt"
         save_version(p, s)
@@ -150,20 +185,20 @@ def score_during_training(feats_path: Path, seconds: float) -> dict:
     enc, sha = load_encoder()
     f = np.load(feats_path)
     cfg = ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=0.5, train=TrainConfig(max_epochs=2))
-    scorer = Scorer(enc, sha, cfg).learn_many(f[:200])
+    scorer = Scorer(enc, sha, cfg).learn_features(f[:200])
     scorer.calibrate()
 
     def rate(stop_at: float) -> float:
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() < stop_at:
-            scorer.score_many(f[n % 1000:n % 1000 + 32])
+            scorer.score_features(f[n % 1000:n % 1000 + 32])
             n += 32
         return n / (time.perf_counter() - t0)
 
     alone = rate(time.perf_counter() + seconds)
     trainer = Scorer(enc, sha, ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=0.5,
                                             train=TrainConfig(max_epochs=1000, patience=1001, max_seconds=seconds + 5)))
-    trainer.learn_many(f)
+    trainer.learn_features(f)
     started = threading.Event()
 
     def train() -> None:
@@ -187,6 +222,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--score-seconds", type=float, default=20.0)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     ap.add_argument("--_variant", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_feats", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_out", default=None, help=argparse.SUPPRESS)
@@ -204,35 +240,38 @@ def main() -> None:
         print(f"{n} windows of 1 s ({a.minutes:g} min at 25.6 kHz) -> feature images in {time.perf_counter() - t0:.1f} s",
               file=sys.stderr)
         res = {}
-        for v in ("adapter", "adapter_last_block", "full", "score"):
+        wanted = [v for v in a.variants.split(",") if v]
+        for v in dict.fromkeys(["adapter", "full", *wanted, "score"]):
             print(f"running {v} ...", file=sys.stderr)
             r = subprocess.run([sys.executable, __file__, "--_variant", v, "--_feats", str(fp), "--_out", d,
                                 "--epochs", str(a.epochs), "--score-seconds", str(a.score_seconds)],
                                capture_output=True, text=True, check=True)
             res[v] = json.loads(r.stdout.strip().splitlines()[-1])
-    ad, al, fu = res["adapter"], res["adapter_last_block"], res["full"]
+    ad, al, fu = res["adapter"], res.get("adapter_last_block"), res["full"]
     doc = {"workload": {"minutes": a.minutes, "sample_rate_hz": FS, "windows": ad["windows"], "epochs": a.epochs,
                         "torch_threads": 1},
            "adapter": ad, "adapter_last_block": al, "full_finetune": fu,
            "ratio_full_over_adapter": {"training_time": round(fu["train_s"] / ad["train_s"], 2),
                                        "peak_training_memory": round(fu["peak_training_mb"] / max(ad["peak_training_mb"], 0.1), 2),
                                        "trainable_params": round(fu["trainable_params"] / ad["trainable_params"], 1)},
-           "ratio_full_over_adapter_last_block": {
-               "training_time": round(fu["train_s"] / al["train_s"], 2),
-               "peak_training_memory": round(fu["peak_training_mb"] / max(al["peak_training_mb"], 0.1), 2)},
+           "variants": {v: r for v, r in res.items() if v != "score"},
+           "ratio_full_over": {v: {"training_time": round(fu["train_s"] / r["train_s"], 2),
+                                   "peak_training_memory": round(fu["peak_training_mb"] / max(r["peak_training_mb"], 0.1), 2)}
+                               for v, r in res.items() if v not in ("score", "full")},
            "version_file_bytes": ad["version_file_bytes"], "scoring_during_training": res["score"]}
     if a.json:
         print(json.dumps(doc, indent=1))
         return
     print(f"calibration of {ad['windows']} windows ({a.minutes:g} min of 25.6 kHz vibration), {a.epochs} epochs, one core")
-    print(f"{'variant':<26}{'trainable':>10}{'train s':>9}{'s/epoch':>9}{'peak train MB':>15}{'peak calib MB':>15}{'calib s':>9}")
-    for name, r in (("adapter (LoRA, all blocks)", ad), ("adapter (LoRA, last block)", al), ("full fine-tune", fu)):
-        print(f"{name:<26}{r['trainable_params']:>10,}{r['train_s']:>9.1f}{r['s_per_epoch']:>9.2f}"
-              f"{r['peak_training_mb']:>15.1f}{r['peak_calibration_mb']:>15.1f}{r['wall_s']:>9.1f}")
-    rt, rl = doc["ratio_full_over_adapter"], doc["ratio_full_over_adapter_last_block"]
+    print(f"{'variant':<30}{'trainable':>10}{'train s':>9}{'s/epoch':>9}{'peak train MB':>15}{'process peak MB':>17}"
+          f"{'peak calib MB':>15}{'calib s':>9}{'full/this mem':>15}")
+    for name, r in doc["variants"].items():
+        ratio = doc["ratio_full_over"].get(name, {}).get("peak_training_memory", 1.0)
+        print(f"{name:<30}{r['trainable_params']:>10,}{r['train_s']:>9.1f}{r['s_per_epoch']:>9.2f}"
+              f"{r['peak_training_mb']:>15.1f}{r['peak_process_mb']:>17.1f}{r['peak_calibration_mb']:>15.1f}{r['wall_s']:>9.1f}{ratio:>14}x")
+    rt = doc["ratio_full_over_adapter"]
     print(f"full / adapter: training time {rt['training_time']}x, peak training memory {rt['peak_training_memory']}x, "
-          f"trainable parameters {rt['trainable_params']}x; full / last-block adapter: time {rl['training_time']}x, "
-          f"memory {rl['peak_training_memory']}x")
+          f"trainable parameters {rt['trainable_params']}x")
     print(f"model-version file: {ad['version_file_bytes'] / 1024:.1f} KiB")
     sc = res["score"]
     print(f"scoring on one thread: {sc['windows_per_s_alone']} windows/s alone, {sc['windows_per_s_while_training']} "

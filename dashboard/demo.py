@@ -197,8 +197,8 @@ def _build(root: str | os.PathLike[str], datasets: str | os.PathLike[str] | None
     scorer.learn_many(normal[:n_cal])
     scorer.calibrate()
     threshold = float(scorer.threshold)  # type: ignore[arg-type]
-    s_normal = scorer.score_many(normal)
-    s_fault = {k: scorer.score_many(v) for k, v in faults.items()}
+    s_normal = scorer.score_windows(normal)
+    s_fault = {k: scorer.score_windows(v) for k, v in faults.items()}
     timings["calibrate_and_score"] = time.monotonic() - t_start - timings["load"]
 
     store = SQLiteStore(cfg.store.sqlite_path)

@@ -123,7 +123,7 @@ def main() -> None:
         t0 = time.monotonic()
         for kind, fs, hop, case, cal, neg, pos in cases:
             s = _scorer(enc, sha, kind, fs, hop, v, cal)
-            sn, sp = s.score_many(neg), s.score_many(pos)
+            sn, sp = s.score_windows(neg), s.score_windows(pos)
             row[case] = {"auc": round(_auc(sn, sp), 3), "fa": round(float(np.mean(sn > s.threshold)), 3),
                          "det": round(float(np.mean(sp > s.threshold)), 3)}
         row["mean_auc"] = round(float(np.mean([row[c[3]]["auc"] for c in cases])), 4)

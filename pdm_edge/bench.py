@@ -161,7 +161,7 @@ def _summarise(benches: dict[str, Any], *, quick: bool = False) -> tuple[list[di
     score = res("score")
     if score:
         for case, r in score["results"].items():
-            label = "vibration 1 s @ 25.6 kHz" if case.startswith("vibration") else "acoustic 1 s @ 16 kHz"
+            label = ("vibration 1 s @ 25.6 kHz" if case.startswith("vibration") else "acoustic 1 s @ 16 kHz") + (", int8" if "int8" in case else "")
             row(f"scoring, {label} (one core)",
                 f"{r['batch64_windows_per_s']:.0f} windows/s batched, {r['batch1_windows_per_s']:.0f}/s one by one "
                 f"(p50 {r['batch1_p50_ms']:.1f} ms, p99 {r['batch1_p99_ms']:.1f} ms)")

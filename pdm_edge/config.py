@@ -360,6 +360,54 @@ class LearningConfig(_Strict):
     """False alerts per hour the threshold aims at."""
     nice: int = Field(10, ge=0, le=19)
     """OS niceness added to the training thread (Linux; ignored elsewhere)."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """Adapter optimiser: ``adamw``, or ``sgd`` (no momentum: no optimiser state). 8-bit
+    optimiser states are not offered (see :mod:`pdm_edge.learning.trainer`)."""
+    micro_batch: int = Field(8, ge=0)
+    """Windows per forward/backward pass, gradients accumulated over a batch of 32 (the same
+    update to float rounding, ``tests/test_trainer.py``); 0: the whole batch in one pass. With
+    ``grad_checkpointing`` the default keeps training memory about 10x below full fine-tuning's
+    for about 1.3x the training time (``benchmarks/train_memory.py``)."""
+    grad_checkpointing: bool = True
+    """Recompute the adapted blocks' activations in the backward pass instead of keeping them
+    (the same gradients; less training memory, more training time)."""
+    prefix_cache: bool = False
+    """Run the frozen blocks below the first LoRA block once per window per training job and
+    keep their outputs (only matters when LoRA is not in every block; saves time, costs memory)."""
+    max_memory_mb: float = Field(0.0, ge=0)
+    """Memory envelope of a training job, MiB: the loop picks the micro-batch and moves the
+    frozen-prefix cache to a file to fit, and fails the job with the reason when it cannot.
+    0: no envelope."""
+    aug_gain_db: float = Field(0.0, ge=0)
+    """Augmentation of replay windows in training (:mod:`pdm_edge.learning.augment`): gain,
+    uniform in +- this many dB; 0: off."""
+    aug_noise_snr_db: float = Field(0.0, ge=0)
+    """Augmentation: noise added at this signal-to-noise ratio, dB; 0: off."""
+    aug_shift_frames: int = Field(0, ge=0, le=31)
+    """Augmentation: time shift, uniform in +- this many frames of the 32; 0: off."""
+    aug_speed_pct: float = Field(0.0, ge=0, le=20)
+    """Augmentation: speed change, uniform in +- this many percent; 0: off."""
+    inference: Literal["float32", "int8"] = "float32"
+    """Scoring path of the models this appliance calibrates: ``int8`` scores (and calibrates,
+    so the threshold fits) with the frozen encoder's linear layers dynamically quantised
+    (:mod:`pdm_edge.model.quantize`; faster on CPUs, scores differ slightly); each model version
+    records its path."""
+    max_load_start: float = Field(0.0, ge=0)
+    """A training job starts only while the 1-minute load average per CPU is below this (psutil);
+    0: not checked (the default: the appliance's own scoring is load, so the right value depends
+    on the box; 0.5 suits a box that only scores)."""
+    max_load_pause: float = Field(0.0, ge=0)
+    """A running job pauses (checkpoint, back to the queue) above this load per CPU; keep it
+    above ``max_load_start`` by at least 1 / CPUs (the job's own thread). 0: not checked."""
+    max_cpu_temp_c: float = Field(85.0, ge=0)
+    """No start, and a pause, at or above this CPU temperature (deg C, psutil); 0: not checked."""
+    min_battery_percent: float = Field(20.0, ge=0, le=100)
+    """On battery power: no start, and a pause, below this charge."""
+    train_on_battery: bool = True
+    """False: no training while on battery power."""
+    when_sensor_absent: Literal["ignore", "block"] = "ignore"
+    """A limit whose sensor this machine lacks (no temperature sensor, no load average) is not
+    checked (``ignore``) or keeps training from running (``block``)."""
 
 
 class RegistryConfig(_Strict):

@@ -30,7 +30,7 @@ windows, with the same threshold rule, and the frozen-encoder ablation:
 
 Threshold rule, the same for every method (:func:`_calibrate_threshold`): fit on the first
 80 % of the calibration windows, score the last 20 %, take
-:func:`pdm_edge.model.scorer.threshold_from_held_out` at the per-window exceedance probability of
+:func:`pdm_edge.model.postprocess.threshold_from_held_out` at the per-window exceedance probability of
 the 3-of-5 alert rule, then refit on all of them (the product computes its own held-out scores
 by cross-fitting, with the same bound).
 
@@ -74,7 +74,8 @@ from pdm_edge import features
 from pdm_edge.alerts.debounce import KOfN
 from pdm_edge.errors import PdmEdgeError
 from pdm_edge.model.encoder import Encoder
-from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig, exceedance_probability, threshold_from_held_out
+from pdm_edge.model.postprocess import exceedance_probability, threshold_from_held_out
+from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
 
 METHODS = ("pdm_edge", "pdm_edge_frozen", "mahalanobis", "iforest", "rms_z", "kurtosis_z", "knn_spectrum", "iso_velocity_z",
            "twfr_gmm")
@@ -214,7 +215,7 @@ def _pdm_method(encoder: Encoder, sha: str, cal: np.ndarray, fs: float, kind: st
     cfg = product_config(kind, fs, hop_s, train, train_adapter=train_adapter, min_windows=min(20, len(cal)))
     s = Scorer(encoder, sha, cfg).learn_many(cal)
     s.calibrate()
-    return Calibrated(lambda x: np.concatenate([s.score_many(x[i:i + 128]) for i in range(0, len(x), 128)]) if len(x) else np.zeros(0),
+    return Calibrated(lambda x: np.concatenate([s.score_windows(x[i:i + 128]) for i in range(0, len(x), 128)]) if len(x) else np.zeros(0),
                       float(s.threshold), time.monotonic() - t0)  # type: ignore[arg-type]
 
 
@@ -549,9 +550,9 @@ def eval_feedback_curve(data: Path, encoder: Encoder, sha: str, train: TrainConf
                     steps.append({"labelled_events": n_events, "error": job.detail})
                     continue
                 thr = float(scorer.threshold)  # type: ignore[arg-type]
-                s_clip = np.array([alert_statistic(scorer.score_many(w)) for w in test_w])
+                s_clip = np.array([alert_statistic(scorer.score_windows(w)) for w in test_w])
                 fa_clips = [c for c in labelled if c[2] == "normal"]
-                fa_above = (float(np.mean(np.concatenate([scorer.score_many(np.stack([w.samples for w in live_w[c[0].name]]))
+                fa_above = (float(np.mean(np.concatenate([scorer.score_windows(np.stack([w.samples for w in live_w[c[0].name]]))
                                                           for c in fa_clips]) > thr)) if fa_clips else None)
                 steps.append({
                     "labelled_events": n_events,
@@ -666,9 +667,9 @@ def _technician_dcase(data: Path, encoder: Encoder, sha: str, train: TrainConfig
                 scorer = app.active()
             test = [np.stack([w.samples for w in _valve_windows(c, 0)]) for c in test_clips]
             y = np.array([1.0 if c[2] == "anomaly" else 0.0 for c in test_clips])
-            s = np.array([alert_statistic(scorer.score_many(w)) for w in test])  # type: ignore[union-attr]
+            s = np.array([alert_statistic(scorer.score_windows(w)) for w in test])  # type: ignore[union-attr]
             thr = float(scorer.threshold)  # type: ignore[union-attr]
-            live_left = sum(alert_statistic(scorer.score_many(np.stack([w.samples for w in _valve_windows(c, 0)]))) > thr  # type: ignore[union-attr]
+            live_left = sum(alert_statistic(scorer.score_windows(np.stack([w.samples for w in _valve_windows(c, 0)]))) > thr  # type: ignore[union-attr]
                             for c in live)
         finally:
             app.close()

@@ -150,9 +150,9 @@ class GateInputs:
     """Held-back data for the gate.
 
     Attributes:
-        normal_windows: normal windows neither version was calibrated on (``Window`` objects, a
-            ``(B, N)`` sample array or ``(B, 2, 64, 32)`` feature images).
-        fault_windows: windows labelled ``fault`` (same forms), each event's in time order.
+        normal_windows: feature images ``(B, 2, 64, 32)`` (:meth:`Scorer.features`) of normal
+            windows neither version was calibrated on.
+        fault_windows: feature images of windows labelled ``fault``, each event's in time order.
         fault_events: the labelled event (label id) of each fault window; every event must be
             detected (see :func:`gate`). ``None``: every window is its own event.
         margin: how much higher (absolute, as a fraction of windows) the candidate's
@@ -185,7 +185,7 @@ def label_rule(candidate: Scorer, active: Scorer | None, inputs: GateInputs) -> 
     if active is None or not len(lab) or (inputs.confirm_far_above is None and not inputs.confirm_silenced_alerts):
         return None, {}
     a_thr, c_thr = float(active.threshold), float(candidate.threshold)  # type: ignore[arg-type]
-    a_scores, c_scores = active.score_many(lab), candidate.score_many(lab)
+    a_scores, c_scores = active.score_features(lab), candidate.score_features(lab)
     metrics: dict[str, Any] = {"labelled_normal": len(lab), "active_above": int((a_scores > a_thr).sum()),
                                "candidate_above": int((c_scores > c_thr).sum())}
     why = []
@@ -228,7 +228,8 @@ def _detected(above: np.ndarray, k: int, n: int) -> bool:
 def gate(candidate: Scorer, active: Scorer | None, normal_windows: Sequence[Any] | np.ndarray,
          fault_windows: Sequence[Any] | np.ndarray = (), *, margin: float = 0.01,
          fault_events: Sequence[str] | None = None) -> tuple[bool, dict[str, Any], str]:
-    """Judge a candidate against the active version on held-back windows.
+    """Judge a candidate against the active version on held-back windows (feature images
+    ``(B, 2, 64, 32)``, as :class:`GateInputs`).
 
     The candidate passes when (1) its false-alarm rate (fraction of ``normal_windows`` scoring
     above its threshold) is at most the active version's plus ``margin`` (no active version:
@@ -253,13 +254,13 @@ def gate(candidate: Scorer, active: Scorer | None, normal_windows: Sequence[Any]
         raise ValueError(f"margin must be >= 0, got {margin}")
     n_normal, n_fault = len(normal_windows), len(fault_windows)
     thr = float(candidate.threshold) if candidate.threshold is not None else float("nan")
-    cand_normal = candidate.score_many(normal_windows) if n_normal else np.zeros(0)
+    cand_normal = candidate.score_features(normal_windows) if n_normal else np.zeros(0)
     cand_far = _far(cand_normal, thr)
     active_far: float | None = None
     if active is not None:
-        act_normal = active.score_many(normal_windows) if n_normal else np.zeros(0)
+        act_normal = active.score_features(normal_windows) if n_normal else np.zeros(0)
         active_far = _far(act_normal, float(active.threshold))  # type: ignore[arg-type]
-    fault_scores = candidate.score_many(fault_windows) if n_fault else np.zeros(0)
+    fault_scores = candidate.score_features(fault_windows) if n_fault else np.zeros(0)
     if fault_events is not None and len(fault_events) != n_fault:
         raise ValueError(f"fault_events names {len(fault_events)} windows, fault_windows has {n_fault}")
     groups: dict[str, list[int]] = {}

@@ -221,7 +221,7 @@ class ScoringStage:
                 return self._handle_stream(st, ws[cut:])
             return []
         feats = scorer.features(ready)
-        scores = scorer.score_many(feats)
+        scores = scorer.score_features(feats)
         thr = float(scorer.threshold)  # type: ignore[arg-type]
         normal = []
         if st.recent_above.maxlen != scorer.config.alert_n:
@@ -240,7 +240,7 @@ class ScoringStage:
         matches: list[FaultMatch | None] = [None] * len(ready)
         above = np.flatnonzero(scores > thr)
         if len(above) and scorer.fault_events:  # name the confirmed fault an anomalous window looks like
-            for i, m in zip(above, scorer.nearest_fault(feats[above])):
+            for i, m in zip(above, scorer.nearest_fault_features(feats[above])):
                 matches[i] = m
         return [(w, Score(w.site, w.machine, w.sensor, w.start_ns, float(s), thr, bool(s > thr), version, m))
                 for w, s, m in zip(ready, scores, matches)]

@@ -82,8 +82,8 @@ def test_trained_adapter_detects_a_weak_bearing_fault_the_frozen_encoder_misses(
     assert frozen.config.components == ("mahalanobis", "spectral")
     det = {}
     for name, s in (("trained", trained), ("frozen", frozen)):
-        assert np.mean(s.score_many(bearing["held"]) > s.threshold) <= 0.02, f"{name}: false alarms on held-back normal windows"
-        det[name] = float(np.mean(s.score_many(bearing["weak"]) > s.threshold))
+        assert np.mean(s.score_windows(bearing["held"]) > s.threshold) <= 0.02, f"{name}: false alarms on held-back normal windows"
+        det[name] = float(np.mean(s.score_windows(bearing["weak"]) > s.threshold))
     assert det["trained"] >= det["frozen"] + 0.1, det
 
 

@@ -300,3 +300,83 @@ def test_models_train_cli_queues_and_runs(tmp_path: Path):
     assert "Traceback" not in r.stderr
     r = run_cli("--config", str(cfg), "models", "train", "bad-stream")
     assert r.returncode == 2
+
+
+def test_resources_read_through_psutil() -> None:
+    """The real reader on this machine: a load average (Linux has one); temperature and battery
+    are None where the machine has no such sensor, never an error."""
+    from pdm_edge.learning.resources import read_resources
+
+    r = read_resources()
+    assert r.load_per_cpu is not None and r.load_per_cpu >= 0
+    assert r.cpu_temp_c is None or -40 < r.cpu_temp_c < 150
+    assert (r.battery_percent is None) == (r.on_battery is None)
+
+
+def test_resource_limits_start_pause_and_absent_sensors() -> None:
+    from pdm_edge.learning.resources import ResourceGuard, ResourceLimits, Resources
+
+    reading = {"r": Resources(0.2, 60.0, None, None)}
+    guard = ResourceGuard(ResourceLimits(max_load_start=0.5, max_load_pause=1.0, max_cpu_temp_c=80.0),
+                          reader=lambda: reading["r"], min_interval_s=0.0)
+    assert guard.why_not_start() is None and guard.why_pause() is None
+    reading["r"] = Resources(0.7, 60.0, None, None)  # busy: no new start, but a running job goes on
+    assert "load 0.70" in guard.why_not_start() and guard.why_pause() is None
+    reading["r"] = Resources(0.2, 82.5, None, None)
+    assert guard.why_not_start() == guard.why_pause() == "CPU temperature 82.5 C >= 80 C"
+    reading["r"] = Resources(0.2, 60.0, 15.0, True)
+    assert "battery 15 %" in guard.why_pause()
+    assert guard.why_pause() is not None and ResourceGuard(ResourceLimits(train_on_battery=False),
+                                                           reader=lambda: reading["r"]).why_not_start() == "on battery power"
+    reading["r"] = Resources(None, None, None, None)  # a machine without the sensors
+    assert guard.why_not_start() is None
+    strict = ResourceGuard(ResourceLimits(when_sensor_absent="block"), reader=lambda: reading["r"])
+    assert "no CPU temperature reading" in strict.why_not_start()
+
+
+def test_thermal_drill_pauses_with_a_checkpoint_and_resumes_to_the_same_adapter(tmp_path: Path, one_torch_thread):
+    """Drill: a CPU temperature over the limit pauses the running job at its next batch (its
+    checkpoint written, the job back in the queue); nothing starts while it stays hot; when it
+    cools the job resumes from the checkpoint and ends with exactly the adapter and threshold of
+    an uninterrupted job on the same data. The temperature reader is the one stand-in (heat
+    cannot be produced here): everything else is the real loop, registry and checkpoint files."""
+    from pdm_edge.learning.resources import ResourceGuard, ResourceLimits, Resources
+
+    def run(d: Path, reader) -> tuple[Rig, list]:
+        r = Rig(d, scorer_config=_cfg(max_epochs=4, max_seconds=600.0),
+                resources=ResourceGuard(ResourceLimits(max_cpu_temp_c=80.0), reader=reader, min_interval_s=0.0))
+        r.feed(_windows(VibrationSimulator(sample_rate_hz=FS, seed=5, resonance_hz=2500), 61))
+        return r, r.loop.run_pending()
+
+    ref, [ref_job] = run(tmp_path / "ref", lambda: Resources(0.1, 50.0, None, None))
+    try:
+        ref_version = ref.registry.load(ref_job.version, ref.enc, ref.sha)
+    finally:
+        ref.close()
+
+    reads = {"n": 0, "temp": 50.0}
+
+    def thermometer() -> Resources:
+        reads["n"] += 1
+        if reads["n"] == 4:  # the start check, then one read per batch: hot during epoch 2 or 3
+            reads["temp"] = 91.0
+        return Resources(0.1, reads["temp"], None, None)
+
+    r, [paused] = run(tmp_path / "drill", thermometer)
+    try:
+        assert paused.status == "queued" and paused.detail.startswith("paused (CPU temperature 91.0 C >= 80 C)"), paused.detail
+        assert [e[1] for e in r.events][-1] == "paused" and r.loop.runs["paused"] == 1
+        [ckpt] = (tmp_path / "drill" / "learning").glob("ckpt-*.pt")
+        state = torch.load(ckpt, weights_only=True)["state"]
+        assert state["epoch"] >= 1 and {"torch_rng", "numpy_rng"} <= set(state)
+        assert r.loop.run_pending() == [] and r.loop.job(paused.id).status == "queued"  # still hot: nothing starts
+        reads["temp"] = 55.0
+        [done] = r.loop.run_pending()
+        assert done.status == "done" and done.attempts == 2
+        assert r.registry.get(done.version).training_summary["resumed_from_epoch"] == state["epoch"]
+        got = r.registry.load(done.version, r.enc, r.sha)
+        for k, v in ref_version.adapter.state_dict().items():
+            assert torch.equal(got.adapter.state_dict()[k], v), k
+        assert got.threshold == ref_version.threshold
+    finally:
+        r.close()

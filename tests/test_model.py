@@ -26,7 +26,8 @@ from pdm_edge.model import load_encoder
 from pdm_edge.model import version as version_mod
 from pdm_edge.model.adapter import Adapter, AdapterConfig, trainable_fraction
 from pdm_edge.model.encoder import Encoder, EncoderConfig
-from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig, exceedance_probability
+from pdm_edge.model.postprocess import exceedance_probability
+from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
 from pdm_edge.model.version import load_version, save_version
 from pdm_edge.types import Window
 from sensors.simulator import FaultSpec, VibrationSimulator
@@ -113,8 +114,8 @@ def calibrated(request: pytest.FixtureRequest, frozen: types.SimpleNamespace,
     s = Scorer(frozen.encoder, frozen.sha, _config(components, train_adapter))
     s.learn_many(data.calib)
     summary = s.calibrate()
-    normal = s.score_many(data.held[:100])
-    fault = s.score_many(data.fault)
+    normal = s.score_windows(data.held[:100])
+    fault = s.score_windows(data.fault)
     return types.SimpleNamespace(scorer=s, summary=summary, normal=normal, fault=fault,
                                  components=components, train_adapter=train_adapter)
 
@@ -215,7 +216,7 @@ def test_save_reload_scores_bit_identical(tmp_path: Path, frozen: types.SimpleNa
                                           trained: types.SimpleNamespace, data: types.SimpleNamespace) -> None:
     s = trained.scorer
     windows = data.held[:16] + data.fault[:4]
-    before = s.score_many(windows)
+    before = s.score_windows(windows)
     path = tmp_path / "m1.version"
     digest = save_version(path, s, {"note": "test"})
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -224,9 +225,9 @@ def test_save_reload_scores_bit_identical(tmp_path: Path, frozen: types.SimpleNa
         r = load_version(path, frozen.encoder, frozen.sha, expected_sha256=expected)
         assert r.is_calibrated and r.threshold == s.threshold
         assert r.config == s.config and r.component_stats == s.component_stats
-        after = r.score_many(windows)
+        after = r.score_windows(windows)
         assert np.array_equal(before, after), np.max(np.abs(before - after))
-        assert r.score_one(windows[3]) == s.score_one(windows[3])
+        assert r.score_windows([windows[3]])[0] == s.score_windows([windows[3]])[0]
 
 
 def test_save_overwrites_atomically(tmp_path: Path, trained: types.SimpleNamespace) -> None:
@@ -316,9 +317,9 @@ def test_not_calibrated_before_calibrate(frozen: types.SimpleNamespace, data: ty
     s = Scorer(frozen.encoder, frozen.sha, cfg)
     assert not s.is_calibrated
     with pytest.raises(NotCalibratedError):
-        s.score_many(data.calib[:2])
+        s.score_windows(data.calib[:2])
     with pytest.raises(NotCalibratedError):
-        s.score_one(data.calib[0])
+        s.score_windows([data.calib[0]])
     with pytest.raises(NotCalibratedError):
         s.calibrate()
     s.learn_many(data.calib[: cfg.min_windows - 1])
@@ -326,7 +327,7 @@ def test_not_calibrated_before_calibrate(frozen: types.SimpleNamespace, data: ty
     with pytest.raises(NotCalibratedError):
         s.calibrate()
     with pytest.raises(NotCalibratedError):
-        s.score_one(data.calib[0])
+        s.score_windows([data.calib[0]])
     assert not s.is_calibrated
 
 
@@ -352,27 +353,41 @@ def test_calibration_summary(calibrated: types.SimpleNamespace) -> None:
     assert math.isfinite(s.threshold) and s.threshold >= c["held_out_score_max"]
 
 
-def test_score_one_equals_score_many(calibrated: types.SimpleNamespace, data: types.SimpleNamespace) -> None:
+def test_score_windows_equals_score_features(calibrated: types.SimpleNamespace, data: types.SimpleNamespace) -> None:
     s = calibrated.scorer
     windows = data.held[:3] + data.fault[:2]
-    many = s.score_many(windows)
+    many = s.score_windows(windows)
     assert many.shape == (5,) and many.dtype == np.float64
+    np.testing.assert_array_equal(s.score_features(s.features(windows)), many)
     for i, w in enumerate(windows):
-        one = s.score_one(w)
-        assert isinstance(one, float)
-        assert one == s.score_many([w])[0]
+        one = s.score_windows([w])[0]
         assert one == pytest.approx(many[i], rel=1e-5, abs=1e-5)
-        # raw samples score like the window that holds them
-        assert s.score_one(np.asarray(w.samples)) == one
+        # raw samples score like the window that holds them, as a batch or one (N,) array
+        assert s.score_windows(np.asarray(w.samples)[None])[0] == one
+        assert s.score_windows(np.asarray(w.samples))[0] == one
+
+
+def test_inputs_are_explicit(calibrated: types.SimpleNamespace, data: types.SimpleNamespace) -> None:
+    """Feature images go to the *_features entry points only; samples to the others."""
+    s = calibrated.scorer
+    f = s.features(data.held[:2])
+    with pytest.raises(ValueError, match="feature images"):
+        s.score_windows(f)
+    with pytest.raises(ValueError, match="feature images"):
+        s.learn_many(f)
+    with pytest.raises(ValueError, match=r"\(B, 2, 64, 32\)"):
+        s.score_features(np.stack([w.samples for w in data.held[:2]]))
+    with pytest.raises(ValueError, match=r"\(B, 2, 64, 32\)"):
+        s.learn_features(f[:, 0])
 
 
 def test_other_sample_rate_rejected(calibrated: types.SimpleNamespace) -> None:
     s = calibrated.scorer
     (w,) = _windows(VibrationSimulator(sample_rate_hz=25_600.0, seed=SEED), 1, fs=25_600.0)
     with pytest.raises(ModelError, match="Hz"):
-        s.score_one(w)
+        s.score_windows([w])
     with pytest.raises(ModelError):
-        s.score_many([w])
+        s.score_windows([w])
 
 
 def test_nan_window_rejected(calibrated: types.SimpleNamespace, data: types.SimpleNamespace) -> None:
@@ -381,14 +396,14 @@ def test_nan_window_rejected(calibrated: types.SimpleNamespace, data: types.Simp
     x[100] = np.nan
     w = Window("site", "m1", "de", "vibration", 0, FS, "g", x)
     with pytest.raises(ValueError):
-        s.score_one(w)
+        s.score_windows([w])
     with pytest.raises(ValueError):
-        s.score_many([data.held[1], w])
+        s.score_windows([data.held[1], w])
     with pytest.raises(ValueError):
-        s.score_one(x)
+        s.score_windows(x)
     x[100] = np.inf
     with pytest.raises(ValueError):
-        s.score_one(x)
+        s.score_windows(x)
 
 
 def test_nan_window_not_learned(frozen: types.SimpleNamespace, data: types.SimpleNamespace) -> None:
@@ -415,7 +430,7 @@ def test_tiny_min_windows_rejected() -> None:
 @pytest.fixture(scope="module")
 def held_scores(trained: types.SimpleNamespace, data: types.SimpleNamespace) -> np.ndarray:
     """Scores of the 400 held-back normal windows (the stream continuing after calibration)."""
-    return trained.scorer.score_many(data.held)
+    return trained.scorer.score_windows(data.held)
 
 
 def test_threshold_is_finite_and_above_held_out_scores(trained: types.SimpleNamespace) -> None:
@@ -553,14 +568,14 @@ def test_known_fault_prototypes_saved_and_reloaded_bit_identical(tmp_path: Path,
         s.learn_many(data.fault[:1], "broken")
     summary = s.calibrate()
     assert summary["fault_windows"] == 10 and summary["fault_prototypes"] == 10
-    labelled = s.score_many(data.fault[:10])
+    labelled = s.score_windows(data.fault[:10])
     assert (labelled > s.threshold).all()
     assert (s.fault_match(np.zeros((1, frozen.encoder.cfg.dim), np.float32) + s.baseline.mean.astype(np.float32)) == 0).all()
     windows = data.held[:8] + data.fault[10:14]
-    before = s.score_many(windows)
+    before = s.score_windows(windows)
     save_version(tmp_path / "v.pt", s)
     r = load_version(tmp_path / "v.pt", frozen.encoder, frozen.sha)
-    assert np.array_equal(r.score_many(windows), before)
+    assert np.array_equal(r.score_windows(windows), before)
     assert np.array_equal(r.fault_prototypes, s.fault_prototypes)
     # the most prototypes a version keeps still fit a 256 KiB version file
     s._faults = [s._faults[i % 10] for i in range(400)]
@@ -594,7 +609,7 @@ def test_lora_in_the_last_blocks_only(frozen: types.SimpleNamespace) -> None:
 def test_ledoit_wolf_matches_scikit_learn() -> None:
     from sklearn.covariance import LedoitWolf
 
-    from pdm_edge.model.scorer import ledoit_wolf
+    from pdm_edge.model.baseline import ledoit_wolf
 
     rng = np.random.default_rng(3)
     for n, d in ((30, 128), (500, 16), (5, 3)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 import types
 import zipfile
@@ -147,28 +148,28 @@ def test_promote_rollback_and_hot_swap(reg: Registry, env: types.SimpleNamespace
     reg.on_change(running)
     a = _add(reg, env.v1)
     b = _add(reg, env.v2, parent=a.id)
-    s1, s2 = env.v1.score_many(x), env.v2.score_many(x)
+    s1, s2 = env.v1.score_windows(x), env.v2.score_windows(x)
     assert not np.allclose(s1, s2)
 
     reg.promote(a.id, "first calibration")
     assert reg.active(**STREAM).id == a.id
-    np.testing.assert_array_equal(reg.load(reg.active(**STREAM).id, env.enc, ENCODER_SHA).score_many(x), s1)
-    np.testing.assert_array_equal(running.scorer.score_many(x), s1)
+    np.testing.assert_array_equal(reg.load(reg.active(**STREAM).id, env.enc, ENCODER_SHA).score_windows(x), s1)
+    np.testing.assert_array_equal(running.scorer.score_windows(x), s1)
 
     reg.promote(b.id)
     statuses = {v.id: v.status for v in reg.list()}
     assert statuses == {a.id: "retired", b.id: "active"}
     assert reg.get(a.id).reason == f"replaced by {b.id}"
     assert sum(v.status == "active" for v in reg.list(**STREAM)) == 1
-    np.testing.assert_array_equal(reg.load(reg.active(**STREAM).id, env.enc, ENCODER_SHA).score_many(x), s2)
-    np.testing.assert_array_equal(running.scorer.score_many(x), s2)
+    np.testing.assert_array_equal(reg.load(reg.active(**STREAM).id, env.enc, ENCODER_SHA).score_windows(x), s2)
+    np.testing.assert_array_equal(running.scorer.score_windows(x), s2)
 
     back = reg.rollback(**STREAM)
     assert back.id == a.id and back.status == "active"
     assert reg.get(b.id).status == "retired" and reg.get(b.id).reason == "rolled back"
     assert sum(v.status == "active" for v in reg.list(**STREAM)) == 1
-    np.testing.assert_array_equal(reg.load(reg.active(**STREAM).id, env.enc, ENCODER_SHA).score_many(x), s1)
-    np.testing.assert_array_equal(running.scorer.score_many(x), s1)
+    np.testing.assert_array_equal(reg.load(reg.active(**STREAM).id, env.enc, ENCODER_SHA).score_windows(x), s1)
+    np.testing.assert_array_equal(running.scorer.score_windows(x), s1)
     assert running.events == [a.id, b.id, a.id]
 
     with pytest.raises(RegistryError, match="roll back"):
@@ -199,7 +200,7 @@ def test_reject_and_tampered_file(reg: Registry, env: types.SimpleNamespace) -> 
 
 
 def test_gate_rejects_poisoned_and_passes_good(reg: Registry, env: types.SimpleNamespace) -> None:
-    inputs = GateInputs(normal_windows=env.held, fault_windows=env.gate_fault, margin=0.05)
+    inputs = GateInputs(normal_windows=env.v1.features(env.held), fault_windows=env.v1.features(env.gate_fault), margin=0.05)
     first, metrics, reason = reg.submit(env.v1, **STREAM, gate_inputs=inputs, trigger="initial_calibration")
     assert first.status == "active", reason
     assert metrics["active_far"] is None and metrics["fault_detection"] == 1.0
@@ -207,7 +208,8 @@ def test_gate_rejects_poisoned_and_passes_good(reg: Registry, env: types.SimpleN
     bad, metrics, reason = reg.submit(env.poisoned, **STREAM, gate_inputs=inputs, trigger="labels")
     assert bad.status == "rejected"
     assert metrics["missed_faults"] > 0 and metrics["fault_detection"] < 1.0
-    assert "labelled fault windows not above threshold" in reason and "start_ns" in reason
+    # the reason names each missed window (by its index in the gate's fault windows) and its score
+    assert "labelled fault windows not above threshold" in reason and re.search(r"#\d+ score [-\d.]+", reason), reason
     assert bad.reason == reason and bad.metrics["missed_faults"] == metrics["missed_faults"]
     assert bad.parent == first.id
     assert reg.active(**STREAM).id == first.id  # the active version is untouched
@@ -225,12 +227,12 @@ def test_gate_false_alarm_margin(env: types.SimpleNamespace) -> None:
     import copy
 
     lax = copy.copy(env.v2)
-    lax.threshold = float(np.median(env.v2.score_many(env.held)))
-    passed, metrics, reason = gate(lax, env.v1, env.held, [], margin=0.01)
+    lax.threshold = float(np.median(env.v2.score_windows(env.held)))
+    passed, metrics, reason = gate(lax, env.v1, env.v1.features(env.held), [], margin=0.01)
     assert not passed
     assert metrics["candidate_far"] > metrics["active_far"] + 0.01
     assert "false-alarm rate" in reason
-    passed, _, _ = gate(env.v2, env.v1, env.held, [], margin=1.0)
+    passed, _, _ = gate(env.v2, env.v1, env.v1.features(env.held), [], margin=1.0)
     assert passed
 
 
@@ -263,7 +265,7 @@ def test_export_import_round_trip(tmp_path: Path, env: types.SimpleNamespace) ->
         assert imported.status == "candidate" and imported.id == v.id and imported.sha256 == v.sha256
         assert "signed by" in imported.origin
         x = env.held[:20]
-        np.testing.assert_array_equal(dst.load(imported.id, env.enc, ENCODER_SHA).score_many(x), env.v2.score_many(x))
+        np.testing.assert_array_equal(dst.load(imported.id, env.enc, ENCODER_SHA).score_windows(x), env.v2.score_windows(x))
         # importing the same package again is idempotent
         assert dst.import_package(pkg, encoder_sha256=ENCODER_SHA).id == imported.id
         assert len(dst.list()) == 1

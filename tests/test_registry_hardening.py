@@ -153,7 +153,7 @@ def test_normal_labels_over_a_live_fault_need_an_engineers_confirmation(tmp_path
     with Registry(tmp_path / "reg") as reg:
         active = reg.add_candidate(models.v1, **STREAM, trigger="initial")
         reg.promote(active.id, "initial")
-        inputs = GateInputs(normal_windows=models.held, margin=1.0, labelled_normal_windows=labelled,
+        inputs = GateInputs(normal_windows=models.v1.features(models.held), margin=1.0, labelled_normal_windows=models.v1.features(labelled),
                             confirm_far_above=3.0, confirm_silenced_alerts=True)
         rec, metrics, reason = reg.submit(fault_as_normal, **STREAM, gate_inputs=inputs, trigger="labels")
         assert rec.status == "candidate" and reg.active(**STREAM).id == active.id
@@ -162,7 +162,7 @@ def test_normal_labels_over_a_live_fault_need_an_engineers_confirmation(tmp_path
         # an engineer who checked the machine may still promote it
         assert reg.promote(rec.id, "confirmed by engineer after inspection").status == "active"
         # the rule is about labels: a retrain without labelled windows is judged by the gate alone
-        rec2, _, reason2 = reg.submit(models.v1, **STREAM, gate_inputs=GateInputs(normal_windows=models.held, margin=1.0,
+        rec2, _, reason2 = reg.submit(models.v1, **STREAM, gate_inputs=GateInputs(normal_windows=models.v1.features(models.held), margin=1.0,
                                                                               confirm_far_above=3.0,
                                                                               confirm_silenced_alerts=True))
         assert rec2.status == "active" and reason2.startswith("gate passed"), reason2

@@ -153,9 +153,9 @@ class _Appliance:
                 import torch
 
                 cand.prior_adapter = {k: torch.from_numpy(base[k] + global_delta[k]) for k in base}
-                cand.learn_many(data["normal"])
+                cand.learn_features(data["normal"])
                 if len(data["fault"]):
-                    cand.learn_many(data["fault"], "fault")
+                    cand.learn_features(data["fault"], "fault")
                 cand.calibrate()
                 deltas.append({k: v.detach().numpy().astype(np.float32) - base[k] for k, v in cand.adapter.state_dict().items()})
                 n_norm += len(data["normal"])

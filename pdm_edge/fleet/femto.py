@@ -159,7 +159,7 @@ class FleetEval:
         s = Scorer(self.encoder, self.sha, cfg)
         if prior is not None:
             s.prior_adapter = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in prior.items()}
-        s.learn_many(feats)
+        s.learn_features(feats)
         s.calibrate()
         return s
 
@@ -243,7 +243,7 @@ class FleetEval:
         for name, (cal, pri, train) in variants.items():
             t0 = time.monotonic()
             s = self._calibrate(cal, pri, train)
-            scores = np.concatenate([s.score_many(feats[i:i + 256]) for i in range(0, len(feats), 256)])
+            scores = np.concatenate([s.score_features(feats[i:i + 256]) for i in range(0, len(feats), 256)])
             row = alarms(scores, float(s.threshold), b.t_s, b.end_s)
             row.update(calibration_windows=len(cal), seconds=round(time.monotonic() - t0, 1))
             out["methods"][name] = row

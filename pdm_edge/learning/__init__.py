@@ -2,6 +2,8 @@
 
 - :mod:`.replay`: :class:`ReplayBuffer`, the durable reservoir of each stream's normal windows
   with its held-back gate slots;
+- :mod:`.trainer`: :func:`~.trainer.train_adapter`, the adapter's training loop;
+- :mod:`.resources`: :class:`ResourceGuard`, when the machine may train (load, heat, battery);
 - :mod:`.loop`: :class:`LearningLoop`, triggers -> data -> adapter training with atomic
   checkpoints -> gate -> registry, in one low-priority thread; :func:`request_training` queues
   a job from another process.
@@ -17,8 +19,9 @@ from typing import Any
 
 from pdm_edge.learning.loop import JOB_STATES, TRIGGERS, Job, LearningLoop, request_training
 from pdm_edge.learning.replay import ReplayBuffer
+from pdm_edge.learning.resources import ResourceGuard, ResourceLimits
 
-__all__ = ["JOB_STATES", "TRIGGERS", "Job", "LearningLoop", "ReplayBuffer", "build_learning", "scorer_config_for", "request_training"]
+__all__ = ["JOB_STATES", "TRIGGERS", "Job", "LearningLoop", "ReplayBuffer", "ResourceGuard", "ResourceLimits", "build_learning", "scorer_config_for", "request_training", "train_config_for"]
 
 
 def scorer_config_for(cfg: Any, train: Any = None) -> Any:
@@ -28,7 +31,7 @@ def scorer_config_for(cfg: Any, train: Any = None) -> Any:
     false-alert target from ``[learning]``, the k-of-n rule from ``[alerts]``; ``train`` (a
     ``TrainConfig``) replaces the training settings when given."""
     from pdm_edge.model.adapter import AdapterConfig
-    from pdm_edge.model.scorer import ScorerConfig, TrainConfig
+    from pdm_edge.model.scorer import ScorerConfig
 
     def make(stream: str, window: Any = None) -> ScorerConfig | None:
         sensor = cfg.sensors.get(stream)
@@ -39,11 +42,24 @@ def scorer_config_for(cfg: Any, train: Any = None) -> Any:
         else:
             return None
         return ScorerConfig(kind=kind, sample_rate_hz=fs, hop_s=hop, adapter=AdapterConfig(rank=cfg.learning.lora_rank),
-                            train=train if train is not None else TrainConfig(max_seconds=cfg.learning.max_train_seconds),
+                            train=train if train is not None else train_config_for(cfg),
                             target_false_alerts_per_h=cfg.learning.target_false_alerts_per_h,
-                            alert_k=cfg.alerts.k, alert_n=cfg.alerts.n)
+                            alert_k=cfg.alerts.k, alert_n=cfg.alerts.n, inference=cfg.learning.inference)
 
     return make
+
+
+def train_config_for(cfg: Any) -> Any:
+    """The adapter training settings (``TrainConfig``) of an :class:`~pdm_edge.config.AppConfig`'s
+    ``[learning]``: wall-time budget, optimiser, micro-batch, gradient checkpointing, frozen-prefix
+    cache, memory envelope and augmentation of replay windows."""
+    from pdm_edge.model.scorer import TrainConfig
+
+    lc = cfg.learning
+    return TrainConfig(max_seconds=lc.max_train_seconds, optimizer=lc.optimizer, micro_batch=lc.micro_batch,
+                       grad_checkpointing=lc.grad_checkpointing, prefix_cache=lc.prefix_cache, max_memory_mb=lc.max_memory_mb,
+                       aug_gain_db=lc.aug_gain_db, aug_noise_snr_db=lc.aug_noise_snr_db, aug_shift_frames=lc.aug_shift_frames,
+                       aug_speed_pct=lc.aug_speed_pct)
 
 
 def build_learning(cfg: Any, registry: Any, encoder: Any, encoder_sha256: str, *, labels: Any = None,
@@ -65,4 +81,8 @@ def build_learning(cfg: Any, registry: Any, encoder: Any, encoder_sha256: str, *
                         retrain_after_labels=lc.retrain_after_labels, replay_capacity=lc.replay_normal_windows,
                         gate_fraction=lc.gate_fraction, gate_margin=lc.gate_margin, labels=labels,
                         label_windows=label_windows, nice=lc.nice, on_event=on_event, prior_for=prior_for,
-                        confirm_far_above=lc.confirm_far_above or None, confirm_silenced_alerts=lc.confirm_silenced_alerts)
+                        confirm_far_above=lc.confirm_far_above or None, confirm_silenced_alerts=lc.confirm_silenced_alerts,
+                        resources=ResourceGuard(ResourceLimits(
+                            max_load_start=lc.max_load_start, max_load_pause=lc.max_load_pause, max_cpu_temp_c=lc.max_cpu_temp_c,
+                            min_battery_percent=lc.min_battery_percent, train_on_battery=lc.train_on_battery,
+                            when_sensor_absent=lc.when_sensor_absent)))

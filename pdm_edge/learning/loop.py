@@ -21,13 +21,21 @@ Read top to bottom, one training job goes through these steps:
    of the stream from the labelled-window buffer: ``normal`` labels (false alarms) join the
    normal set, ``fault`` labels become known-fault examples, and replay windows inside a
    ``fault`` or ``ignore`` span are dropped.
-3. **Training** (:meth:`pdm_edge.model.scorer.Scorer.calibrate`): adapter parameters only (the
-   encoder is frozen), early stopping on a validation split, a wall-time budget
-   (``max_train_seconds``). The worker thread runs at a lower OS priority (``nice``) than the
+3. **Training** (:meth:`pdm_edge.model.scorer.Scorer.calibrate`, whose training loop is
+   :func:`pdm_edge.learning.trainer.train_adapter`): adapter parameters only (the encoder is
+   frozen), early stopping on a validation split, a wall-time budget (``max_train_seconds``),
+   the memory options and envelope of ``[learning]`` (frozen-prefix cache, gradient
+   checkpointing, micro-batches, optimiser, ``max_memory_mb``) and augmentation of the replay
+   windows (:mod:`pdm_edge.learning.augment`). The worker thread runs at a lower OS priority (``nice``) than the
    scorer, so scoring does not fall behind while it trains (``benchmarks/train_vs_score.py``
    measures it).
+   **Schedule** (:class:`~pdm_edge.learning.resources.ResourceGuard`, ``[learning]`` load,
+   temperature and battery limits read through psutil): a queued job starts only when the
+   machine is idle, cool and powered enough; a running one checks before every batch and, when
+   a limit is crossed, pauses: it writes its checkpoint, goes back to the queue (event
+   ``paused``) and resumes from the checkpoint when the limits clear. Scoring never waits.
 4. **Checkpoints**: after every epoch the training state (adapter, optimiser, best state,
-   history) is written atomically (temporary file, fsync, rename, fsync of the directory) to
+   history, torch and numpy generator states) is written atomically (temporary file, fsync, rename, fsync of the directory) to
    ``learning/ckpt-{job}.pt``. A job that was running when the process died (crash, power loss,
    SIGKILL) is queued again at the next start and resumes from its last checkpoint; a stop
    request (SIGTERM) writes a final checkpoint and leaves the job queued. The active model
@@ -39,7 +47,7 @@ Read top to bottom, one training job goes through these steps:
    reason. Registry listeners (the scoring stage) hot-swap the promoted version in.
 
 Every step is reported through ``on_event(stream, event, version, detail)`` (``queued``,
-``training``, ``promoted``, ``rejected``, ``failed``, ``interrupted``) and kept in the job table
+``training``, ``promoted``, ``rejected``, ``failed``, ``interrupted``, ``paused``) and kept in the job table
 (:meth:`LearningLoop.jobs`).
 """
 
@@ -64,6 +72,7 @@ from pdm_edge.errors import ModelError, PdmEdgeError, StoreError, TrainingInterr
 from pdm_edge.feedback.labels import LabelBook
 from pdm_edge.feedback.windows import LabelledWindowBuffer
 from pdm_edge.learning.replay import ReplayBuffer
+from pdm_edge.learning.resources import ResourceGuard
 from pdm_edge.model.encoder import Encoder
 from pdm_edge.model.scorer import Scorer, ScorerConfig
 from pdm_edge._util.fs import atomic_write
@@ -169,7 +178,8 @@ def stream_dataset(replay: ReplayBuffer, labels: LabelBook | None, label_windows
     """A stream's training data (step 2 of the module docstring), feature images in time order.
 
     Returns:
-        ``t_normal`` (start ns), ``normal`` ``(N, 2, 64, 32)``, ``fault`` ``(F, 2, 64, 32)``,
+        ``t_normal`` (start ns), ``normal`` ``(N, 2, 64, 32)``, ``replay`` ``(N,)`` bool (True
+        for the normal windows from the replay buffer, False for labelled ones), ``fault`` ``(F, 2, 64, 32)``,
         ``fault_events`` (label id per fault window), ``fault_info`` (per fault window: label id,
         fault type, span start), ``gate`` (held-back normal windows), ``labelled_normal_windows``
         and ``labels`` (counts per kind), ``labelled_normal`` (the windows labelled normal, time
@@ -206,16 +216,18 @@ def stream_dataset(replay: ReplayBuffer, labels: LabelBook | None, label_windows
 
     k, kg = keep(t_norm), keep(t_gate)
     t_norm, f_norm, t_gate, f_gate = t_norm[k], f_norm[k], t_gate[kg], f_gate[kg]
+    from_replay = np.ones(len(t_norm), bool)
     if labelled["normal"]:
         t_all = np.r_[t_norm, [t for t, _, _ in labelled["normal"]]]
         f_all = np.concatenate([f_norm, np.stack([x for _, x, _ in labelled["normal"]])])
         order = np.argsort(t_all, kind="stable")
         t_norm, f_norm = t_all[order], f_all[order]
+        from_replay = np.r_[from_replay, np.zeros(len(labelled["normal"]), bool)][order]
     faults = sorted(labelled["fault"], key=lambda p: (p[2], p[0]))  # by event, each in time order
     f_fault = np.stack([x for _, x, _ in faults]) if faults else np.zeros((0, *f_norm.shape[1:]), np.float32)
     lab_sorted = sorted(labelled["normal"], key=lambda p: p[0])
     f_lab = np.stack([x for _, x, _ in lab_sorted]) if lab_sorted else np.zeros((0, *f_norm.shape[1:]), np.float32)
-    return {"t_normal": t_norm, "normal": f_norm, "fault": f_fault, "fault_events": [ev for _, _, ev in faults],
+    return {"t_normal": t_norm, "normal": f_norm, "replay": from_replay, "fault": f_fault, "fault_events": [ev for _, _, ev in faults],
             "fault_info": [fault_info[ev] for _, _, ev in faults], "gate": f_gate,
             "labelled_normal_windows": len(labelled["normal"]), "labels": n_labels, "labelled_normal": f_lab}
 
@@ -245,6 +257,7 @@ class LearningLoop:
         label_settle_s: how long a new label waits before it counts (:data:`LABEL_SETTLE_S`).
         prior_for: ``(stream, scorer config) -> (adapter state_dict, description)`` or ``None``:
             the fleet prior a calibration of the stream starts from (:mod:`pdm_edge.fleet.priors`).
+        resources: when jobs may start and must pause (``None``: always run).
     """
 
     def __init__(self, registry: Registry, encoder: Encoder, encoder_sha256: str, state_dir: str | os.PathLike[str], *,
@@ -255,7 +268,8 @@ class LearningLoop:
                  on_event: Callable[[str, str, str, str], None] | None = None, poll_s: float = 2.0,
                  label_settle_s: float = LABEL_SETTLE_S, confirm_far_above: float | None = None,
                  confirm_silenced_alerts: bool = False,
-                 prior_for: Callable[[str, ScorerConfig], tuple[dict[str, Any], str] | None] | None = None) -> None:
+                 prior_for: Callable[[str, ScorerConfig], tuple[dict[str, Any], str] | None] | None = None,
+                 resources: ResourceGuard | None = None) -> None:
         self.registry = registry
         self.encoder, self.sha = encoder, encoder_sha256
         self.state_dir = Path(state_dir)
@@ -271,6 +285,9 @@ class LearningLoop:
         self.poll_s = poll_s
         self.label_settle_s = label_settle_s
         self.prior_for = prior_for
+        self.resources = resources
+        self._pause_why: str | None = None
+        self._deferred_why: str | None = None
         self.replay = ReplayBuffer.in_dir(self.state_dir, capacity=replay_capacity, gate_fraction=gate_fraction)
         self.ckpt_dir = self.state_dir / "learning"
         self._con = _open_jobs(self.state_dir / "learning.sqlite")
@@ -282,7 +299,7 @@ class LearningLoop:
         self._pending_labels: dict[str, list[tuple[int, float]]] = {}  # stream -> [(seq, seen at monotonic)]
         self._templates: dict[str, Scorer] = {}
         self.running_job: Job | None = None
-        self.runs = {"done": 0, "failed": 0, "promoted": 0, "rejected": 0, "interrupted": 0}
+        self.runs = {"done": 0, "failed": 0, "promoted": 0, "rejected": 0, "interrupted": 0, "paused": 0}
         with self._db:  # jobs that were running when the process died: run them again (they resume)
             n = self._con.execute("UPDATE job SET status = 'queued', detail = 'interrupted by a restart; resumes from its "
                                   "last checkpoint' WHERE status = 'running'").rowcount
@@ -407,6 +424,8 @@ class LearningLoop:
         ``pdm-edge models train --now``). Returns the jobs as they ended."""
         out: list[Job] = []
         while not self._stop.is_set() and (max_jobs is None or len(out) < max_jobs):
+            if self._deferred():
+                break
             with self._db:
                 row = self._con.execute("SELECT id FROM job WHERE status = 'queued' ORDER BY id LIMIT 1").fetchone()
                 if row is None:
@@ -421,6 +440,24 @@ class LearningLoop:
                 self.running_job = None
                 _release_memory()
         return out
+
+    def _deferred(self) -> bool:
+        """Whether the resource limits hold queued jobs back now (logged once per reason)."""
+        why = self.resources.why_not_start() if self.resources is not None else None
+        if why is not None and why != self._deferred_why:
+            with self._db:
+                queued = self._con.execute("SELECT COUNT(*) FROM job WHERE status = 'queued'").fetchone()[0]
+            if queued:
+                log.info("training deferred (%d job(s) queued): %s", queued, why)
+        self._deferred_why = why
+        return why is not None
+
+    def _should_stop(self) -> bool:
+        """Polled by the trainer before every batch: a stop request, or a resource limit."""
+        if self._stop.is_set():
+            return True
+        self._pause_why = self.resources.why_pause() if self.resources is not None else None
+        return self._pause_why is not None
 
     def job(self, job_id: int) -> Job:
         with self._db:
@@ -454,10 +491,13 @@ class LearningLoop:
         try:
             cand, summary, gate_inputs = self._train(job)
         except TrainingInterrupted as exc:
+            paused = not self._stop.is_set() and self._pause_why is not None
+            detail = f"paused ({self._pause_why}): {exc}" if paused else str(exc)
             with self._db:
-                self._con.execute("UPDATE job SET status = 'queued', detail = ? WHERE id = ?", (str(exc), job.id))
-            self.runs["interrupted"] += 1
-            self._event(stream, "interrupted", "", str(exc))
+                self._con.execute("UPDATE job SET status = 'queued', detail = ? WHERE id = ?", (detail, job.id))
+            self.runs["paused" if paused else "interrupted"] += 1
+            log.info("training job %d of %s %s", job.id, stream, detail)
+            self._event(stream, "paused" if paused else "interrupted", "", detail)
             return self.job(job.id)
         except (PdmEdgeError, ValueError) as exc:
             log.error("training job %d of %s failed: %s", job.id, stream, exc)
@@ -518,13 +558,14 @@ class LearningLoop:
         prior = self.prior_for(job.stream, tmpl.config) if self.prior_for is not None else None
         if prior is not None:
             cand.prior_adapter = prior[0]
-        cand.learn_many(data["normal"])
+        cand.learn_features(data["normal"], replay=data["replay"])
         if len(data["fault"]):
-            cand.learn_many(data["fault"], "fault", events=data["fault_info"])
+            cand.learn_features(data["fault"], "fault", events=data["fault_info"])
         resume = self._read_checkpoint(job)
         t0 = time.monotonic()
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         info = cand.calibrate(checkpoint=lambda st: self._write_checkpoint(job, st), resume=resume,
-                              should_stop=self._stop.is_set)
+                              should_stop=self._should_stop, work_dir=self.ckpt_dir)
         t = data["t_normal"]
         summary = {
             "job": job.id, "normal_windows": int(len(data["normal"])), "fault_windows": int(len(data["fault"])),

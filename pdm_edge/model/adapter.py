@@ -84,7 +84,8 @@ class Adapter(nn.Module):
         self.scale = cfg.alpha / cfg.rank
         self.lora_a = nn.ParameterDict()
         self.lora_b = nn.ParameterDict()
-        first = 0 if cfg.layers is None else max(0, len(encoder.blocks) - cfg.layers)
+        self.first = first = 0 if cfg.layers is None else max(0, len(encoder.blocks) - cfg.layers)
+        """Index of the first encoder block with LoRA: blocks before it are the frozen prefix."""
         for i, blk in enumerate(encoder.blocks):
             if i < first:
                 continue

@@ -31,6 +31,7 @@ import math
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from pdm_edge.features import INPUT_SHAPE
@@ -157,13 +158,29 @@ class Encoder(nn.Module):
                 mask token) for the masked-reconstruction objective.
             adapter: optional object with ``delta(layer, name, h)`` (see :class:`Block`).
         """
+        return self.norm(self.run_blocks(self.embed_patches(x, kind, mask), 0, adapter))
+
+    def embed_patches(self, x: torch.Tensor, kind: torch.Tensor | int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token states before the first block, ``(B, n_tokens, dim)``: patch embedding, mask
+        token where ``mask`` is True, position and kind embeddings (arguments as :meth:`tokens`)."""
         t = self.patch_embed(self.patchify(x))
         if mask is not None:
             t = torch.where(mask[..., None], self.mask_token.expand_as(t), t)
-        t = t + self.pos + self._kind(kind, t.shape[0], t.device)
-        for i, blk in enumerate(self.blocks):
-            t = blk(t, adapter, i)
-        return self.norm(t)
+        return t + self.pos + self._kind(kind, t.shape[0], t.device)
+
+    def run_blocks(self, t: torch.Tensor, start: int = 0, adapter: Any = None, stop: int | None = None,
+                   checkpoint: bool = False) -> torch.Tensor:
+        """Blocks ``start`` to ``stop`` (exclusive; None: the last) on token states ``t``
+        ``(B, n_tokens, dim)``, without the final norm. ``checkpoint``: each block's activations
+        are recomputed in the backward pass instead of kept (``torch.utils.checkpoint``; less
+        memory, one more forward per block)."""
+        for i in range(start, len(self.blocks) if stop is None else stop):
+            blk = self.blocks[i]
+            if checkpoint and torch.is_grad_enabled():
+                t = torch.utils.checkpoint.checkpoint(blk, t, adapter, i, use_reentrant=False)
+            else:
+                t = blk(t, adapter, i)
+        return t
 
     def forward(self, x: torch.Tensor, kind: torch.Tensor | int) -> torch.Tensor:
         return self.tokens(x, kind).mean(dim=1)

@@ -1,8 +1,13 @@
 """Anomaly scoring of windows: features -> frozen encoder + adapter -> distance to normal.
 
-A :class:`Scorer` is one sensor stream's model. Its API follows river's (``learn_one`` /
-``learn_many`` on normal windows, ``score_one`` / ``score_many`` returning a float, higher =
-more anomalous), with one deliberate difference: learning from normal windows only *collects*
+A :class:`Scorer` is one sensor stream's model (inference; the adapter's training loop is
+:mod:`pdm_edge.learning.trainer`, the baseline :mod:`pdm_edge.model.baseline`, the score
+standardisation and threshold :mod:`pdm_edge.model.postprocess`). Its API follows river's
+(``learn_one`` / ``learn_many`` on normal windows), with explicit inputs: ``*_windows`` /
+``*_many`` take ``Window`` objects or raw samples ``(B, N)``, ``*_features`` take feature
+images ``(B, 2, 64, 32)`` (:meth:`Scorer.features`); :meth:`Scorer.score_windows` and
+:meth:`Scorer.score_features` return ``(B,)`` float scores, higher = more anomalous. One
+deliberate difference from river: learning from normal windows only *collects*
 them until :meth:`Scorer.calibrate` fits the machine's baseline, because training the adapter
 takes seconds, not microseconds. After calibration, ``learn_*`` also widens the baseline (the
 embedding statistics) without retraining the adapter.
@@ -12,7 +17,7 @@ Calibration (the machine's baseline, from its own normal windows):
 1. Per-machine standardisation of the feature images (:class:`Standardizer`; one-sided for
    vibration: only added energy counts, see :mod:`pdm_edge.model.standardize`).
 2. Split the windows in time order: the first 80 % train the adapter (LoRA + bottleneck head +
-   anomaly logit) with early stopping on the last 20 % and a wall-time budget. Two objectives,
+   anomaly logit; :func:`pdm_edge.learning.trainer.train_adapter`) with early stopping on the last 20 % and a wall-time budget. Two objectives,
    summed: the self-supervised masked-patch reconstruction through the frozen decoder, and
    **outlier exposure** (Hendrycks et al. 2019): the anomaly logit separates the machine's
    normal windows from synthetic anomalies made from them (band bursts, tones, envelope
@@ -35,7 +40,7 @@ Calibration (the machine's baseline, from its own normal windows):
 5. Threshold: a target false-alert rate per hour becomes a per-window exceedance probability
    ``p`` through the k-of-n alert rule (independent windows: alerts/h ~= W * C(n, k) * p^k with
    W windows per hour); the threshold is the upper prediction bound of the held-out scores at
-   ``p`` (:func:`threshold_from_held_out`), and never below their maximum.
+   ``p`` (:func:`~pdm_edge.model.postprocess.threshold_from_held_out`), and never below their maximum.
 6. The final baselines are refitted on all calibration windows.
 
 Learning from technician labels (DESIGN.md section 3; the on-device loop in
@@ -59,22 +64,23 @@ reloading it reproduces the scores bit for bit.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from scipy import linalg, special, stats
 
 from pdm_edge import features
 from pdm_edge.errors import ModelError, NotCalibratedError, TrainingInterrupted
 from pdm_edge.model.adapter import Adapter, AdapterConfig
-from pdm_edge.model.encoder import Encoder, kind_index, masked_error, random_mask
+from pdm_edge.model.baseline import CROSSFIT_FOLDS, Baseline, crossfit_distances
+from pdm_edge.model.encoder import Encoder, kind_index, masked_error
+from pdm_edge.model.postprocess import exceedance_probability, robust_scale, threshold_from_held_out
+from pdm_edge.model.quantize import INFERENCE_PATHS, int8_encoder
 from pdm_edge.model.standardize import Standardizer
-from pdm_edge.model.synthetic import synthetic_anomalies
 from pdm_edge.types import FaultMatch, Window
 
 N_RECON_MASKS = 4
@@ -103,6 +109,61 @@ class TrainConfig:
     outlier_exposure: float = 1.0
     """Weight of the outlier-exposure loss (normal windows vs synthetic anomalies and labelled
     faults, :mod:`pdm_edge.model.synthetic`) beside the reconstruction loss; 0 turns it off."""
+    optimizer: str = "adamw"
+    """``"adamw"`` (AdamW, two state tensors per parameter) or ``"sgd"`` (plain SGD without
+    momentum: no optimiser state). 8-bit optimiser states are not offered: with about 23 k
+    adapter parameters AdamW's states are 180 KiB, so 8 bits would save under 150 KiB, and
+    bitsandbytes (the maintained library for them) is not installed here and its 8-bit
+    optimiser kernels target accelerators (:mod:`pdm_edge.learning.trainer`)."""
+    micro_batch: int = 0
+    """Windows per forward/backward pass; gradients of ``batch / micro_batch`` passes are
+    accumulated into one optimiser step (the step is the same as one pass of ``batch``, up to
+    floating-point order). 0: one pass per batch. Less activation memory, a little more time."""
+    grad_checkpointing: bool = False
+    """Recompute the activations of the adapted blocks in the backward pass instead of keeping
+    them (``torch.utils.checkpoint``): less training memory, about one more forward pass."""
+    prefix_cache: bool = False
+    """When the adapter leaves a frozen prefix (``AdapterConfig.layers`` < depth), run the frozen
+    blocks once per window per job (no autograd graph) and keep their outputs: the window's clean
+    tokens, and its masked tokens and synthetic anomaly for ``cache_views`` fixed draws (epoch
+    ``e`` uses draw ``e % cache_views``); only the adapted blocks, the head and the decoder run
+    each epoch. Without a prefix (LoRA in every block) it does nothing. Off by default: it saves
+    time, not memory (a row is 32 KiB, 5 rows a window with 2 views: 196 MB for 10 min of
+    windows, more than the activations it spares; ``benchmarks/train_memory.py``); with
+    ``max_memory_mb`` it goes to a file when it does not fit."""
+    cache_views: int = 2
+    """Fixed (mask, synthetic anomaly) draws per window kept by the prefix cache."""
+    max_memory_mb: float = 0.0
+    """Memory envelope of one training job, MiB (estimated activations of a pass plus the
+    prefix cache in memory); the loop picks the micro-batch and moves the prefix cache to a file
+    in the job's directory to fit, and refuses (``ModelError``) when one window does not fit.
+    0: no envelope."""
+
+    aug_gain_db: float = 0.0
+    """Augmentation of replay windows (:mod:`pdm_edge.learning.augment`): gain, uniform in
+    +- this many dB; 0: off."""
+    aug_noise_snr_db: float = 0.0
+    """Augmentation: added noise at this SNR, dB; 0: off."""
+    aug_shift_frames: int = 0
+    """Augmentation: time shift, uniform in +- this many frames; 0: off."""
+    aug_speed_pct: float = 0.0
+    """Augmentation: speed change, uniform in +- this many percent; 0: off."""
+
+    @property
+    def augmentation(self) -> dict[str, float]:
+        """The augmentation switches that are on (keyword arguments of
+        :func:`pdm_edge.learning.augment.augment_features`)."""
+        d = {"gain_db": self.aug_gain_db, "noise_snr_db": self.aug_noise_snr_db, "shift_frames": self.aug_shift_frames,
+             "speed_pct": self.aug_speed_pct}
+        return {k: v for k, v in d.items() if v}
+
+    def __post_init__(self) -> None:
+        if min(self.aug_gain_db, self.aug_noise_snr_db, self.aug_shift_frames, self.aug_speed_pct) < 0:
+            raise ValueError("augmentation settings must be >= 0 (0: off)")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.micro_batch < 0 or self.cache_views < 1 or self.max_memory_mb < 0 or self.batch < 1:
+            raise ValueError("need batch >= 1, micro_batch >= 0, cache_views >= 1 and max_memory_mb >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,6 +191,9 @@ class ScorerConfig:
         target_false_alerts_per_h: false alerts per hour the threshold aims at.
         alert_k, alert_n: an alert needs ``alert_k`` of the last ``alert_n`` windows above threshold.
         min_windows: fewest normal windows :meth:`Scorer.calibrate` accepts.
+        inference: ``"float32"`` or ``"int8"``: the frozen encoder's linear layers dynamically
+            quantised for scoring and calibration (:mod:`pdm_edge.model.quantize`); saved with
+            the model version, so a version is scored on the path it was calibrated for.
     """
 
     kind: str
@@ -144,9 +208,12 @@ class ScorerConfig:
     alert_k: int = 3
     alert_n: int = 5
     min_windows: int = 20
+    inference: str = "float32"
 
     def __post_init__(self) -> None:
         kind_index(self.kind)
+        if self.inference not in INFERENCE_PATHS:
+            raise ValueError(f"inference must be one of {INFERENCE_PATHS}, got {self.inference!r}")
         if not set(self.components) <= set(COMPONENTS) or not self.components:
             raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got {self.components}")
         if not 1 <= self.alert_k <= self.alert_n:
@@ -169,7 +236,7 @@ class ScorerConfig:
             "kind": self.kind, "sample_rate_hz": self.sample_rate_hz, "hop_s": self.hop_s, "features": dict(self.features or {}),
             "adapter": self.adapter.to_dict(), "train": self.train.to_dict(), "components": list(self.components),
             "train_adapter": self.train_adapter, "target_false_alerts_per_h": self.target_false_alerts_per_h,
-            "alert_k": self.alert_k, "alert_n": self.alert_n, "min_windows": self.min_windows,
+            "alert_k": self.alert_k, "alert_n": self.alert_n, "min_windows": self.min_windows, "inference": self.inference,
         }
 
     @classmethod
@@ -205,110 +272,6 @@ def spectral_summary(xs: np.ndarray, kind: str) -> np.ndarray:
     return v.reshape(len(x), 3, v.shape[-1] // 2, 2).mean(axis=-1).reshape(len(x), -1)
 
 
-def exceedance_probability(false_alerts_per_h: float, hop_s: float, k: int, n: int) -> float:
-    """Per-window probability ``p`` of exceeding the threshold that gives ``false_alerts_per_h``
-    under the k-of-n rule, assuming independent windows: ``W * C(n, k) * p**k = rate`` with
-    ``W = 3600 / hop_s`` windows per hour; clipped to [1e-9, 0.5]."""
-    w = 3600.0 / hop_s
-    p = (false_alerts_per_h / (w * special.comb(n, k))) ** (1.0 / k)
-    return float(min(0.5, max(1e-9, p)))
-
-
-def threshold_from_held_out(scores: np.ndarray, p: float) -> float:
-    """Upper prediction bound of one new normal score at exceedance probability ``p``, never
-    below the largest held-out score.
-
-    With ``M`` held-out scores of mean ``m`` and standard deviation ``s`` (normal model), a new
-    score exceeds ``m + s * t_{M-1}(1 - p) * sqrt(1 + 1/M)`` with probability ``p`` (the
-    prediction interval of a normal sample; Student's t accounts for the few scores a small
-    calibration gives).
-
-    Args:
-        scores: ``(M,)`` scores of normal windows that the model was not fitted on, ``M >= 2``.
-        p: target per-window exceedance probability (:func:`exceedance_probability`).
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    m = len(scores)
-    mu, sigma = float(np.mean(scores)), float(np.std(scores, ddof=1))
-    q = float(stats.t.isf(p, df=m - 1)) * float(np.sqrt(1.0 + 1.0 / m))
-    return float(max(mu + sigma * q, np.max(scores)))
-
-
-CROSSFIT_FOLDS = 5
-
-
-def crossfit_distances(emb: np.ndarray, folds: int = CROSSFIT_FOLDS) -> np.ndarray:
-    """Held-out Mahalanobis distance of every calibration embedding.
-
-    The embeddings ``(N, D)`` are split into ``folds`` contiguous blocks (in time order); each
-    block is scored against a Ledoit-Wolf baseline fitted on the other blocks, so every normal
-    window gets a score from a baseline that has not seen it (K-fold cross-fitting). Returns
-    ``(N,)``.
-    """
-    n = len(emb)
-    out = np.empty(n)
-    for idx in np.array_split(np.arange(n), min(folds, n // 2)):
-        rest = np.setdiff1d(np.arange(n), idx)
-        out[idx] = Baseline.fit(emb[rest]).distance(emb[idx])
-    return out
-
-
-def _robust_scale(x: np.ndarray) -> tuple[float, float]:
-    med = float(np.median(x))
-    q75, q25 = np.percentile(x, [75, 25])
-    return med, max(float(q75 - q25) / 1.349, 1e-6 * max(1.0, abs(med)), 1e-12)
-
-
-def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean ``(D,)`` and Ledoit-Wolf shrunk covariance ``(D, D)`` of samples ``x`` ``(N, D)``.
-
-    The shrinkage towards ``mu * I`` (``mu`` the mean variance) is the one of O. Ledoit and
-    M. Wolf, "A well-conditioned estimator for large-dimensional covariance matrices", Journal
-    of Multivariate Analysis 88(2) (2004) 365-411, computed as scikit-learn's ``LedoitWolf``
-    does (a test checks they agree). It is written out here so that the running appliance does
-    not import scikit-learn (about 85 MB of resident memory) for these few lines.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    n, d = x.shape
-    mean = x.mean(axis=0)
-    xc = x - mean
-    cov = xc.T @ xc / n
-    if d == 1:
-        return mean, cov
-    x2 = xc * xc
-    var = x2.sum(axis=0) / n
-    mu = var.sum() / d
-    delta_ = float(np.sum((xc.T @ xc) ** 2)) / n**2
-    beta_ = float(np.sum(x2.T @ x2))
-    beta = (beta_ / n - delta_) / (d * n)
-    delta = (delta_ - 2.0 * mu * var.sum() + d * mu**2) / d
-    shrinkage = 0.0 if delta == 0 else min(beta, delta) / delta
-    shrunk = (1.0 - shrinkage) * cov
-    shrunk.flat[:: d + 1] += shrinkage * mu
-    return mean, shrunk
-
-
-@dataclasses.dataclass
-class Baseline:
-    """Normal embeddings' mean and Ledoit-Wolf precision (inverse covariance)."""
-
-    mean: np.ndarray  # (D,) float64 holding float32-representable values
-    precision: np.ndarray  # (D, D) float64 holding float32-representable values
-
-    @classmethod
-    def fit(cls, emb: np.ndarray) -> Baseline:
-        """Fit on embeddings ``(N, D)``, ``N >= 2`` (:func:`ledoit_wolf`)."""
-        mean, cov = ledoit_wolf(np.asarray(emb, dtype=np.float64))
-        precision = linalg.pinvh(cov, check_finite=False)
-        # rounded to float32 so that a model version stores them in half the bytes and a
-        # reloaded scorer computes exactly what the live one does
-        return cls(mean.astype(np.float32).astype(np.float64), precision.astype(np.float32).astype(np.float64))
-
-    def distance(self, emb: np.ndarray) -> np.ndarray:
-        d = np.asarray(emb, dtype=np.float64) - self.mean
-        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, self.precision, d), 0.0))
-
-
 class Scorer:
     """One stream's anomaly scorer (see the module docstring for the method).
 
@@ -324,6 +287,8 @@ class Scorer:
             p.requires_grad_(False)
         self.encoder_sha256 = encoder_sha256
         self.config = config
+        self.infer_encoder = int8_encoder(self.encoder) if config.inference == "int8" else self.encoder
+        """The encoder that scores and calibrates: the frozen one, or its int8 copy."""
         self.prior_adapter: dict[str, torch.Tensor] | None = None
         """Fleet prior (an adapter ``state_dict``, :mod:`pdm_edge.fleet`): when set, every fresh
         adapter starts from it instead of the seed's initialisation, so calibration starts from
@@ -338,6 +303,7 @@ class Scorer:
         self.threshold: float | None = None
         self.calibration: dict[str, Any] = {}
         self._normal: list[np.ndarray] = []  # raw feature images of normal windows, (2, 64, 32)
+        self._replay: list[bool] = []  # per normal window: from the replay buffer (may be augmented)
         self._faults: list[np.ndarray] = []  # raw feature images of labelled fault windows
         self._fault_event_of: list[int] = []  # per fault window: index into fault_events
         self.fault_events: list[dict[str, Any]] = []  # the confirmed faults: label id, fault type, span start
@@ -361,13 +327,13 @@ class Scorer:
         return adapter
 
     # -- features --------------------------------------------------------------------------
-    @staticmethod
-    def _is_feature_batch(x: Any) -> bool:
-        return isinstance(x, np.ndarray) and x.ndim == 4 and tuple(x.shape[1:]) == features.INPUT_SHAPE
-
     def _samples(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
         if isinstance(windows, np.ndarray):
-            return windows.reshape(1, -1) if windows.ndim == 1 else windows
+            x = windows.reshape(1, -1) if windows.ndim == 1 else windows
+            if x.ndim != 2:
+                raise ValueError(f"raw samples must be (B, N) or (N,), got shape {windows.shape}; "
+                                 "feature images go to score_features / learn_features")
+            return x
         if not windows:
             return np.zeros((0, 1), np.float32)
         for w in windows:
@@ -376,14 +342,24 @@ class Scorer:
         return np.stack([w.samples for w in windows])
 
     def features(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
-        """Feature images ``(B, 2, 64, 32)`` float32 (before standardisation) of windows or raw
-        samples ``(B, N)``; a batch that already is feature images is returned as it is."""
-        if self._is_feature_batch(windows):
-            return np.asarray(windows, dtype=np.float32)
+        """Feature images ``(B, 2, 64, 32)`` float32 (before standardisation) of ``Window``
+        objects or raw samples ``(B, N)`` / ``(N,)`` (:func:`pdm_edge.features.encoder_input`).
+
+        Raises:
+            ModelError: a window's sample rate differs from the configured one.
+            ValueError: a sample array that is not 1-D or 2-D; non-finite or too short windows.
+        """
         x = self._samples(windows)
         if x.shape[0] == 0:
             return np.zeros((0, *features.INPUT_SHAPE), np.float32)
         return features.encoder_input(x, self.config.sample_rate_hz, self.config.kind, self.spec)
+
+    @staticmethod
+    def _check_features(f: np.ndarray) -> np.ndarray:
+        f = np.asarray(f, dtype=np.float32)
+        if f.ndim != 4 or tuple(f.shape[1:]) != features.INPUT_SHAPE:
+            raise ValueError(f"feature images must be (B, {', '.join(map(str, features.INPUT_SHAPE))}), got shape {f.shape}")
+        return f
 
     # -- river-like API --------------------------------------------------------------------
     @property
@@ -399,13 +375,24 @@ class Scorer:
         return len(self._faults)
 
     def learn_one(self, window: Window | np.ndarray, label: str = "normal") -> Scorer:
-        """Add one window (see :meth:`learn_many`)."""
+        """Add one window, a ``Window`` or raw samples ``(N,)`` (see :meth:`learn_features`)."""
         return self.learn_many([window] if isinstance(window, Window) else np.asarray(window)[None], label)
 
     def learn_many(self, windows: Sequence[Window] | np.ndarray, label: str = "normal",
                    events: Sequence[dict[str, Any]] | None = None) -> Scorer:
-        """Add windows of the machine, ``(B, N)`` samples, ``Window`` objects or ``(B, 2, 64, 32)``
-        feature images, as examples of ``label``.
+        """Add windows of the machine, ``Window`` objects or raw samples ``(B, N)``, as examples
+        of ``label``: :meth:`learn_features` of their :meth:`features`.
+
+        Raises:
+            ModelError: a window's sample rate differs from the configured one.
+            ValueError: an unknown label, non-finite or too short windows.
+        """
+        return self.learn_features(self.features(windows), label, events)
+
+    def learn_features(self, feature_images: np.ndarray, label: str = "normal",
+                       events: Sequence[dict[str, Any]] | None = None, *, replay: bool | np.ndarray = False) -> Scorer:
+        """Add feature images ``(B, 2, 64, 32)`` (:meth:`features`, before standardisation) of
+        the machine's windows as examples of ``label``.
 
         ``label="normal"`` (the default: unlabelled data of a healthy machine, and windows a
         technician marked as a false alarm): before calibration they are only collected; after
@@ -420,12 +407,15 @@ class Scorer:
         ``{"label": id, "fault_type": ..., "start_ns": ...}``), so that :meth:`nearest_fault`
         can say which confirmed fault a new window looks like.
 
+        ``replay`` (one bool, or ``(B,)`` bools) marks normal windows that come from the replay
+        buffer: only these are augmented in training (``TrainConfig.aug_*``).
+
         Raises:
-            ValueError: an unknown label, non-finite or too short windows.
+            ValueError: an unknown label, or an array that is not ``(B, 2, 64, 32)``.
         """
         if label not in ("normal", "fault"):
             raise ValueError(f"label must be 'normal' or 'fault', got {label!r}")
-        f = self.features(windows)
+        f = self._check_features(feature_images)
         if label == "fault":
             if events is not None and len(events) != len(f):
                 raise ValueError(f"events must name every fault window: {len(events)} events for {len(f)} windows")
@@ -436,29 +426,28 @@ class Scorer:
             self._faults.extend(f)
             return self
         self._normal.extend(f)
+        self._replay.extend(np.broadcast_to(np.asarray(replay, bool), (len(f),)).tolist())
         if self.is_calibrated and len(f) and self._baseline_emb is not None:
             emb = self._embed(self.standardizer.transform(f))  # type: ignore[union-attr]
             self._baseline_emb = np.concatenate([self._baseline_emb, emb]) if self._baseline_emb is not None else emb
             self.baseline = Baseline.fit(self._baseline_emb)
         return self
 
-    def score_one(self, window: Window | np.ndarray) -> float:
-        """Anomaly score of one window (see :meth:`score_many`)."""
-        return float(self.score_many([window] if isinstance(window, Window) else np.asarray(window)[None])[0])
-
-    def score_many(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
-        """Anomaly scores, shape ``(B,)`` float64; higher = more anomalous, about 0 for normal
-        windows, in units of the normal spread.
+    def score_windows(self, windows: Sequence[Window] | np.ndarray) -> np.ndarray:
+        """Anomaly scores of ``Window`` objects or raw samples ``(B, N)`` / ``(N,)``: the
+        :meth:`score_features` of their :meth:`features`. Shape ``(B,)`` float64.
 
         Raises:
-            NotCalibratedError: before :meth:`calibrate` has run: the machine says it has no
-                baseline instead of guessing.
+            NotCalibratedError: before :meth:`calibrate`.
             ModelError: a window's sample rate differs from the configured one.
             ValueError: non-finite or too short windows (from the features).
         """
+        self._require_calibrated()
+        return self.score_features(self.features(windows))
+
+    def _require_calibrated(self) -> None:
         if not self.is_calibrated:
             raise NotCalibratedError(f"not calibrated: {self.n_normal} normal window(s) collected, calibrate() first")
-        return self._score_features(self.features(windows))
 
     # -- internals -------------------------------------------------------------------------
     def _complementary_masks(self) -> torch.Tensor:
@@ -471,7 +460,7 @@ class Scorer:
         return masks
 
     def _tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.adapter.head(self.encoder.tokens(x, self.kind, mask, adapter=self.adapter))
+        return self.adapter.head(self.infer_encoder.tokens(x, self.kind, mask, adapter=self.adapter))
 
     @torch.no_grad()
     def _embed(self, xs: np.ndarray, batch: int = NO_GRAD_BATCH) -> np.ndarray:
@@ -528,19 +517,23 @@ class Scorer:
         return np.maximum(0.0, d0 - df) / spread
 
     def nearest_fault(self, windows: Sequence[Window] | np.ndarray) -> list[FaultMatch | None]:
-        """For each window, the confirmed fault it looks like (:class:`~pdm_edge.types.FaultMatch`),
-        or None: the event (label id, fault type, span start; see :meth:`learn_many`) of the
-        nearest known-fault prototype when the window is nearer (baseline Mahalanobis metric) to
-        it than to the normal mean, with ``similarity = d_normal / (d_normal + d_fault)`` in
-        (0.5, 1] (1: on the prototype); None too for a prototype learnt without an event (no
-        label id to name). Windows, raw samples or feature images, as :meth:`score_many`.
+        """:meth:`nearest_fault_features` of ``Window`` objects or raw samples, as
+        :meth:`score_windows`."""
+        return self.nearest_fault_features(self.features(windows))
+
+    def nearest_fault_features(self, feature_images: np.ndarray) -> list[FaultMatch | None]:
+        """For each feature image ``(B, 2, 64, 32)`` (:meth:`features`), the confirmed fault it
+        looks like (:class:`~pdm_edge.types.FaultMatch`), or None: the event (label id, fault
+        type, span start; see :meth:`learn_many`) of the nearest known-fault prototype when the
+        window is nearer (baseline Mahalanobis metric) to it than to the normal mean, with
+        ``similarity = d_normal / (d_normal + d_fault)`` in (0.5, 1] (1: on the prototype); None
+        too for a prototype learnt without an event (no label id to name).
 
         Raises:
             NotCalibratedError: before :meth:`calibrate`.
         """
-        if not self.is_calibrated:
-            raise NotCalibratedError("not calibrated")
-        f = self.features(windows)
+        self._require_calibrated()
+        f = self._check_features(feature_images)
         if self.fault_prototypes is None or not len(self.fault_prototypes) or not len(f):
             return [None] * len(f)
         e = self._embed(self.standardizer.transform(f)).astype(np.float64)  # type: ignore[union-attr]
@@ -558,7 +551,18 @@ class Scorer:
                                   round(float(d0[i] / (d0[i] + d[i, j])), 3)))
         return out
 
-    def _score_features(self, f: np.ndarray) -> np.ndarray:
+    def score_features(self, feature_images: np.ndarray) -> np.ndarray:
+        """Anomaly scores of feature images ``(B, 2, 64, 32)`` float32 (:meth:`features`, before
+        standardisation), shape ``(B,)`` float64; higher = more anomalous, about 0 for normal
+        windows, in units of the normal spread.
+
+        Raises:
+            NotCalibratedError: before :meth:`calibrate` has run: the machine says it has no
+                baseline instead of guessing.
+            ValueError: an array that is not ``(B, 2, 64, 32)``.
+        """
+        self._require_calibrated()
+        f = self._check_features(feature_images)
         if len(f) == 0:
             return np.zeros(0)
         xs = self.standardizer.transform(f)  # type: ignore[union-attr]
@@ -570,7 +574,8 @@ class Scorer:
 
     # -- calibration -----------------------------------------------------------------------
     def calibrate(self, *, checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                  resume: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+                  resume: dict[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
+                  work_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Fit the machine's baseline, adapter, score standardisation and threshold on the
         normal windows collected so far (in time order), with the fault windows collected so
         far as known-fault examples.
@@ -582,6 +587,8 @@ class Scorer:
             resume: such a state: training continues after its epoch instead of starting over.
             should_stop: polled between batches; when it returns True the current state is
                 passed to ``checkpoint`` and :class:`TrainingInterrupted` is raised.
+            work_dir: where the training job may spill its frozen-prefix cache
+                (:func:`pdm_edge.learning.trainer.train_adapter`).
 
         Returns:
             a summary: windows used, adapter epochs and losses, training seconds, held-out
@@ -603,8 +610,17 @@ class Scorer:
         fault_xs = self.standardizer.transform(np.stack(self._faults)) if self._faults else None
         self.adapter = self._new_adapter()
         history: list[dict[str, float]] = []
+        plans: list[dict[str, Any]] = []
         if self.config.train_adapter:
-            history = self._train_adapter(tr, va, fault_xs, checkpoint=checkpoint, resume=resume, should_stop=should_stop)
+            from pdm_edge.learning.trainer import train_adapter  # here: pdm_edge.learning imports this module
+
+            from pdm_edge.learning.augment import Augmenter
+
+            aug = self.config.train.augmentation
+            replay = np.asarray(self._replay[: n - n_val], bool)
+            augment = Augmenter(raw_f[: n - n_val], replay, self.standardizer.transform, self.config.kind, **aug) if aug and replay.any() else None
+            history = train_adapter(self, tr, va, fault_xs, checkpoint=checkpoint, resume=resume, should_stop=should_stop,
+                                    work_dir=work_dir, on_plan=lambda p: plans.append(p.to_dict()), augment=augment)
         emb = self._embed(xs)
         comps = self.config.components
         # cross-fitted distances hold out every window; measures of the trained adapter only
@@ -619,7 +635,7 @@ class Scorer:
             held["logit"] = self._logit(emb[held_idx])
         if "reconstruction" in comps:
             held["reconstruction"] = self._recon_error(va)
-        self.component_stats = {c: _robust_scale(v) for c, v in held.items()}
+        self.component_stats = {c: robust_scale(v) for c, v in held.items()}
         self._baseline_emb = emb
         self.baseline = Baseline.fit(emb)
         self.spectral_baseline = Baseline.fit(spectral_summary(xs, self.config.kind)) if "spectral" in comps else None
@@ -638,107 +654,12 @@ class Scorer:
             "windows": n, "fault_windows": len(self._faults),
             "fault_prototypes": 0 if self.fault_prototypes is None else len(self.fault_prototypes),
             "train_windows": len(tr), "held_out_windows": len(held_idx),
-            "adapter_epochs": len(history), "adapter_history": history,
+            "adapter_epochs": len(history), "adapter_history": history, "memory_plan": plans[0] if plans else None,
             "train_seconds": round(time.monotonic() - t0, 3),
             "held_out_score_mean": mu, "held_out_score_std": sigma, "held_out_score_max": float(np.max(held_scores)),
             "exceedance_probability": p, "threshold": self.threshold,
         }
         return self.calibration
-
-    def _train_adapter(self, tr: np.ndarray, va: np.ndarray, faults: np.ndarray | None = None, *, checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                       resume: dict[str, Any] | None = None,
-                       should_stop: Callable[[], bool] | None = None) -> list[dict[str, float]]:
-        tc = self.config.train
-        params = [p for p in self.adapter.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-        gen = torch.Generator().manual_seed(tc.seed)
-        rng = np.random.default_rng(tc.seed)
-        n_tok = self.encoder.cfg.n_tokens
-        xt, xv = torch.from_numpy(tr), torch.from_numpy(va)
-        xf = None if faults is None or not len(faults) else torch.from_numpy(faults)
-        val_masks = [random_mask(len(xv), n_tok, tc.mask_ratio, torch.Generator().manual_seed(tc.seed + 1 + i)) for i in range(2)]
-        oe = tc.outlier_exposure
-        xv_syn = synthetic_anomalies(xv, self.config.kind, torch.Generator().manual_seed(tc.seed + 7)) if oe > 0 else None
-        bce = torch.nn.functional.binary_cross_entropy_with_logits
-
-        def oe_loss(normal: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
-            """Outlier exposure: normal windows are negatives, anomalous ones positives."""
-            z = self.adapter.logit(self._tokens(torch.cat([normal, anomalous])).mean(dim=1))[:, 0]
-            y = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))])
-            return bce(z, y)
-
-        def val_loss() -> float:
-            # in chunks of NO_GRAD_BATCH windows: the peak memory of a validation pass stays below
-            # that of a training step
-            with torch.no_grad():
-                errs = []
-                for m in val_masks:
-                    for i in range(0, len(xv), NO_GRAD_BATCH):
-                        xb, mb = xv[i:i + NO_GRAD_BATCH], m[i:i + NO_GRAD_BATCH]
-                        errs.append(masked_error(self.encoder.reconstruct(self._tokens(xb, mb)), self.encoder.patchify(xb), mb))
-                loss = float(torch.cat(errs).mean()) if errs else float("nan")
-                if oe > 0:
-                    parts = [float(oe_loss(xv[i:i + NO_GRAD_BATCH], xv_syn[i:i + NO_GRAD_BATCH])) * len(xv[i:i + NO_GRAD_BATCH])  # type: ignore[index]
-                             for i in range(0, len(xv), NO_GRAD_BATCH)]
-                    loss += oe * sum(parts) / max(1, len(xv))
-                return loss
-
-        def snapshot(epoch: int) -> dict[str, Any]:
-            return {"epoch": epoch, "adapter": copy.deepcopy(self.adapter.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
-                    "best": best, "best_state": best_state, "bad": bad, "history": list(history),
-                    "elapsed_s": elapsed0 + time.monotonic() - t0}
-
-        start, elapsed0 = 1, 0.0
-        if resume is not None:
-            self.adapter.load_state_dict(resume["adapter"])
-            opt.load_state_dict(resume["optimizer"])
-            best, best_state, bad = float(resume["best"]), resume["best_state"], int(resume["bad"])
-            history, start, elapsed0 = list(resume["history"]), int(resume["epoch"]) + 1, float(resume["elapsed_s"])
-            for _ in range(1, start):  # the same data order and masks as an uninterrupted run
-                rng.permutation(len(xt))
-        else:
-            best, best_state, bad, history = val_loss(), copy.deepcopy(self.adapter.state_dict()), 0, []
-            history.append({"epoch": 0, "train_loss": float("nan"), "val_loss": best})
-        t0 = time.monotonic()
-        stopped = bad >= tc.patience or elapsed0 > tc.max_seconds
-        for ep in range(start, tc.max_epochs + 1):
-            if stopped:
-                break
-            epoch_start = copy.deepcopy(self.adapter.state_dict()), copy.deepcopy(opt.state_dict())
-            perm = rng.permutation(len(xt))
-            tot = 0.0
-            for b in range(0, len(perm), tc.batch):
-                if should_stop is not None and should_stop():
-                    # resume from the last finished epoch: roll back the half-done one
-                    self.adapter.load_state_dict(epoch_start[0])
-                    opt.load_state_dict(epoch_start[1])
-                    if checkpoint is not None:
-                        checkpoint(snapshot(ep - 1))
-                    raise TrainingInterrupted(f"adapter training stopped at epoch {ep} of {tc.max_epochs} (checkpoint kept)")
-                j = torch.from_numpy(perm[b:b + tc.batch])
-                x = xt[j]
-                mask = random_mask(len(j), n_tok, tc.mask_ratio, gen)
-                loss = masked_error(self.encoder.reconstruct(self._tokens(x, mask)), self.encoder.patchify(x), mask).mean()
-                if oe > 0:
-                    pos = synthetic_anomalies(x, self.config.kind, gen)
-                    if xf is not None:  # confirmed faults join the positives
-                        pos = torch.cat([pos, xf[torch.randint(len(xf), (max(1, len(j) // 4),), generator=gen)]])
-                    loss = loss + oe * oe_loss(x, pos)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                tot += float(loss.detach()) * len(j)
-            vl = val_loss()
-            history.append({"epoch": ep, "train_loss": tot / len(xt), "val_loss": vl})
-            if vl < best - 1e-5:
-                best, best_state, bad = vl, copy.deepcopy(self.adapter.state_dict()), 0
-            else:
-                bad += 1
-            stopped = bad >= tc.patience or elapsed0 + time.monotonic() - t0 > tc.max_seconds
-            if checkpoint is not None:
-                checkpoint(snapshot(ep))
-        self.adapter.load_state_dict(best_state)
-        return history
 
     # -- state for model versions ------------------------------------------------------------
     def state(self) -> dict[str, Any]:
