@@ -39,6 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pdm_edge.errors import ConfigError
 from pdm_edge.types import SensorKind, Unit
 
+DEFAULT_ALERT_K, DEFAULT_ALERT_N = 3, 5
+"""The default alert rule (``[alerts] k``/``n``): 3 of the last 5 windows above the threshold."""
+
 PRIVATE_UMASK = 0o077
 """The process umask of every ``pdm-edge`` command (and of the systemd units' ``UMask=``): the
 state files it creates (spool, store, label book, registry, the demo's configuration, which may
@@ -283,8 +286,11 @@ class AlertsConfig(_Strict):
     """Publish every score on ``pdm/v1/{site}/{machine}/{sensor}/score`` (QoS 0)."""
     no_score_sites: list[str] = Field(default_factory=list)
     """Sites for which scores are not published (alerts and status still are)."""
-    k: int = Field(3, ge=1)
-    n: int = Field(5, ge=1)
+    k: int = Field(DEFAULT_ALERT_K, ge=1)
+    n: int = Field(DEFAULT_ALERT_N, ge=1)
+    """The alert rule: raise when ``k`` of the last ``n`` windows are above the threshold. The
+    one source of ``k`` and ``n`` (:mod:`pdm_edge.alerts.debounce`): the alerts, the scoring
+    stage's quiet-window test and the model's threshold calibration all take them from here."""
     stale_after_s: float = Field(60.0, gt=0)
     """A machine whose newest score is older than this is reported as stale."""
 
