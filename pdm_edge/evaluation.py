@@ -405,7 +405,7 @@ class _Appliance:
         from pdm_edge.feedback import Feedback, LabelBook, LabelledWindowBuffer, RecentWindows
         from pdm_edge.learning import LearningLoop
         from pdm_edge.registry import Registry
-        from pdm_edge.scoring import ScoringStage
+        from pdm_edge.pipeline.scoring import ScoringStage
 
         self.stream = stream
         self.site, self.machine, self.sensor = stream.split("/")
@@ -415,7 +415,7 @@ class _Appliance:
         self.feedback = Feedback(self.book, self.buffer, RecentWindows(10**7, 1024**3))
         self.loop = LearningLoop(self.registry, encoder, sha, d, scorer_config=lambda s, w=None: cfg, calibration_s=10**9,
                                  labels=self.book, label_windows=self.buffer, label_settle_s=0.0)
-        self.stage = ScoringStage(self.loop)
+        self.stage = ScoringStage.following(self.loop)
 
     def calibrate(self, windows: list) -> Any:
         """Collect ``windows`` and run the initial calibration; returns the job."""
@@ -428,8 +428,7 @@ class _Appliance:
 
     def score(self, windows: list) -> np.ndarray:
         """Score windows with the active version (they also enter the ring and the replay buffer)."""
-        for w in windows:
-            self.feedback.observe(w)
+        self.feedback.observe_many(windows)
         return np.array([sc.score for _, sc in self.stage.handle_many(windows)])
 
     def label(self, start_ns: int, end_ns: int, kind: str, note: str) -> None:

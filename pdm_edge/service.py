@@ -6,15 +6,19 @@ Threads and the bounded queues between them::
         |  chunk queue  (ingest.queue_size, back-pressure to the broker when full)
     "ingest-window" thread           ring buffer per stream, windows cut with hop
         |  window queue (ingest.window_queue_size; the windowing thread waits when full)
-    "score-worker" thread            up to service.score_batch windows per batch:
-        |                              Feedback.observe -> scoring stage -> ResultPublisher.handle
-        |                              (k-of-n alerts; scores/alerts/status handed to paho)
+    "score-worker" thread            up to service.score_batch windows per batch, every side
+        |                              effect once per batch: Feedback.observe_many -> scoring
+        |                              stage (replay candidates to the learning loop) -> spool
+        |                              (scores, conditions) -> ResultPublisher.handle_many (k-of-n
+        |                              alerts; scores/alerts/status handed to paho) -> spool (alerts)
         |  durable spool (SQLite WAL, spool.max_records; oldest scores dropped beyond it)
     "spool-writer" thread            batches into the store (InfluxDB / SQLite), back-off on outages
 
     "learning" thread                the training loop (nice +10): calibrations and retrains, one at a time
     paho "results" thread + "results-status" ticker    QoS 1 alerts/status (paho queue, bounded)
     paho "labels" thread             technician labels -> Feedback.submit (label book)
+    "label-sync" thread              every 0.5 s: new labels in the book (any process) -> their
+                                     windows captured, forwarded to the spool (one cursor)
     "http" thread                    /metrics and /healthz (:mod:`pdm_edge.metrics`)
     "health-probe" thread            pings the store every few seconds (for /healthz)
     "watchdog" thread                systemd WATCHDOG=1 while the scoring worker is alive
@@ -23,9 +27,13 @@ Decisions:
 
 - **One place builds the scorer**: :meth:`Service._make_scoring`: the on-device learning loop
   (:mod:`pdm_edge.learning`: replay buffer, triggers, training in its own low-priority
-  thread, gate, registry) and the :class:`~pdm_edge.scoring.ScoringStage`, which scores each
-  stream with its registry's active version and hot-swaps a promoted or rolled-back one. The worker only calls ``handle_many``, ``state``,
-  ``version`` and ``drain``; the scoring stage must only be called from the worker thread.
+  thread, gate, registry), the :class:`~pdm_edge.pipeline.streams.StreamTable` (each stream's
+  state and backlog, the one owner: it consumes the loop's events) and the
+  :class:`~pdm_edge.pipeline.scoring.ScoringStage`, which scores each stream with its
+  registry's active version and hot-swaps a promoted or rolled-back one; its replay
+  candidates go to the loop (``take_replay``) as data. The worker calls ``handle_many`` and
+  ``drain`` (only from the worker thread); stream states come from the table, never from the
+  job table.
 - **Model events** in the store: ``training_queued`` / ``rejected`` / ``training_failed`` /
   ``training_interrupted`` from the learning loop; registry promotions and rollbacks (:meth:`~pdm_edge.registry.Registry.on_change`) as
   ``promoted`` / ``rolled_back`` (a stream's first version, trigger ``initial``, as
@@ -33,8 +41,8 @@ Decisions:
 - **Scores go to the spool before MQTT**: the spool is the record (durable), MQTT is best
   effort for scores (QoS 0) and at-least-once for alerts and status (QoS 1).
 - **Backlog at the end of a stream**: windows that arrived while a stream calibrated are scored
-  with the next window of that stream; when the window queue runs dry the worker scores them
-  itself (``ScoringStage.drain``) once no stream is calibrating any more.
+  with the next window of that stream; when the window queue runs dry the worker scores the
+  backlog of every stream that is no longer calibrating itself (``ScoringStage.drain``).
 - **Stop** (:meth:`Service.stop`, on SIGTERM/SIGINT in :func:`run_forever`), within one
   time budget: stop the label listener; stop ingestion (publishes the retained ``offline``
   appliance status, windows every chunk already received); the worker scores every window
@@ -370,6 +378,7 @@ class Service:
         self.labels: Any = None
         self.registry: Any = None
         self.learning: Any = None
+        self.streams: Any = None
         self.http: HttpServer | None = None
         self._unsubscribe: Callable[[], None] | None = None
         self._worker: threading.Thread | None = None
@@ -379,7 +388,6 @@ class Service:
         self._worker_stop = threading.Event()
         self._stopping = threading.Event()
         self._closed = threading.Event()
-        self._awaiting_backlog: set[str] = set()  # streams seen calibrating whose backlog is not scored yet
         self._lock = threading.Lock()
         self._processed = 0  # windows the worker has finished with (scored, collected or backlogged)
         self._scored: collections.Counter[str] = collections.Counter()
@@ -402,11 +410,15 @@ class Service:
         """Build the learning loop (:mod:`pdm_edge.learning`, its low-priority worker thread
         started) and the scoring stage that follows its registry: the one place that does."""
         from pdm_edge.learning import build_learning
-        from pdm_edge.scoring import ScoringStage
+        from pdm_edge.pipeline import ScoringStage, StreamTable
 
-        self.learning = build_learning(self.config, self.registry, self._encoder, self._sha, labels=self.feedback.book,
-                                       label_windows=self.feedback.buffer, on_event=self._on_learning_event).start()
-        return ScoringStage(self.learning, max_backlog_bytes=self.config.service.backlog_max_bytes)
+        cfg = self.config
+        self.learning = build_learning(cfg, self.registry, self._encoder, self._sha, labels=self.feedback.book,
+                                       label_windows=self.feedback.buffer, on_event=self._on_learning_event)
+        self.streams = StreamTable(max_backlog_bytes=cfg.service.backlog_max_bytes)
+        stage = ScoringStage.following(self.learning, self.streams, alert_k=cfg.alerts.k, alert_n=cfg.alerts.n)
+        self.learning.start()
+        return stage
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> Service:
@@ -437,7 +449,7 @@ class Service:
                 if v.status == "active":
                     self.metrics.set_active_model(v.site, v.machine, v.sensor, v.id)
             self._unsubscribe = self.registry.on_change(self._on_model_change)
-            self.feedback = Feedback.from_config(cfg.feedback, spool=self.spool)
+            self.feedback = Feedback.from_config(cfg.feedback, spool=self.spool).start()
             if self._encoder is None:
                 from pdm_edge.model import load_encoder
 
@@ -501,6 +513,7 @@ class Service:
             return max(0.5, deadline - reserve_s - time.monotonic())
 
         self.labels.stop()
+        self.feedback.stop()  # after one last sync: every label is in the spool before it drains
         self.ingestor.stop(timeout=left(reserve))  # retained "offline"; queued chunks windowed
         self._worker_stop.set()
         assert self._worker is not None
@@ -535,9 +548,9 @@ class Service:
         then score their backlog. Returns the streams whose calibration was still running (their
         backlog windows, held in memory by the stage, are lost; the calibration itself is in the
         job table and the replay buffer and resumes from its checkpoint at the next start)."""
-        while self._calibrating() and time.monotonic() < until:
+        while self.streams.calibrating() and time.monotonic() < until:
             time.sleep(0.05)
-        busy = self._calibrating()
+        busy = self.streams.calibrating()
         if busy:
             log_event(log, logging.WARNING, "calibration_unfinished_at_stop", streams=",".join(busy))
             return busy
@@ -597,9 +610,7 @@ class Service:
             except queue.Empty:
                 if self._worker_stop.is_set():
                     return
-                with self._lock:
-                    waiting = sorted(self._awaiting_backlog)
-                if waiting and not any(self.scoring.state(s) == "calibrating" for s in waiting):
+                if any(state != "calibrating" for state in self.streams.backlogged().values()):
                     self._drain_backlog()
                 continue
             batch = [first]
@@ -612,22 +623,16 @@ class Service:
                 self._process(batch)
             except Exception as exc:  # never let the worker die: count, log, go on
                 self._worker_error(exc, batch[0].stream)
-            states = {w.stream: self.scoring.state(w.stream) for w in batch}
             with self._lock:
-                for stream, state in states.items():
-                    if state == "calibrating":
-                        self._awaiting_backlog.add(stream)
-                    elif state in ("scoring", "failed"):  # handle() released the backlog / nothing to score
-                        self._awaiting_backlog.discard(stream)
                 self._processed += len(batch)
 
     def _process(self, batch: list[Window]) -> None:
+        """One batch through the pipeline; every side effect once per batch."""
         self.metrics.windows_in.inc(len(batch))
-        for w in batch:
-            try:
-                self.feedback.observe(w)
-            except Exception as exc:
-                self._worker_error(exc, w.stream)
+        try:
+            self.feedback.observe_many(batch)
+        except Exception as exc:
+            self._worker_error(exc, batch[0].stream)
         t0 = time.perf_counter()
         try:
             pairs = self.scoring.handle_many(batch)
@@ -644,35 +649,44 @@ class Service:
         self.metrics.score_batch.observe(len(batch))
         if self.hooks.on_window is not None:
             for w in batch:
-                self._hook(self.hooks.on_window, w, self.scoring.state(w.stream))
+                self._hook(self.hooks.on_window, w, self.streams.state(w.stream))
         self._emit(pairs)
 
     def _emit(self, pairs: list[tuple[Window, Score]]) -> None:
-        """Spool the scores, then run alerts and MQTT, then spool alert records."""
+        """A scored batch's side effects, one call each: scores and condition indicators to
+        the spool, metrics, alerts and MQTT
+        (:meth:`~pdm_edge.alerts.publisher.ResultPublisher.handle_many`), alert records to the
+        spool and their windows held. (Replay candidates went to the learning loop from the
+        scoring stage's sink, one record per stream.)"""
         if not pairs:
             return
         self._spool_put("score", [sc for _, sc in pairs])
         self._spool_conditions([w for w, _ in pairs])
-        for win, sc in pairs:
-            self.metrics.windows_scored.labels(sc.site, sc.machine, sc.sensor).inc()
-            with self._lock:
-                self._scored[win.stream] += 1
-            if self.hooks.on_score is not None:
+        per_stream = collections.Counter(w.stream for w, _ in pairs)
+        with self._lock:
+            self._scored.update(per_stream)
+        for stream, n in per_stream.items():
+            self.metrics.windows_scored.labels(*stream.split("/")).inc(n)
+        if self.hooks.on_score is not None:
+            for win, sc in pairs:
                 self._hook(self.hooks.on_score, win, sc)
-            alerts = self.results.handle(sc, win.end_ns)
-            for a in alerts:
-                self._spool_put("alert", [a])
-                self.metrics.alerts.labels(a.site, a.machine, a.sensor, a.state).inc()
-                log_event(log, logging.INFO, f"alert_{a.state}", alert_id=a.id, stream=win.stream,
-                          start_ns=a.start_ns, end_ns=a.end_ns, peak_score=a.peak_score, threshold=a.threshold,
-                          model_version=a.model_version)
-                end = a.end_ns if a.end_ns is not None else win.end_ns
-                try:
-                    self.feedback.hold_span(a.site, a.machine, a.sensor, a.start_ns, end)
-                except Exception:
-                    log.exception("holding the windows of alert %s failed", a.id)
-                if self.hooks.on_alert is not None:
-                    self._hook(self.hooks.on_alert, a, win)
+        alerts = self.results.handle_many([(sc, w.end_ns) for w, sc in pairs])
+        if not alerts:
+            return
+        self._spool_put("alert", [a for _, a in alerts])
+        for i, a in alerts:
+            win = pairs[i][0]
+            self.metrics.alerts.labels(a.site, a.machine, a.sensor, a.state).inc()
+            log_event(log, logging.INFO, f"alert_{a.state}", alert_id=a.id, stream=win.stream,
+                      start_ns=a.start_ns, end_ns=a.end_ns, peak_score=a.peak_score, threshold=a.threshold,
+                      model_version=a.model_version)
+            end = a.end_ns if a.end_ns is not None else win.end_ns
+            try:
+                self.feedback.hold_span(a.site, a.machine, a.sensor, a.start_ns, end)
+            except Exception:
+                log.exception("holding the windows of alert %s failed", a.id)
+            if self.hooks.on_alert is not None:
+                self._hook(self.hooks.on_alert, a, win)
 
     def _spool_conditions(self, windows: list[Window]) -> None:
         """Spool the condition indicators (ISO 20816-3 velocity and zone, RMS, peak, crest factor,
@@ -691,12 +705,11 @@ class Service:
             log.exception("condition indicators of %d windows failed", len(windows))
 
     def _drain_backlog(self) -> None:
+        """Score (or collect) every backlog of a stream that is no longer calibrating."""
         try:
-            self._emit(self.scoring.drain())
+            self._emit(self.scoring.drain(timeout=0.0))
         except Exception as exc:
             self._worker_error(exc, None)
-        with self._lock:  # after the scores are spooled, so that wait_idle cannot pass in between
-            self._awaiting_backlog.clear()
 
     def _worker_error(self, exc: BaseException, stream: str | None) -> None:
         """An exception in the scoring worker: counted (``pdm_edge_worker_errors_total`` and the
@@ -886,11 +899,6 @@ class Service:
             names.update(self.ingestor.stats().streams)
         return sorted(names)
 
-    def _calibrating(self) -> list[str]:
-        if self.scoring is None:
-            return []
-        return [s for s in self._streams() if self.scoring.state(s) == "calibrating"]
-
     def worker_alive(self) -> bool:
         """Whether the scoring worker thread is running."""
         return self._worker is not None and self._worker.is_alive()
@@ -914,7 +922,7 @@ class Service:
             with self._lock:
                 processed = self._processed
             idle = (st.windowed >= st.accepted and st.chunk_queue_depth == 0 and st.window_queue_depth == 0
-                    and processed >= st.windows and not self._awaiting_backlog and not self._calibrating()
+                    and processed >= st.windows and not self.streams.busy()
                     and (not spool or self.spool.depth() == 0) and now - quiet_since >= settle_s)
             if idle:
                 return True
@@ -965,24 +973,24 @@ class Service:
             if depth >= 0.9 * cap or nbytes >= 0.9 * cap_bytes:
                 reasons.append(f"overloaded: {name} queue {depth}/{cap} items, {nbytes / 2**20:.0f}/{cap_bytes / 2**20:.0f} MiB "
                                "(the scorer is not keeping up)")
-        lost = ing.deadletters.get("queue_full", 0) + (self.scoring.dropped_backlog if self.scoring else 0)
+        lost = ing.deadletters.get("queue_full", 0) + (self.streams.dropped_backlog if self.streams else 0)
         if lost != self._losses[0]:
             self._losses = (lost, now)
         if lost and now - self._losses[1] <= RECENT_S:
             reasons.append(f"overload losses: {ing.deadletters.get('queue_full', 0)} chunk(s) dead-lettered as queue_full, "
-                           f"{self.scoring.dropped_backlog if self.scoring else 0} calibration-backlog window(s) dropped")
+                           f"{self.streams.dropped_backlog if self.streams else 0} calibration-backlog window(s) dropped")
         for stage_errors in (self.ingestor.errors, self.writer.errors, self.errors):
             reasons.extend(stage_errors.reasons())
         streams: dict[str, Any] = {}
         with self._lock:
             scored = dict(self._scored)
         all_streams = self._streams()
+        states = self.streams.states()
         for name in all_streams:
-            state = self.scoring.state(name)
-            if state == "failed":
+            if states.get(name) == "failed":
                 reasons.append(f"{name}: calibration failed")
         for name in all_streams[:self.HEALTH_MAX_STREAMS]:
-            state = self.scoring.state(name)
+            state = states.get(name, "unknown")
             s = ing.streams.get(name)
             streams[name] = {
                 "state": state,
@@ -1051,7 +1059,7 @@ class Service:
             "store_reachable": self._store_ok(self.writer.stats()),
             "results": self.results.stats(),
             "labels": self.labels.stats(),
-            "streams": {s: {"state": self.scoring.state(s)} for s in self._streams()},
+            "streams": {s: {"state": self.streams.state(s)} for s in self._streams()},
             "worker_heartbeat_age_s": time.monotonic() - self._heartbeat,
             "stage_errors": {**self._STAGES, **self.ingestor.errors.errors(), **self.writer.errors.errors(), **self.errors.errors()},
             "stage_restarts": {**self._STAGES, **self.ingestor.errors.restarts(), **self.writer.errors.restarts(),
@@ -1065,8 +1073,8 @@ class Service:
             out = dict(self._dropped)
         for reason, n in self.ingestor.stats().windows_dropped.items():
             out[("window", reason)] = out.get(("window", reason), 0) + n
-        if self.scoring is not None and self.scoring.dropped_backlog:
-            out[("window", "calibration_backlog")] = self.scoring.dropped_backlog
+        if self.streams is not None and self.streams.dropped_backlog:
+            out[("window", "calibration_backlog")] = self.streams.dropped_backlog
         return out
 
 

@@ -15,7 +15,7 @@ import torch
 
 from pdm_edge.feedback import Feedback, LabelBook, LabelledWindowBuffer, RecentWindows
 from pdm_edge.learning import LearningLoop, ReplayBuffer, request_training
-from pdm_edge.scoring import ScoringStage
+from pdm_edge.pipeline.scoring import ScoringStage
 from pdm_edge.model import load_encoder
 from pdm_edge.model.scorer import ScorerConfig, TrainConfig
 from pdm_edge.registry import Registry
@@ -54,11 +54,10 @@ class Rig:
         kw.setdefault("calibration_s", 10.0)
         self.loop = LearningLoop(self.registry, self.enc, self.sha, d, labels=self.book, label_windows=self.buffer,
                                  on_event=lambda *e: self.events.append(e), label_settle_s=0.0, **kw)
-        self.stage = ScoringStage(self.loop)
+        self.stage = ScoringStage.following(self.loop)
 
     def feed(self, windows: list[Window]) -> list:
-        for w in windows:
-            self.feedback.observe(w)
+        self.feedback.observe_many(windows)
         return self.stage.handle_many(windows)
 
     def label(self, kind: str, ws: list[Window], **kw) -> None:

@@ -286,6 +286,8 @@ class LearningLoop:
         self._pending_labels: dict[str, list[tuple[int, float]]] = {}  # stream -> [(seq, seen at monotonic)]
         self._templates: dict[str, Scorer] = {}
         self.running_job: Job | None = None
+        self.replay_refused = 0
+        self._listeners: list[Callable[[str, str, str, str], None]] = []
         self.runs = {"done": 0, "failed": 0, "promoted": 0, "rejected": 0, "interrupted": 0}
         with self._db:  # jobs that were running when the process died: run them again (they resume)
             n = self._con.execute("UPDATE job SET status = 'queued', detail = 'interrupted by a restart; resumes from its "
@@ -328,6 +330,31 @@ class LearningLoop:
             tmpl = self.template(stream)
             if tmpl is not None and self.replay.counts(stream)[0] >= tmpl.config.min_windows:
                 self.enqueue(stream, "initial", f"{span[0]} windows over {(span[2] - span[1]) / 1e9:.0f} s collected")
+
+    def take_replay(self, candidates: list[Any]) -> int:
+        """Consume the scoring stage's replay candidates
+        (:class:`~pdm_edge.pipeline.scoring.ReplayCandidates`: ``stream``, ``start_ns``,
+        ``features``, ``collecting``), one :meth:`offer` each, once per batch. A write the
+        replay buffer refuses is logged (rate-limited) and counted, never raised: the replay
+        buffer is for later trainings, a full disk must not cost the scores. Returns how many
+        candidate sets were refused."""
+        refused = 0
+        for c in candidates:
+            try:
+                self.offer(c.stream, c.start_ns, c.features, collecting=c.collecting)
+            except (StoreError, ValueError) as exc:
+                refused += 1
+                self.replay_refused += 1
+                if self.replay_refused <= 10 or self.replay_refused % 1000 == 0:
+                    log.warning("event=replay_offer_failed stream=%s windows=%d refused=%d error=%r", c.stream,
+                                len(c.start_ns), self.replay_refused, str(exc)[:200])
+        return refused
+
+    def subscribe(self, fn: Callable[[str, str, str, str], None]) -> Callable[[], None]:
+        """Also call ``fn(stream, event, version, detail)`` for every event (as ``on_event``;
+        the stream table consumes them). Returns a function that unsubscribes."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
 
     def enqueue(self, stream: str, trigger: str, detail: str = "") -> int | None:
         """Queue a job (``None`` when the stream already has one queued or running)."""
@@ -546,9 +573,11 @@ class LearningLoop:
 
     # -- events --------------------------------------------------------------------------------------
     def _event(self, stream: str, event: str, version: str, detail: str) -> None:
-        if self.on_event is not None:
+        for fn in [*self._listeners, self.on_event]:
+            if fn is None:
+                continue
             try:
-                self.on_event(stream, event, version, detail)
+                fn(stream, event, version, detail)
             except Exception:  # a failing listener must not stop training
                 log.exception("learning event listener failed")
 
