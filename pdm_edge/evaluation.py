@@ -414,8 +414,9 @@ class _Appliance:
         self.book, self.buffer = LabelBook.in_dir(d), LabelledWindowBuffer.in_dir(d, max_bytes=2 * 1024**3)
         self.feedback = Feedback(self.book, self.buffer, RecentWindows(10**7, 1024**3))
         self.loop = LearningLoop(self.registry, encoder, sha, d, scorer_config=lambda s, w=None: cfg, calibration_s=10**9,
-                                 labels=self.book, label_windows=self.buffer, label_settle_s=0.0)
+                                 labels=self.book, label_windows=self.buffer)
         self.stage = ScoringStage.following(self.loop)
+        self.feedback.subscribe(self.loop.take_label)
 
     def calibrate(self, windows: list) -> Any:
         """Collect ``windows`` and run the initial calibration; returns the job."""

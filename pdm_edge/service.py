@@ -449,12 +449,14 @@ class Service:
                 if v.status == "active":
                     self.metrics.set_active_model(v.site, v.machine, v.sensor, v.id)
             self._unsubscribe = self.registry.on_change(self._on_model_change)
-            self.feedback = Feedback.from_config(cfg.feedback, spool=self.spool).start()
+            self.feedback = Feedback.from_config(cfg.feedback, spool=self.spool)
             if self._encoder is None:
                 from pdm_edge.model import load_encoder
 
                 self._encoder, self._sha = load_encoder()
             self.scoring = self._make_scoring()
+            self.feedback.subscribe(self.learning.take_label)  # one cursor over the label book: the feedback stage's
+            self.feedback.start()
             self.ingestor = Ingestor(cfg)
             self.results = ResultPublisher(cfg.mqtt, cfg.alerts, cfg.appliance_id).start()
             self.labels = LabelListener(cfg.mqtt, cfg.appliance_id, self.feedback.submit,

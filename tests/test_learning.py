@@ -53,8 +53,9 @@ class Rig:
         kw.setdefault("scorer_config", _cfg())
         kw.setdefault("calibration_s", 10.0)
         self.loop = LearningLoop(self.registry, self.enc, self.sha, d, labels=self.book, label_windows=self.buffer,
-                                 on_event=lambda *e: self.events.append(e), label_settle_s=0.0, **kw)
+                                 on_event=lambda *e: self.events.append(e), **kw)
         self.stage = ScoringStage.following(self.loop)
+        self.feedback.subscribe(self.loop.take_label)
 
     def feed(self, windows: list[Window]) -> list:
         self.feedback.observe_many(windows)
