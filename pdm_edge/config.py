@@ -135,9 +135,6 @@ class IngestConfig(_Strict):
     """Bounded queue of decoded chunks between the MQTT callback and the windowing worker."""
     window_queue_size: int = Field(2000, ge=1)
     """Bounded queue of windows handed to the next stage."""
-    enqueue_timeout_s: float = Field(5.0, gt=0)
-    """How long the MQTT callback waits on a full chunk queue (back-pressure to the broker)
-    before the chunk is dead-lettered as ``queue_full``. Keep it below ``keepalive_s``."""
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_samples_per_chunk: int = Field(1_048_576, ge=1)
     max_time_jitter_s: float = Field(0.002, ge=0)
