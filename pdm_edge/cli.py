@@ -512,7 +512,8 @@ def run_cmd(ctx: click.Context, log_format: str, stop_timeout_s: float) -> None:
     while the scoring worker is alive. Log level: --log-level, else $PDM_EDGE_LOG_LEVEL, else
     log_level from the configuration.
     """
-    from pdm_edge.service import Service, configure_logging, run_forever
+    from pdm_edge.runtime.logging import configure_logging
+    from pdm_edge.runtime.service import Service, run_forever
 
     obj: _Ctx = ctx.obj
     cfg = obj.config()
@@ -616,7 +617,8 @@ def demo(speed: str, recording: str | None, calibration_s: float, state_dir: str
 
     from pdm_edge.broker import EmbeddedBroker
     from pdm_edge.model import load_encoder
-    from pdm_edge.service import Service, ServiceHooks, config_toml
+    from pdm_edge.config import config_toml
+    from pdm_edge.runtime.service import Service, ServiceHooks
     from sample_data.loaders import load_recording, load_sample
     from sensors.publisher import ChunkPublisher, iter_chunks, publish_timed
 

@@ -26,6 +26,8 @@ loaded :class:`AppConfig` is absolute.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import tomllib
@@ -631,3 +633,61 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
             raise ConfigError("", f"{p} is not valid TOML: {exc}") from None
         return config_from_dict(data, env, base_dir=Path(os.path.abspath(p)).parent)
     return config_from_dict(data, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration as TOML (the demo writes its configuration for the dashboard); tomllib reads only
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else json.dumps(k)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        r = repr(v)
+        return r if any(c in r for c in ".en") else r + ".0"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """A TOML document for a nested mapping of str/int/float/bool/lists (``None`` values are
+    left out; nested mappings become tables). ``load_config`` reads it back unchanged.
+
+    Raises:
+        TypeError: a value of another type.
+    """
+    lines: list[str] = []
+
+    def table(prefix: list[str], d: Mapping[str, Any]) -> None:
+        scalars = [(k, v) for k, v in d.items() if v is not None and not isinstance(v, Mapping)]
+        tables = [(k, v) for k, v in d.items() if isinstance(v, Mapping)]
+        if prefix and (scalars or not tables):
+            lines.append("")
+            lines.append("[" + ".".join(_toml_key(p) for p in prefix) + "]")
+        for k, v in scalars:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        for k, v in tables:
+            table([*prefix, k], v)
+
+    table([], data)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def config_toml(cfg: AppConfig) -> str:
+    """``cfg`` as a TOML file that :func:`pdm_edge.config.load_config` reads back to ``cfg``."""
+    return dump_toml(cfg.model_dump(mode="python", exclude_none=True))
