@@ -1,7 +1,7 @@
 """Condition indicators of a window: ISO 20816-3 vibration severity and the classic trend values.
 
 What a vibration analyst reads beside the anomaly score, computed per window in the scoring
-path (:meth:`pdm_edge.service.Service` spools one :class:`Condition` per scored window, the
+path (:class:`pdm_edge.runtime.worker.ScoringWorker` spools one :class:`Condition` per scored window, the
 store keeps them as the ``condition`` measurement, the dashboard trends them):
 
 - **Velocity RMS, mm/s, 10-1000 Hz** (:func:`velocity_rms_mm_s`): the broadband severity

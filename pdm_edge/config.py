@@ -26,6 +26,8 @@ loaded :class:`AppConfig` is absolute.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import tomllib
@@ -38,6 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pdm_edge.errors import ConfigError
 from pdm_edge.types import SensorKind, Unit
+
+DEFAULT_ALERT_K, DEFAULT_ALERT_N = 3, 5
+"""The default alert rule (``[alerts] k``/``n``): 3 of the last 5 windows above the threshold."""
 
 PRIVATE_UMASK = 0o077
 """The process umask of every ``pdm-edge`` command (and of the systemd units' ``UMask=``): the
@@ -132,9 +137,6 @@ class IngestConfig(_Strict):
     """Bounded queue of decoded chunks between the MQTT callback and the windowing worker."""
     window_queue_size: int = Field(2000, ge=1)
     """Bounded queue of windows handed to the next stage."""
-    enqueue_timeout_s: float = Field(5.0, gt=0)
-    """How long the MQTT callback waits on a full chunk queue (back-pressure to the broker)
-    before the chunk is dead-lettered as ``queue_full``. Keep it below ``keepalive_s``."""
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_samples_per_chunk: int = Field(1_048_576, ge=1)
     max_time_jitter_s: float = Field(0.002, ge=0)
@@ -283,8 +285,11 @@ class AlertsConfig(_Strict):
     """Publish every score on ``pdm/v1/{site}/{machine}/{sensor}/score`` (QoS 0)."""
     no_score_sites: list[str] = Field(default_factory=list)
     """Sites for which scores are not published (alerts and status still are)."""
-    k: int = Field(3, ge=1)
-    n: int = Field(5, ge=1)
+    k: int = Field(DEFAULT_ALERT_K, ge=1)
+    n: int = Field(DEFAULT_ALERT_N, ge=1)
+    """The alert rule: raise when ``k`` of the last ``n`` windows are above the threshold. The
+    one source of ``k`` and ``n`` (:mod:`pdm_edge.alerts.debounce`): the alerts, the scoring
+    stage's quiet-window test and the model's threshold calibration all take them from here."""
     stale_after_s: float = Field(60.0, gt=0)
     """A machine whose newest score is older than this is reported as stale."""
 
@@ -677,3 +682,61 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
             raise ConfigError("", f"{p} is not valid TOML: {exc}") from None
         return config_from_dict(data, env, base_dir=Path(os.path.abspath(p)).parent)
     return config_from_dict(data, env)
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration as TOML (the demo writes its configuration for the dashboard); tomllib reads only
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else json.dumps(k)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        r = repr(v)
+        return r if any(c in r for c in ".en") else r + ".0"
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """A TOML document for a nested mapping of str/int/float/bool/lists (``None`` values are
+    left out; nested mappings become tables). ``load_config`` reads it back unchanged.
+
+    Raises:
+        TypeError: a value of another type.
+    """
+    lines: list[str] = []
+
+    def table(prefix: list[str], d: Mapping[str, Any]) -> None:
+        scalars = [(k, v) for k, v in d.items() if v is not None and not isinstance(v, Mapping)]
+        tables = [(k, v) for k, v in d.items() if isinstance(v, Mapping)]
+        if prefix and (scalars or not tables):
+            lines.append("")
+            lines.append("[" + ".".join(_toml_key(p) for p in prefix) + "]")
+        for k, v in scalars:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        for k, v in tables:
+            table([*prefix, k], v)
+
+    table([], data)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def config_toml(cfg: AppConfig) -> str:
+    """``cfg`` as a TOML file that :func:`pdm_edge.config.load_config` reads back to ``cfg``."""
+    return dump_toml(cfg.model_dump(mode="python", exclude_none=True))

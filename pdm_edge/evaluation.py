@@ -71,7 +71,7 @@ from typing import Any
 import numpy as np
 
 from pdm_edge import features
-from pdm_edge.alerts.debounce import KOfN
+from pdm_edge.alerts.debounce import DEFAULT_K, DEFAULT_N, KOfN, alert_statistic
 from pdm_edge.errors import PdmEdgeError
 from pdm_edge.model.encoder import Encoder
 from pdm_edge.model.postprocess import exceedance_probability, threshold_from_held_out
@@ -81,7 +81,7 @@ METHODS = ("pdm_edge", "pdm_edge_frozen", "mahalanobis", "iforest", "rms_z", "ku
            "twfr_gmm")
 """Every method of the protocol; ``twfr_gmm`` runs on acoustic rows only, ``iso_velocity_z`` on
 vibration rows only."""
-ALERT_K, ALERT_N = 3, 5
+ALERT_K, ALERT_N = DEFAULT_K, DEFAULT_N
 FALSE_ALERTS_PER_H = 0.1
 TWFR_R = 0.9
 KNN_K = 5
@@ -99,24 +99,6 @@ def _windows(x: np.ndarray, n: int, hop: int) -> np.ndarray:
         return np.zeros((0, n), np.float32)
     starts = np.arange(0, x.size - n + 1, hop)
     return np.stack([x[s:s + n] for s in starts]).astype(np.float32)
-
-
-def alert_statistic(scores: np.ndarray, k: int = ALERT_K, n: int = ALERT_N) -> float:
-    """The score a k-of-n alert rule sees in a sequence of window scores ``(T,)``: the largest,
-    over every run of ``n`` consecutive windows (the whole sequence if shorter), of the ``k``-th
-    highest score in the run. The sequence raises an alert at threshold ``h`` exactly when this
-    statistic exceeds ``h``. Returns a float (``-inf`` for an empty sequence).
-
-    >>> alert_statistic(np.array([0.0, 5.0, 0.0, 4.0, 3.0, 0.0, 0.0]))
-    3.0
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    if s.size == 0:
-        return float("-inf")
-    if s.size < n:
-        return float(np.sort(s)[::-1][min(k, s.size) - 1])
-    runs = np.lib.stride_tricks.sliding_window_view(s, n)
-    return float(np.sort(runs, axis=1)[:, n - k].max())
 
 
 # -- methods ------------------------------------------------------------------------------------
@@ -436,7 +418,7 @@ class _Appliance:
         from pdm_edge.feedback import Feedback, LabelBook, LabelledWindowBuffer, RecentWindows
         from pdm_edge.learning import LearningLoop
         from pdm_edge.registry import Registry
-        from pdm_edge.scoring import ScoringStage
+        from pdm_edge.pipeline.scoring import ScoringStage
 
         self.stream = stream
         self.site, self.machine, self.sensor = stream.split("/")
@@ -445,8 +427,9 @@ class _Appliance:
         self.book, self.buffer = LabelBook.in_dir(d), LabelledWindowBuffer.in_dir(d, max_bytes=2 * 1024**3)
         self.feedback = Feedback(self.book, self.buffer, RecentWindows(10**7, 1024**3))
         self.loop = LearningLoop(self.registry, encoder, sha, d, scorer_config=lambda s, w=None: cfg, calibration_s=10**9,
-                                 labels=self.book, label_windows=self.buffer, label_settle_s=0.0)
-        self.stage = ScoringStage(self.loop)
+                                 labels=self.book, label_windows=self.buffer)
+        self.stage = ScoringStage.following(self.loop)
+        self.feedback.subscribe(self.loop.take_label)
 
     def calibrate(self, windows: list) -> Any:
         """Collect ``windows`` and run the initial calibration; returns the job."""
@@ -459,8 +442,7 @@ class _Appliance:
 
     def score(self, windows: list) -> np.ndarray:
         """Score windows with the active version (they also enter the ring and the replay buffer)."""
-        for w in windows:
-            self.feedback.observe(w)
+        self.feedback.observe_many(windows)
         return np.array([sc.score for _, sc in self.stage.handle_many(windows)])
 
     def label(self, start_ns: int, end_ns: int, kind: str, note: str) -> None:

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pdm_edge.alerts.debounce import raises_alert
 from pdm_edge.config import NAME_RE as _NAME_RE
 from pdm_edge._util.sqlite import open_wal, tx
 from pdm_edge.errors import ModelError, RegistryError
@@ -197,7 +198,7 @@ def label_rule(candidate: Scorer, active: Scorer | None, inputs: GateInputs) -> 
                        f"threshold (max {a_scores.max() / a_thr:.1f} x): they look like a fault, not a false alarm")
     if inputs.confirm_silenced_alerts:
         k, n = active.config.alert_k, active.config.alert_n
-        silenced = _detected(a_scores > a_thr, k, n) and not _detected(c_scores > c_thr, candidate.config.alert_k,
+        silenced = raises_alert(a_scores > a_thr, k, n) and not raises_alert(c_scores > c_thr, candidate.config.alert_k,
                                                                         candidate.config.alert_n)
         metrics["silenced_alert"] = bool(silenced)
         if silenced:
@@ -214,15 +215,6 @@ def _window_name(windows: Sequence[Any] | np.ndarray, i: int) -> str:
 
 def _far(scores: np.ndarray, threshold: float) -> float:
     return float(np.mean(scores > threshold)) if len(scores) else 0.0
-
-
-def _detected(above: np.ndarray, k: int, n: int) -> bool:
-    """Would these consecutive windows (True = above threshold) raise a k-of-n alert? An event
-    shorter than ``n`` windows needs ``min(k, its length)`` of them above."""
-    if len(above) < n:
-        return int(above.sum()) >= min(k, len(above))
-    c = np.convolve(above.astype(int), np.ones(n, int), mode="valid")
-    return bool(c.max() >= k)
 
 
 def gate(candidate: Scorer, active: Scorer | None, normal_windows: Sequence[Any] | np.ndarray,
@@ -267,7 +259,7 @@ def gate(candidate: Scorer, active: Scorer | None, normal_windows: Sequence[Any]
     for i in range(n_fault):
         groups.setdefault(str(fault_events[i]) if fault_events is not None else str(i), []).append(i)
     k, n = candidate.config.alert_k, candidate.config.alert_n
-    missed_events = [(ev, idx) for ev, idx in groups.items() if not _detected(fault_scores[idx] > thr, k, n)]
+    missed_events = [(ev, idx) for ev, idx in groups.items() if not raises_alert(fault_scores[idx] > thr, k, n)]
     missed = [idx[int(np.argmax(fault_scores[idx]))] for _, idx in missed_events]  # each missed event's best window
     metrics: dict[str, Any] = {
         "candidate_far": cand_far, "active_far": active_far, "margin": float(margin),

@@ -341,7 +341,7 @@ def test_service_unreachable_is_reported(tmp_path):
     assert data.spool_state(tmp_path / "none.sqlite")[2] is not None
 
 
-# what `pdm-edge run` serves (pdm_edge.service.Service.health, pdm_edge.metrics), abridged
+# what `pdm-edge run` serves (pdm_edge.runtime.health.health_document, pdm_edge.metrics), abridged
 HEALTHZ = {
     "status": "degraded", "reasons": ["store unreachable: connection refused"], "uptime_s": 120.5,
     "broker": {"address": "127.0.0.1:1883", "connected": True},

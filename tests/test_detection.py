@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from pdm_edge.alerts.debounce import KOfN
-from pdm_edge.evaluation import alert_statistic
+from pdm_edge.alerts.debounce import KOfN, alert_statistic
 from pdm_edge.model import load_encoder
 from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
 from pdm_edge.model.synthetic import synthetic_anomalies

@@ -313,8 +313,7 @@ def test_drill_overload_16_channels_at_4x_bounded_memory_truthful_health_clean_s
 
     from tests.conftest import publish_vibration, service_config_toml
 
-    extra = ('[ingest]\nunknown_streams = "accept"\nwindow_queue_max_bytes = 16777216\nchunk_queue_max_bytes = 16777216\n'
-             'enqueue_timeout_s = 2.0\n')
+    extra = '[ingest]\nunknown_streams = "accept"\nwindow_queue_max_bytes = 16777216\nchunk_queue_max_bytes = 16777216\n'
     svc = service_process(service_config_toml(tmp_path, mosquitto.address, calibration_s=10.0, max_train_seconds=2.0,
                                               extra=extra).replace("score_batch = 16\n", "score_batch = 16\nbacklog_max_bytes = 16777216\n")
                           .replace("[learning]\n", "[learning]\nreplay_normal_windows = 500\n")

@@ -393,14 +393,14 @@ def test_feedback_captures_observes_holds_and_forwards(tmp_path):
     spool = Spool(tmp_path / "spool.sqlite")
     fb = Feedback.from_config(cfg.feedback, spool=spool)
     for i in range(40):  # 0 .. 20 s of one stream
-        assert fb.observe(_window(i * 0.5, index=i)) == 0
+        assert fb.observe_many([_window(i * 0.5, index=i)]) == 0
     # a label given after the fact captures the ring's windows
     lb, created = fb.submit(**_fields(start_ns=T0 + 5 * SEC, end_ns=T0 + 8 * SEC, kind="normal", alert_id="a-1"))
     assert created and len(fb.buffer.windows_for(lb.id)) == 7  # 4.5 .. 7.5 s (half-overlap counts)
     assert spool.count_by_kind() == {"label": 1}
     # a label over a running span (maintenance in progress) stores windows as they arrive
     ign, _ = fb.submit(**_fields(start_ns=T0 + 20 * SEC, end_ns=T0 + 25 * SEC, kind="ignore"))
-    stored = sum(fb.observe(_window(20 + i * 0.5)) for i in range(12))  # 20 .. 25.5 s
+    stored = sum(fb.observe_many([_window(20 + i * 0.5)]) for i in range(12))  # 20 .. 25.5 s
     assert stored == 10  # 20 .. 24.5 s as they arrive, and 19.5 s from the ring when it was given:
     assert len(fb.buffer.windows_for(ign.id)) == 11
     # a repeat is one label, not forwarded again
@@ -576,3 +576,38 @@ def test_buffer_read_only_span_queries(tmp_path):
     finally:
         ro.close()
         buf.close()
+
+
+def test_label_written_by_another_process_reaches_the_store_while_no_windows_flow(tmp_path):
+    """The sync thread (one cursor over the book) takes in a label the CLI or the dashboard
+    wrote to the book directly, captures its windows and forwards it through the spool to the
+    store, without a single window being observed after it was written."""
+    from pdm_edge.feedback.labels import LabelBook, submit_label
+    from pdm_edge.store.spool import SpoolWriter
+    from pdm_edge.store.sqlite import SQLiteStore
+
+    cfg = config_from_dict({"mqtt": {"broker": "127.0.0.1:1883"}, "feedback": {"state_dir": str(tmp_path)}}, environ={})
+    spool = Spool(tmp_path / "spool.sqlite")
+    store = SQLiteStore(tmp_path / "results.sqlite")
+    writer = SpoolWriter(spool, store).start()
+    fb = Feedback.from_config(cfg.feedback, spool=spool)
+    events: list[tuple[int, Label]] = []
+    fb.subscribe(lambda seq, label: events.append((seq, label)))
+    try:
+        fb.observe_many([_window(i * 0.5, index=i) for i in range(20)])  # 0 .. 10 s in the ring, then silence
+        fb.start()
+        other = LabelBook.in_dir(tmp_path)  # another process's connection (``pdm-edge label add``)
+        label, _ = submit_label(other, **_fields(start_ns=T0 + 2 * SEC, end_ns=T0 + 4 * SEC, kind="fault",
+                                                 fault_type="bearing_outer_race"))
+        other.close()
+        assert wait_until(lambda: [lb.id for lb in store.query_labels(SITE, MACHINE, T0, T0 + 60 * SEC)] == [label.id],
+                          timeout=5.0)
+        assert [(lb.id, lb.kind) for _, lb in events] == [(label.id, "fault")]  # one event, in book order
+        assert len(fb.buffer.windows_for(label.id)) == 5  # windows starting 1.5 .. 3.5 s, from the ring
+        fb.sync()
+        assert len(events) == 1  # the cursor moved on: no second event for the same label
+    finally:
+        fb.close()
+        writer.stop(timeout=2.0)
+        spool.close()
+        store.close()

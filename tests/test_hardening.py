@@ -28,7 +28,7 @@ def _config(address: str, **ingest):
     return config_from_dict({
         "appliance_id": "hard-edge",
         "mqtt": {"broker": address, "reconnect_min_s": 1, "reconnect_max_s": 2},
-        "ingest": {"enqueue_timeout_s": 2.0, **ingest},
+        "ingest": {**ingest},
         "sensors": {"p/m/acc": {"kind": "vibration", "sample_rate_hz": FS, "unit": "g", "window_s": 0.1, "hop_s": 0.1}},
     }, environ={})
 

@@ -30,7 +30,7 @@ def _config(address: str, protocol: str = "5", **ingest):
     return config_from_dict({
         "appliance_id": "test-edge",
         "mqtt": {"broker": address, "protocol": protocol, "reconnect_min_s": 1, "reconnect_max_s": 2},
-        "ingest": {"enqueue_timeout_s": 2.0, **ingest},
+        "ingest": {**ingest},
         "sensors": {
             "p/m/acc": {"kind": "vibration", "sample_rate_hz": FS, "unit": "g", "window_s": 0.1, "hop_s": 0.1},
             "p/m/mic": {"kind": "acoustic", "sample_rate_hz": 16000, "unit": "Pa", "window_s": 0.5, "hop_s": 0.25},
@@ -190,7 +190,7 @@ def test_burst_of_1000_malformed_mixed_with_good_loses_no_good_chunk(mosquitto):
 
 
 def test_full_queues_backpressure_then_queue_full_deadletter(mosquitto):
-    cfg = _config(mosquitto.address, queue_size=1, window_queue_size=1, enqueue_timeout_s=0.2)
+    cfg = _config(mosquitto.address, queue_size=1, window_queue_size=1)
     x = np.zeros(2560 * 20, np.float32)
     with Ingestor(cfg) as ing:
         assert ing.wait_ready(10)
@@ -357,7 +357,7 @@ def test_unexpected_decode_error_is_deadlettered_and_ingestion_continues(mosquit
 
 def test_stop_does_not_hang_when_nobody_reads_windows(mosquitto):
     """Both queues full and no consumer: stop() gives up after its timeout instead of hanging."""
-    cfg = _config(mosquitto.address, queue_size=2, window_queue_size=1, enqueue_timeout_s=0.5)
+    cfg = _config(mosquitto.address, queue_size=2, window_queue_size=1)
     x = np.zeros(2560 * 10, np.float32)
     ing = Ingestor(cfg)
     ing.start()

@@ -15,7 +15,7 @@ import torch
 
 from pdm_edge.feedback import Feedback, LabelBook, LabelledWindowBuffer, RecentWindows
 from pdm_edge.learning import LearningLoop, ReplayBuffer, request_training
-from pdm_edge.scoring import ScoringStage
+from pdm_edge.pipeline.scoring import ScoringStage
 from pdm_edge.model import load_encoder
 from pdm_edge.model.scorer import ScorerConfig, TrainConfig
 from pdm_edge.registry import Registry
@@ -53,12 +53,12 @@ class Rig:
         kw.setdefault("scorer_config", _cfg())
         kw.setdefault("calibration_s", 10.0)
         self.loop = LearningLoop(self.registry, self.enc, self.sha, d, labels=self.book, label_windows=self.buffer,
-                                 on_event=lambda *e: self.events.append(e), label_settle_s=0.0, **kw)
-        self.stage = ScoringStage(self.loop)
+                                 on_event=lambda *e: self.events.append(e), **kw)
+        self.stage = ScoringStage.following(self.loop)
+        self.feedback.subscribe(self.loop.take_label)
 
     def feed(self, windows: list[Window]) -> list:
-        for w in windows:
-            self.feedback.observe(w)
+        self.feedback.observe_many(windows)
         return self.stage.handle_many(windows)
 
     def label(self, kind: str, ws: list[Window], **kw) -> None:

@@ -1,4 +1,4 @@
-"""The running appliance (`pdm-edge run`, pdm_edge/service.py, pdm_edge/metrics.py).
+"""The running appliance (`pdm-edge run`, pdm_edge/runtime/, pdm_edge/metrics.py).
 
 The end-to-end test runs the real command against a real Mosquitto and a real InfluxDB, feeds it
 the simulator's signal (healthy, then a growing outer-race fault) and checks the scores in
@@ -22,7 +22,9 @@ import requests
 from pdm_edge.config import config_from_dict, load_config
 from pdm_edge.errors import ConfigError
 from pdm_edge.metrics import METRIC_NAMES, HttpServer, Metrics, parse_listen_address
-from pdm_edge.service import JsonFormatter, LogfmtFormatter, config_toml, dump_toml, log_event, sd_notify, watchdog_interval_s
+from pdm_edge.config import config_toml, dump_toml
+from pdm_edge.runtime.logging import JsonFormatter, LogfmtFormatter, log_event
+from pdm_edge.runtime.systemd import sd_notify, watchdog_interval_s
 from pdm_edge.store.spool import spool_depth
 from tests.conftest import (
     REPO,
@@ -319,7 +321,7 @@ def test_registry_promotion_and_rollback_become_model_events(mosquitto, tmp_path
 
     from pdm_edge.model.encoder import Encoder, EncoderConfig
     from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
-    from pdm_edge.service import Service
+    from pdm_edge.runtime.service import Service
     from pdm_edge.types import Window
     from sensors.simulator import VibrationSimulator
 

@@ -597,6 +597,36 @@ class ResultPublisher:
         self._maybe_publish_status(score.site, score.machine, now, heartbeat=True)
         return alerts
 
+    def handle_many(self, scored: list[tuple[Score, int]]) -> list[tuple[int, Alert]]:
+        """:meth:`handle` for a batch: ``(score, window end ns)`` pairs (each stream in time
+        order), the tracker updated under one lock, every score and alert published, and each
+        machine's status considered once. Returns ``(index into scored, alert)`` of every alert
+        record raised or cleared.
+
+        Raises:
+            ValueError: bad names, or a window end not after its start (nothing of the batch
+                was fed to the tracker).
+        """
+        for sc, end_ns in scored:
+            _check_names(sc.site, sc.machine, sc.sensor)
+            if end_ns <= sc.start_ns:
+                raise ValueError(f"window_end_ns ({end_ns}) must be after the score's start_ns ({sc.start_ns})")
+        now = self._clock()
+        out: list[tuple[int, Alert]] = []
+        with self._lock:
+            for i, (sc, end_ns) in enumerate(scored):
+                for a in self.tracker.update(sc, end_ns, received_ns=now):
+                    self._counts["alerts_raised" if a.state == "raised" else "alerts_cleared"] += 1
+                    out.append((i, a))
+        for sc, _ in scored:
+            self.publish_score(sc)
+        for _, a in out:
+            log.warning("alert %s %s on %s/%s/%s (peak %.3g, threshold %.3g)", a.id, a.state, a.site, a.machine, a.sensor, a.peak_score, a.threshold)
+            self.publish_alert(a)
+        for site, machine in dict.fromkeys((sc.site, sc.machine) for sc, _ in scored):
+            self._maybe_publish_status(site, machine, now, heartbeat=True)
+        return out
+
     def refresh_status(self, now_ns: int | None = None) -> int:
         """Re-evaluate every known machine at ``now_ns`` (the clock when None) and publish the
         statuses whose signature changed (a machine became stale, say). Returns how many were

@@ -6,7 +6,7 @@ module         commands
 ``config``     ``config check``
 ``ingest``     ``ingest`` (print the windows of the ingestion stage)
 ``publish``    ``simulate``, ``replay`` (publish signals over MQTT)
-``run``        ``run`` (the appliance: :mod:`pdm_edge.service`)
+``run``        ``run`` (the appliance: :mod:`pdm_edge.runtime.service`)
 ``demo``       ``demo`` (a thin wrapper over :mod:`pdm_edge.runtime.demo`)
 ``store``      ``store check``
 ``labels``     ``label add|list``

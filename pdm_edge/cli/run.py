@@ -1,4 +1,4 @@
-"""``pdm-edge run``: the appliance (:mod:`pdm_edge.service`) until SIGTERM or SIGINT."""
+"""``pdm-edge run``: the appliance (:mod:`pdm_edge.runtime.service`) until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def run_cmd(ctx: click.Context, log_format: str, stop_timeout_s: float) -> None:
     while the scoring worker is alive. Log level: --log-level, else $PDM_EDGE_LOG_LEVEL, else
     log_level from the configuration.
     """
-    from pdm_edge.service import Service, configure_logging, run_forever
+    from pdm_edge.runtime.logging import configure_logging
+    from pdm_edge.runtime.service import Service, run_forever
 
     obj: Ctx = ctx.obj
     cfg = obj.config()

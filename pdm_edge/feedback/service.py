@@ -5,17 +5,21 @@
 - :meth:`Feedback.submit` is :func:`~pdm_edge.feedback.labels.submit_label` on its book (give
   it to the :class:`~pdm_edge.feedback.listener.LabelListener` and the dashboard), followed by
   :meth:`Feedback.sync`.
-- :meth:`Feedback.observe` is called by the scoring stage with every window: it remembers the
-  window in the :class:`~pdm_edge.feedback.windows.RecentWindows` ring and stores it in the
+- :meth:`Feedback.observe_many` is called by the scoring worker once per batch: it remembers the
+  windows in the :class:`~pdm_edge.feedback.windows.RecentWindows` ring and stores each in the
   buffer when a known label covers it (a label whose span is still running, say an ``ignore``
-  for a maintenance that has just begun, or one given ahead of time).
+  for a maintenance that has just begun, or one given ahead of time). It never reads the book.
 - :meth:`Feedback.sync` picks up labels added to the book since the last call, by this process
   or another one (``pdm-edge label add`` writes the book directly), captures the windows they
   cover from the ring, links the windows already stored or held in the buffer
   (:meth:`~pdm_edge.feedback.windows.LabelledWindowBuffer.adopt`), and forwards every label not
   yet exported to the results store through the spool (``spool.put("label", ...)``, then
-  :meth:`~pdm_edge.feedback.labels.LabelBook.mark_exported`). ``observe`` runs it at most every
-  ``sync_interval_s`` (5 s), so a label from the CLI is picked up within seconds.
+  :meth:`~pdm_edge.feedback.labels.LabelBook.mark_exported`). It keeps **one cursor** (the
+  book's sequence number) and emits every label it took in to the listeners
+  (:meth:`Feedback.subscribe`: ``fn(seq, label)``, after the label's windows were captured).
+  :meth:`Feedback.start` runs it on its own timer (thread ``label-sync``, every
+  ``sync_interval_s``, 0.5 s by default), so a label from the dashboard or the CLI, which write
+  the book directly, reaches the store within about a second whether or not windows flow.
 - :meth:`Feedback.hold_span` keeps the ring's windows of a span (an alert's) in the buffer as
   unlabelled, so that a label given after the ring has moved on still finds them.
 
@@ -28,8 +32,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from pdm_edge.config import FeedbackConfig
@@ -51,11 +55,12 @@ class Feedback:
         spool: the results store's spool; labels are forwarded to it (``None``: not forwarded;
             they stay in the book's outbox).
         limits: label bounds for :meth:`submit`.
-        sync_interval_s: how often :meth:`observe` looks for new labels in the book, seconds.
+        sync_interval_s: how often the sync thread (:meth:`start`) looks for new labels in the
+            book, seconds.
     """
 
     def __init__(self, book: LabelBook, buffer: LabelledWindowBuffer | None = None, recent: RecentWindows | None = None,
-                 *, spool: Any = None, limits: LabelLimits | None = None, sync_interval_s: float = 5.0) -> None:
+                 *, spool: Any = None, limits: LabelLimits | None = None, sync_interval_s: float = 0.5) -> None:
         self.book = book
         self.buffer = buffer
         self.recent = recent
@@ -64,7 +69,9 @@ class Feedback:
         self.sync_interval_s = sync_interval_s
         self._lock = threading.RLock()
         self._cursor = 0
-        self._last_sync = -float("inf")
+        self._listeners: list[Callable[[int, Label], None]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self._active: dict[tuple[str, str], list[Label]] = {}
         self._margin_ns = recent.horizon_ns if recent is not None else 60_000_000_000
         self.errors = 0
@@ -94,9 +101,8 @@ class Feedback:
     def sync(self) -> int:
         """Take in the labels added to the book since the last call (capture and adopt their
         windows) and forward unexported labels to the spool; returns how many labels were new."""
+        taken: list[tuple[int, Label]] = []
         with self._lock:
-            self._last_sync = time.monotonic()
-            n = 0
             while True:
                 batch = self.book.since(self._cursor)
                 if not batch:
@@ -104,9 +110,50 @@ class Feedback:
                 for seq, label in batch:
                     self._take_in(label)
                     self._cursor = seq
-                    n += 1
+                    taken.append((seq, label))
             self._forward()
-            return n
+        for seq, label in taken:
+            for fn in list(self._listeners):
+                try:
+                    fn(seq, label)
+                except Exception:
+                    log.exception("label listener failed on label %s", label.id)
+        return len(taken)
+
+    def subscribe(self, fn: Callable[[int, Label], None]) -> Callable[[], None]:
+        """Call ``fn(seq, label)`` for every label :meth:`sync` takes in (book order, after its
+        windows were captured; in the syncing thread). Returns a function that unsubscribes."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    def start(self) -> Feedback:
+        """Run :meth:`sync` every ``sync_interval_s`` seconds in a thread (``label-sync``) until
+        :meth:`stop`; a failing sync is logged and counted and retried at the next tick."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sync_loop, name="label-sync", daemon=True)
+            self._thread.start()
+        return self
+
+    def _sync_loop(self) -> None:
+        while True:
+            try:
+                self.sync()
+            except Exception as exc:  # the book or the spool failed: the next tick retries
+                self._error("label sync failed: %s", exc)
+            if self._stop.wait(self.sync_interval_s):
+                try:  # one last sync: a label written just before the stop is forwarded
+                    self.sync()
+                except Exception as exc:
+                    self._error("label sync failed: %s", exc)
+                return
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the sync thread (after one last sync, so that nothing written before is left)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
 
     def _take_in(self, label: Label) -> None:
         self._active.setdefault((label.site, label.machine), []).append(label)
@@ -134,29 +181,27 @@ class Feedback:
                 self._error("could not forward %d labels to the spool (kept for the next sync): %s", len(labels), exc)
                 return
 
-    def observe(self, window: Window) -> int:
-        """Remember a window; store it for every known label that covers it. Returns how many
-        labels it was stored for. Never raises for a buffer failure (logged and counted)."""
-        if time.monotonic() - self._last_sync >= self.sync_interval_s:
+    def observe_many(self, windows: list[Window]) -> int:
+        """Remember a batch of windows in the ring; store each one for every known label that
+        covers it. Returns how many (window, label) links were stored. Never raises for a
+        buffer failure (logged and counted); never reads the book (:meth:`sync` does)."""
+        stored = 0
+        for window in windows:
+            if self.recent is not None:
+                self.recent.add(window)
+            with self._lock:
+                labels = self._active.get((window.site, window.machine))
+                if not labels:
+                    continue
+                labels[:] = [lb for lb in labels if lb.end_ns + self._margin_ns > window.start_ns]
+                covering = [lb for lb in labels if covers(lb, window)]
+            if not covering or self.buffer is None:
+                continue
             try:
-                self.sync()
+                stored += self.buffer.offer(window, covering)
             except StoreError as exc:
-                self._error("could not read the label book: %s", exc)
-        if self.recent is not None:
-            self.recent.add(window)
-        with self._lock:
-            labels = self._active.get((window.site, window.machine))
-            if not labels:
-                return 0
-            labels[:] = [lb for lb in labels if lb.end_ns + self._margin_ns > window.start_ns]
-            covering = [lb for lb in labels if covers(lb, window)]
-        if not covering or self.buffer is None:
-            return 0
-        try:
-            return self.buffer.offer(window, covering)
-        except StoreError as exc:
-            self._error("could not keep a window of %s: %s", window.stream, exc)
-            return 0
+                self._error("could not keep a window of %s: %s", window.stream, exc)
+        return stored
 
     def hold_span(self, site: str, machine: str, sensor: str | None, start_ns: int, end_ns: int) -> int:
         """Keep the ring's windows of ``[start_ns, end_ns)`` (an alert's span) in the buffer as
@@ -177,7 +222,8 @@ class Feedback:
             log.error(msg, *args)
 
     def close(self) -> None:
-        """Close the book and the buffer."""
+        """Stop the sync thread; close the book and the buffer."""
+        self.stop()
         self.book.close()
         if self.buffer is not None:
             self.buffer.close()

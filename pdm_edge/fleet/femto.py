@@ -98,7 +98,7 @@ def alarms(scores: np.ndarray, threshold: float, t_s: np.ndarray, end_s: float) 
     of a bearing's scores: count in the first half of life, first alarm after it, lead time."""
     from pdm_edge.alerts.debounce import KOfN
 
-    deb = KOfN(3, 5)
+    deb = KOfN()  # the default rule, as [alerts] k/n
     raised = []
     for i, v in enumerate(scores):
         ev = deb.update(float(v), threshold, int(t_s[i] * 1e9), int((t_s[i] + 0.1) * 1e9))

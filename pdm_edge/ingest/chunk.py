@@ -73,7 +73,7 @@ DEADLETTER_REASONS: dict[str, str] = {
     "implausible_time": "ts before ingest.min_timestamp or more than ingest.max_future_s ahead of the appliance clock",
     "unknown_stream": "no [sensors] table for this stream and unknown_streams = reject",
     "stream_limit": "a new unconfigured stream beyond ingest.max_streams",
-    "queue_full": "ingestion queue stayed full for enqueue_timeout_s (overload)",
+    "queue_full": "the ingestion chunk queue was full (overload)",
     "internal_error": "an unexpected error while decoding (a bug; logged with its traceback)",
     "bad_label": "a technician label on pdm/v1/{site}/{machine}/label failed validation (pdm_edge.feedback)",
 }
@@ -339,18 +339,20 @@ def encode_chunk(
     return json.dumps(obj, separators=(",", ":")).encode("utf-8")
 
 
-def deadletter_payload(topic: str, payload: bytes, error: PayloadError, head_bytes: int = 256) -> bytes:
+def deadletter_payload(topic: str, payload: bytes, error: PayloadError, head_bytes: int = 256, *,
+                       size: int | None = None) -> bytes:
     """The JSON published on ``pdm/v1/_deadletter/{reason}`` for a rejected payload.
 
-    Holds the original topic, the reason and detail, the payload size, the first
-    ``head_bytes`` bytes (base64, so binary garbage survives) and the receive time (epoch ns).
+    Holds the original topic, the reason and detail, the payload size (``size``, when
+    ``payload`` is only the payload's head), the first ``head_bytes`` bytes (base64, so binary
+    garbage survives) and the receive time (epoch ns).
     """
     return json.dumps(
         {
             "topic": topic[:512],
             "reason": error.reason,
             "detail": error.detail,
-            "bytes": len(payload),
+            "bytes": len(payload) if size is None else int(size),
             "head_b64": base64.b64encode(payload[:head_bytes]).decode("ascii"),
             "received_ns": time.time_ns(),
         },

@@ -2,17 +2,18 @@
 
 Threads and queues (DESIGN.md section 1)::
 
-    paho network thread                    windowing worker                  next stage
-    on_message: decode + validate  --->  [chunk queue, bounded]  --->  StreamWindower.push
-                 | rejected                                                   |
-                 v                                                            v
-    pdm/v1/_deadletter/{reason}                                   [window queue, bounded]
+    paho network thread          windowing worker                                    next stage
+    on_message: decode  --->  [chunk queue, bounded]  --->  validate -> StreamWindower.push
+                 | rejected                                      | rejected            |
+                 v                                               v                     v
+    pdm/v1/_deadletter/{reason}  <-------------------------------+      [window queue, bounded]
 
-- The paho callback only decodes, validates and enqueues. When the chunk queue is full it
-  waits up to ``ingest.enqueue_timeout_s`` (while it waits paho does not acknowledge the QoS 1
-  message, so the broker holds back: back-pressure), then dead-letters the chunk as
-  ``queue_full``. When the window queue is full the worker waits, which fills the chunk queue:
-  the slowest stage sets the pace and nothing is dropped silently.
+- The paho callback only decodes (:func:`~pdm_edge.ingest.chunk.decode_chunk`, pure, with the
+  limits bound once at construction) and enqueues without waiting (as the paho examples do:
+  callbacks only hand off). A full chunk queue dead-letters the chunk as ``queue_full`` at
+  once; it never blocks the network thread (keep-alives, acknowledgements and the other
+  subscriptions go on). When the window queue is full the worker waits, which fills the chunk
+  queue: the slowest stage sets the pace and nothing is dropped silently.
 - Every rejected payload is counted per reason and, unless ``ingest.deadletter = false``,
   published to ``pdm/v1/_deadletter/{reason}`` (QoS 1) with the reason and its first bytes.
 - The client keeps a persistent session (see :mod:`pdm_edge.mqtt`): subscriptions are
@@ -25,7 +26,8 @@ Threads and queues (DESIGN.md section 1)::
 - **Both queues are bounded in items and in bytes of samples** (:class:`BytesBoundedQueue`,
   ``ingest.queue_size`` / ``chunk_queue_max_bytes`` and ``window_queue_size`` /
   ``window_queue_max_bytes``), so an overload costs bounded memory whatever the chunk size.
-- **Validation needing the configuration or the clock** (:meth:`Ingestor._validate`): known
+- **Validation needing the configuration or the clock** (:meth:`Ingestor._validate`, in the
+  windowing worker, which dead-letters a chunk that fails it; unit conversions happen there): known
   stream, configured sample rate and unit, and a plausible timestamp (not before
   ``ingest.min_timestamp_ns``, not more than ``ingest.max_future_s`` ahead of the appliance
   clock: ``implausible_time``).
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -150,7 +153,8 @@ class IngestStats:
     received: int
     """MQTT messages seen on the waveform topics."""
     accepted: int
-    """Chunks that passed validation and entered the chunk queue."""
+    """Chunks decoded and put in the chunk queue, less those the worker's validation
+    dead-lettered (``accepted + deadlettered == received`` once the queue is empty)."""
     windowed: int
     """Chunks the windowing worker has finished with (their windows are in the window queue)."""
     windows: int
@@ -171,6 +175,20 @@ class IngestStats:
     @property
     def deadlettered(self) -> int:
         return sum(self.deadletters.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Received:
+    """A decoded chunk in the chunk queue, with what a dead letter needs of its message (the
+    topic and the payload's first bytes; the samples are not copied)."""
+
+    chunk: Chunk
+    topic: str
+    head: bytes
+
+    @property
+    def samples(self) -> np.ndarray:  # for BytesBoundedQueue's byte bound
+        return self.chunk.samples
 
 
 def _infer_kind(unit: str) -> str:
@@ -210,7 +228,12 @@ class Ingestor:
         self._newest_start: dict[str, int] = {}  # newest window start emitted per stream (worker thread)
         self._dropped: collections.Counter[str] = collections.Counter()
         self._windowers: dict[str, StreamWindower] = {}  # owned by the worker thread
-        self._unconfigured: set[str] = set()  # owned by the MQTT thread
+        self._unconfigured: set[str] = set()  # owned by the worker thread
+        icfg = self.icfg
+        self._decode = functools.partial(decode_chunk, max_payload_bytes=icfg.max_payload_bytes,
+                                         max_samples=icfg.max_samples_per_chunk,
+                                         min_sample_rate_hz=icfg.min_sample_rate_hz,
+                                         max_sample_rate_hz=icfg.max_sample_rate_hz)
         self._lock = threading.Lock()
         self._received = 0
         self._accepted = 0
@@ -290,7 +313,7 @@ class Ingestor:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- MQTT callbacks (paho network thread: decode and enqueue only) ---------------------
+    # -- MQTT callbacks (paho network thread: decode and enqueue only, never wait) ---------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             log.error("broker %s refused the connection: %s", self.config.mqtt.broker, reason_code)
@@ -321,13 +344,7 @@ class Ingestor:
             self._received += 1
         payload = msg.payload
         try:
-            chunk = self._validate(decode_chunk(
-                msg.topic, payload,
-                max_payload_bytes=self.icfg.max_payload_bytes,
-                max_samples=self.icfg.max_samples_per_chunk,
-                min_sample_rate_hz=self.icfg.min_sample_rate_hz,
-                max_sample_rate_hz=self.icfg.max_sample_rate_hz,
-            ))
+            chunk = self._decode(msg.topic, payload)
         except PayloadError as err:
             self._deadletter(client, msg.topic, payload, err)
             return
@@ -337,10 +354,10 @@ class Ingestor:
             self._deadletter(client, msg.topic, payload, PayloadError("internal_error", repr(exc)[:200]), logged=True)
             return
         try:
-            self._chunks.put(chunk, timeout=self.icfg.enqueue_timeout_s)
+            self._chunks.put_nowait(_Received(chunk, msg.topic, payload[:256]))
         except queue.Full:
             self._deadletter(client, msg.topic, payload, PayloadError(
-                "queue_full", f"chunk queue full for {self.icfg.enqueue_timeout_s} s"))
+                "queue_full", f"chunk queue full ({self.icfg.queue_size} chunks / {self.icfg.chunk_queue_max_bytes} bytes)"))
             return
         with self._lock:
             self._accepted += 1
@@ -376,7 +393,7 @@ class Ingestor:
         return chunk
 
     def _deadletter(self, client: mqtt.Client | None, topic: str, payload: bytes, err: PayloadError, *,
-                    logged: bool = False) -> None:
+                    logged: bool = False, size: int | None = None) -> None:
         with self._lock:
             self._deadletters[err.reason] += 1
             n = self._deadletters[err.reason]
@@ -384,7 +401,7 @@ class Ingestor:
             self._log_limited.log(logging.WARNING, f"deadletter:{err.reason}", "dead-letter #%d %s on %s: %s",
                                   n, err.reason, topic[:200], err.detail[:300])
         if self.icfg.deadletter and client is not None:
-            client.publish(DEADLETTER_TOPIC.format(reason=err.reason), deadletter_payload(topic, payload, err), qos=1)
+            client.publish(DEADLETTER_TOPIC.format(reason=err.reason), deadletter_payload(topic, payload, err, size=size), qos=1)
 
     # -- windowing worker ------------------------------------------------------------------
     def _settings_for(self, chunk: Chunk) -> StreamSettings:
@@ -406,7 +423,15 @@ class Ingestor:
             item = self._chunks.get()
             if item is _STOP:
                 return
-            chunk: Chunk = item
+            received: _Received = item
+            chunk = received.chunk
+            try:
+                chunk = self._validate(chunk)
+            except PayloadError as err:  # counted as dead-lettered, no longer as accepted
+                with self._lock:
+                    self._accepted -= 1
+                self._deadletter(self._client, received.topic, received.head, err, size=chunk.payload_bytes)
+                continue
             try:
                 self._window_one(chunk)
             except Exception as exc:  # never let one chunk or stream stop the others

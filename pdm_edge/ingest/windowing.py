@@ -200,6 +200,8 @@ class StreamWindower:
             # cut every window that is complete
             while self._next_window + win <= self._buf_first + self._n:
                 lo = self._next_window - self._buf_first
+                samples = self._buf[lo:lo + win].copy()  # the window's one copy: read-only, so Window keeps it
+                samples.flags.writeable = False
                 out.append(
                     Window(
                         site=self.site,
@@ -209,7 +211,7 @@ class StreamWindower:
                         start_ns=self._ns_at(self._next_window),
                         sample_rate_hz=s.sample_rate_hz,
                         unit=s.unit,  # type: ignore[arg-type]
-                        samples=self._buf[lo:lo + win].copy(),
+                        samples=samples,
                         index=self._window_index,
                     )
                 )

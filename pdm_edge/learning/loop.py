@@ -9,8 +9,9 @@ Read top to bottom, one training job goes through these steps:
      ``[learning] calibration_s`` seconds of windows (the appliance is commissioned on a healthy
      machine, so they are its normal baseline);
    - ``labels``: ``[learning] retrain_after_labels`` new ``normal`` or ``fault`` labels cover
-     the stream since its last training (counted from the label book, which every label path
-     writes; a label is counted once its windows have had time to be captured);
+     the stream since its last training (every label path writes the label book; the feedback
+     stage's sync, one cursor over the book, sends each label to :meth:`LearningLoop.take_label`
+     once its windows are captured);
    - ``manual``: ``pdm-edge models train STREAM`` (from another process: the request is a row
      in the job table, which the loop polls).
 
@@ -83,9 +84,6 @@ log = logging.getLogger(__name__)
 
 TRIGGERS = ("initial", "labels", "manual")
 JOB_STATES = ("queued", "running", "done", "failed")
-LABEL_SETTLE_S = 10.0
-"""Seconds a new label waits before it counts towards a retrain: the feedback stage captures
-the windows a label covers on its next sync (every 5 s)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS job (
@@ -254,7 +252,6 @@ class LearningLoop:
         nice: niceness added to the worker thread (Linux).
         on_event: ``(stream, event, version, detail)`` for every job step.
         poll_s: how often the worker looks for queued jobs and new labels, seconds.
-        label_settle_s: how long a new label waits before it counts (:data:`LABEL_SETTLE_S`).
         prior_for: ``(stream, scorer config) -> (adapter state_dict, description)`` or ``None``:
             the fleet prior a calibration of the stream starts from (:mod:`pdm_edge.fleet.priors`).
         resources: when jobs may start and must pause (``None``: always run).
@@ -266,7 +263,7 @@ class LearningLoop:
                  gate_margin: float = 0.01, labels: LabelBook | None = None,
                  label_windows: LabelledWindowBuffer | None = None, nice: int = 10,
                  on_event: Callable[[str, str, str, str], None] | None = None, poll_s: float = 2.0,
-                 label_settle_s: float = LABEL_SETTLE_S, confirm_far_above: float | None = None,
+                 confirm_far_above: float | None = None,
                  confirm_silenced_alerts: bool = False,
                  prior_for: Callable[[str, ScorerConfig], tuple[dict[str, Any], str] | None] | None = None,
                  resources: ResourceGuard | None = None) -> None:
@@ -283,7 +280,6 @@ class LearningLoop:
         self.nice = nice
         self.on_event = on_event
         self.poll_s = poll_s
-        self.label_settle_s = label_settle_s
         self.prior_for = prior_for
         self.resources = resources
         self._pause_why: str | None = None
@@ -295,10 +291,14 @@ class LearningLoop:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._label_cursor = 0
-        self._pending_labels: dict[str, list[tuple[int, float]]] = {}  # stream -> [(seq, seen at monotonic)]
+        self._label_cursor = 0  # the newest label sequence number taken (Feedback's cursor)
+        self._label_events: list[tuple[int, Label]] = []
+        self._label_lock = threading.Lock()
+        self._pending_labels: dict[str, list[int]] = {}  # stream -> sequence numbers of its new labels
         self._templates: dict[str, Scorer] = {}
         self.running_job: Job | None = None
+        self.replay_refused = 0
+        self._listeners: list[Callable[[str, str, str, str], None]] = []
         self.runs = {"done": 0, "failed": 0, "promoted": 0, "rejected": 0, "interrupted": 0, "paused": 0}
         with self._db:  # jobs that were running when the process died: run them again (they resume)
             n = self._con.execute("UPDATE job SET status = 'queued', detail = 'interrupted by a restart; resumes from its "
@@ -342,6 +342,31 @@ class LearningLoop:
             if tmpl is not None and self.replay.counts(stream)[0] >= tmpl.config.min_windows:
                 self.enqueue(stream, "initial", f"{span[0]} windows over {(span[2] - span[1]) / 1e9:.0f} s collected")
 
+    def take_replay(self, candidates: list[Any]) -> int:
+        """Consume the scoring stage's replay candidates
+        (:class:`~pdm_edge.pipeline.scoring.ReplayCandidates`: ``stream``, ``start_ns``,
+        ``features``, ``collecting``), one :meth:`offer` each, once per batch. A write the
+        replay buffer refuses is logged (rate-limited) and counted, never raised: the replay
+        buffer is for later trainings, a full disk must not cost the scores. Returns how many
+        candidate sets were refused."""
+        refused = 0
+        for c in candidates:
+            try:
+                self.offer(c.stream, c.start_ns, c.features, collecting=c.collecting)
+            except (StoreError, ValueError) as exc:
+                refused += 1
+                self.replay_refused += 1
+                if self.replay_refused <= 10 or self.replay_refused % 1000 == 0:
+                    log.warning("event=replay_offer_failed stream=%s windows=%d refused=%d error=%r", c.stream,
+                                len(c.start_ns), self.replay_refused, str(exc)[:200])
+        return refused
+
+    def subscribe(self, fn: Callable[[str, str, str, str], None]) -> Callable[[], None]:
+        """Also call ``fn(stream, event, version, detail)`` for every event (as ``on_event``;
+        the stream table consumes them). Returns a function that unsubscribes."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
     def enqueue(self, stream: str, trigger: str, detail: str = "") -> int | None:
         """Queue a job (``None`` when the stream already has one queued or running)."""
         with self._db:
@@ -362,28 +387,32 @@ class LearningLoop:
         with self._db:
             return self._con.execute(q, args).fetchone() is not None
 
+    def take_label(self, seq: int, label: Label) -> None:
+        """Consume one label event of the feedback stage (``Feedback.subscribe``: its one
+        cursor over the label book; sent once the label's windows were captured). Quick: the
+        label is counted at the next :meth:`check_labels`."""
+        with self._label_lock:
+            self._label_events.append((seq, label))
+            self._label_cursor = max(self._label_cursor, seq)
+
     def check_labels(self) -> None:
-        """Count new labels per calibrated stream and queue a ``labels`` retrain where
-        ``retrain_after_labels`` of them have settled (see :data:`LABEL_SETTLE_S`)."""
+        """Count the new ``normal`` / ``fault`` labels (:meth:`take_label`) per calibrated stream
+        and queue a ``labels`` retrain where ``retrain_after_labels`` of them are in."""
         if self.labels is None:
             return
-        streams = [s for s in self.replay.streams() if self.registry.active(*s.split("/")) is not None]
-        if not self._label_cursor:
-            with self._db:
-                rows = self._con.execute("SELECT MIN(label_seq) FROM watermark").fetchone()
-            self._label_cursor = int(rows[0] or 0)
-        for seq, label in self.labels.since(self._label_cursor):
-            self._label_cursor = seq
-            if label.kind not in ("normal", "fault"):
-                continue
-            for s in streams:
-                if _label_applies(label, s) and seq > self._watermark(s):
-                    self._pending_labels.setdefault(s, []).append((seq, time.monotonic()))
-        now = time.monotonic()
+        with self._label_lock:
+            events, self._label_events = self._label_events, []
+        if events:
+            streams = [s for s in self.replay.streams() if self.registry.active(*s.split("/")) is not None]
+            for seq, label in events:
+                if label.kind not in ("normal", "fault"):
+                    continue
+                for s in streams:
+                    if _label_applies(label, s) and seq > self._watermark(s):
+                        self._pending_labels.setdefault(s, []).append(seq)
         for s, pending in self._pending_labels.items():
-            settled = [p for p in pending if now - p[1] >= self.label_settle_s]
-            if len(settled) >= self.retrain_after_labels and not self.has_job(s, ("queued", "running")):
-                self.enqueue(s, "labels", f"{len(settled)} new labels")
+            if len(pending) >= self.retrain_after_labels and not self.has_job(s, ("queued", "running")):
+                self.enqueue(s, "labels", f"{len(pending)} new labels")
 
     def _watermark(self, stream: str) -> int:
         with self._db:
@@ -511,7 +540,7 @@ class LearningLoop:
         with self._db:
             self._con.execute("INSERT OR REPLACE INTO watermark (stream, label_seq) VALUES (?, ?)", (stream, label_seq))
         # labels that arrived while it trained still count towards the next retrain
-        self._pending_labels[stream] = [p for p in self._pending_labels.get(stream, []) if p[0] > label_seq]
+        self._pending_labels[stream] = [p for p in self._pending_labels.get(stream, []) if p > label_seq]
         event = {"active": "promoted", "candidate": "awaiting_confirmation"}.get(rec.status, "rejected")
         self.runs[event] += 1
         log.info("training job %d of %s: %s %s (%s)", job.id, stream, rec.id, event, reason)
@@ -519,10 +548,8 @@ class LearningLoop:
         return self._finish(job, "done", rec.id, f"{event}: {reason}")
 
     def _label_cursor_now(self) -> int:
-        if self.labels is None:
-            return 0
-        rows = self.labels.since(self._label_cursor)
-        return rows[-1][0] if rows else self._label_cursor
+        with self._label_lock:
+            return self._label_cursor
 
     # -- 2. data -----------------------------------------------------------------------------------
     def _dataset(self, stream: str, tmpl: Scorer) -> dict[str, Any]:
@@ -583,9 +610,11 @@ class LearningLoop:
 
     # -- events --------------------------------------------------------------------------------------
     def _event(self, stream: str, event: str, version: str, detail: str) -> None:
-        if self.on_event is not None:
+        for fn in [*self._listeners, self.on_event]:
+            if fn is None:
+                continue
             try:
-                self.on_event(stream, event, version, detail)
+                fn(stream, event, version, detail)
             except Exception:  # a failing listener must not stop training
                 log.exception("learning event listener failed")
 

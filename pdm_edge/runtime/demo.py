@@ -1,7 +1,7 @@
 """The end-to-end demo (``pdm-edge demo``): embedded broker, replay, the appliance, the store.
 
 :func:`run_demo` starts an in-process MQTT broker (:class:`~pdm_edge.broker.EmbeddedBroker`) and
-the appliance itself (the :class:`~pdm_edge.service.Service` of ``pdm-edge run``, with a SQLite
+the appliance itself (the :class:`~pdm_edge.runtime.service.Service` of ``pdm-edge run``, with a SQLite
 store, spool, label book and registry in the state directory, and /healthz and /metrics on a
 free port), replays a recording (by default the bundled simulator sample: healthy, then a growing
 outer-race fault from 30 s) through the broker, calibrates the machine on its first
@@ -130,7 +130,8 @@ def run_demo(opts: DemoOptions, *, out: Callable[[str], None] = print, warn: Cal
     """
     from pdm_edge.broker import EmbeddedBroker
     from pdm_edge.model import load_encoder
-    from pdm_edge.service import Service, ServiceHooks, config_toml
+    from pdm_edge.config import config_toml
+    from pdm_edge.runtime.service import Service, ServiceHooks
     from sample_data.loaders import load_recording, load_sample
     from sensors.publisher import ChunkPublisher, iter_chunks, publish_timed
 
