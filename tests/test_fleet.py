@@ -191,6 +191,25 @@ def _app_config(tmp_path: Path, **fleet) -> object:
     }, environ={})
 
 
+def test_fedprox_keeps_the_adapter_near_the_prior(enc: Encoder, trained: Scorer) -> None:
+    """TrainConfig.proximal_mu (FedProx, Li et al. 2020): training from a prior on another
+    machine's windows moves the adapter less from the prior with the proximal term. Plain SGD,
+    as in the paper: with AdamW every step has about the same size, whatever the gradient."""
+    prior = {k: v.clone() for k, v in trained.adapter.state_dict().items()}
+    moved = {}
+    for mu in (0.0, 50.0):
+        tc = TrainConfig(max_epochs=6, patience=10, max_seconds=60.0, optimizer="sgd", lr=0.01, proximal_mu=mu)
+        s = Scorer(enc, ENCODER_SHA, ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=WIN_S, train=tc))
+        s.prior_adapter = prior
+        s.learn_many(_windows(40, seed=9))
+        s.calibrate()
+        st = s.adapter.state_dict()
+        moved[mu] = float(torch.sqrt(sum(((st[k].float() - prior[k].float()) ** 2).sum() for k in prior)))
+    assert 0 < moved[50.0] < 0.5 * moved[0.0], moved
+    with pytest.raises(ValueError, match="proximal_mu"):
+        TrainConfig(proximal_mu=-1.0)
+
+
 def test_imported_delta_package_becomes_prior_and_passes_the_gate(enc: Encoder, trained: Scorer, tmp_path: Path) -> None:
     priv, pub = generate_keypair(tmp_path / "keys")
     cfg = _app_config(tmp_path, verify_key=str(pub))
@@ -530,8 +549,8 @@ def test_tls_federation_admits_only_registered_appliances(tmp_path: Path) -> Non
     """TLS to the SuperLink (the appliances verify its certificate against the CA in
     ``[fleet] root_certificates``) and Flower's SuperNode authentication: of two appliances
     with their own key pairs, only the one whose public key the operator registered joins the
-    run; the other is refused by the SuperLink."""
-    from pdm_edge.fleet.runner import FleetServer, generate_node_key, stop_group
+    run; the other is refused by the SuperLink. The round runs with FedProx."""
+    from pdm_edge.fleet.runner import FleetServer, generate_node_key, read_rounds, stop_group
 
     port = free_port()
     certfile, keyfile, ca = _tls_certificates(tmp_path / "pki")
@@ -548,9 +567,12 @@ def test_tls_federation_admits_only_registered_appliances(tmp_path: Path) -> Non
         srv.register_node(keys[0][1], name="app-0")
         nodes = [_join(tmp_path, t) for t in tomls]
         rounds = srv.submit(num_rounds=1, min_clients=1, round_timeout_s=240, signing_key=str(priv_sign),
-                            wait_nodes_s=60, timeout_s=900)
+                            wait_nodes_s=60, timeout_s=900, proximal_mu=0.1)
         assert [r["round"] for r in rounds] == [1]
         assert rounds[0]["participants"] == ["app-0"] and rounds[0]["aggregated"]
+        assert rounds[0]["proximal_mu"] == 0.1  # a FedProx round (Flower's FedProx strategy) ...
+        trained_events = [e for e in read_rounds(tmp_path / "app0" / "var" / "fleet") if e["event"] == "trained"]
+        assert [e["proximal_mu"] for e in trained_events] == [0.1]  # ... whose client trained with the proximal term
     finally:
         for n in nodes:
             stop_group(n)

@@ -32,6 +32,8 @@ def fleet_group() -> None:
 @click.option("--class", "machine_class", default="", help="Only this machine class [default: every class with enough participants].")
 @click.option("--signing-key", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Ed25519 private key (pdm-edge models keygen) that signs every published prior.")
+@click.option("--proximal-mu", type=float, default=0.0, show_default=True,
+              help="FedProx: weight of the proximal term in the clients' training (0: FedAvg).")
 @click.option("--dp-noise", type=float, default=0.0, show_default=True,
               help="Noise multiplier of central DP with client-side clipping (0: off).")
 @click.option("--dp-clip", type=float, default=1.0, show_default=True, help="L2 clipping norm of a client's update.")
@@ -46,7 +48,8 @@ def fleet_group() -> None:
               help="An appliance's public key (pdm-edge fleet keygen) to admit; repeat for each appliance.")
 @handle_errors
 def fleet_server(out_dir: str, address: str, num_rounds: int, min_clients: int, round_timeout_s: float, every_s: float,
-                 machine_class: str, signing_key: str | None, dp_noise: float, dp_clip: float, dp_delta: float, insecure: bool,
+                 machine_class: str, signing_key: str | None, proximal_mu: float, dp_noise: float, dp_clip: float,
+                 dp_delta: float, insecure: bool,
                  ssl_certfile: str | None, ssl_keyfile: str | None, ssl_ca_certfile: str | None, supernode_auth: bool,
                  node_keys: tuple[str, ...]) -> None:
     """Run the fleet server: a Flower SuperLink, and the fleet app submitted to it (now and
@@ -63,7 +66,7 @@ def fleet_server(out_dir: str, address: str, num_rounds: int, min_clients: int, 
             click.echo(f"admitted the appliance with public key {key}", err=True)
         while True:
             for r in srv.submit(num_rounds=num_rounds, min_clients=min_clients, round_timeout_s=round_timeout_s,
-                                machine_class=machine_class, signing_key=signing_key, dp_noise=dp_noise, dp_clip=dp_clip,
+                                machine_class=machine_class, signing_key=signing_key, proximal_mu=proximal_mu, dp_noise=dp_noise, dp_clip=dp_clip,
                                 dp_delta=dp_delta):
                 click.echo(json.dumps(r))
             if every_s <= 0:

@@ -28,6 +28,7 @@ calibration done here only produces the update; personalisation stays local.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -123,9 +124,11 @@ class _Appliance:
             return False, "busy: the appliance's own training job is running"
         return True, "ready"
 
-    def train(self, klass: str, global_delta: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Train every stream of ``klass`` from base + global; returns the mean delta to the
-        base and the delta package metadata (see the module docstring)."""
+    def train(self, klass: str, global_delta: dict[str, np.ndarray], *,
+              proximal_mu: float = 0.0) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Train every stream of ``klass`` from base + global (with FedProx's proximal term of
+        weight ``proximal_mu`` towards it when > 0); returns the mean delta to the base and the
+        delta package metadata (see the module docstring)."""
         from pdm_edge.feedback.labels import LabelBook
         from pdm_edge.feedback.windows import LabelledWindowBuffer
         from pdm_edge.learning.loop import stream_dataset
@@ -145,6 +148,8 @@ class _Appliance:
         try:
             for stream in streams:
                 sc = self.scorer_config(stream)
+                if proximal_mu > 0:
+                    sc = dataclasses.replace(sc, train=dataclasses.replace(sc.train, proximal_mu=float(proximal_mu)))
                 base = self.priors.base(sc)
                 if set(global_delta) != set(base):
                     raise ValueError(f"the server's adapter tensors do not match {stream}'s adapter configuration")
@@ -253,7 +258,8 @@ def make_client_app(mods: list[Any] | None = None) -> ClientApp:
         incoming: ArrayRecord = msg.content[ARRAYS]
         names = list(incoming.keys())
         global_delta = dict(zip(names, incoming.to_numpy_ndarrays()))
-        mean, meta = a.train(str(cfg["machine-class"]), global_delta)
+        mu = float(cfg.get("proximal-mu", 0.0))  # FedProx rounds (Flower's FedProx strategy) send it
+        mean, meta = a.train(str(cfg["machine-class"]), global_delta, proximal_mu=mu)
         out = array_record({k: mean[k] for k in names})  # the server's key order (clipping compares it)
         weight = 1 if bool(cfg.get("uniform-weights", False)) else int(meta["normal_windows"])
         metrics = MetricRecord({WEIGHT: weight, "train-seconds": round(time.monotonic() - t0, 3),
@@ -262,7 +268,7 @@ def make_client_app(mods: list[Any] | None = None) -> ClientApp:
                                 "normal-windows": int(meta["normal_windows"])})
         log_round(a.state_dir, {"event": "trained", "round": int(cfg.get("server-round", 0)), "machine_class": meta["machine_class"],
                                 "streams": meta["stream"], "normal_windows": int(meta["normal_windows"]),
-                                "cpu_s": metrics["cpu-seconds"], "bytes_in": metrics["bytes-in"], "bytes_out": metrics["bytes-out"]})
+                                "proximal_mu": mu, "cpu_s": metrics["cpu-seconds"], "bytes_in": metrics["bytes-in"], "bytes_out": metrics["bytes-out"]})
         return Message(RecordDict({ARRAYS: out, METRICS: metrics, META: ConfigRecord({"delta-meta": json.dumps(meta)})}),
                        reply_to=msg)
 

@@ -30,8 +30,10 @@ schedule; appliances' SuperNodes run :mod:`pdm_edge.fleet.client_app`. One run:
    to ``{out-dir}/rounds.jsonl``: class, round, participants, prior version, what changed
    (L2 norm of the change, participants' windows, CPU and traffic), epsilon.
 
-FedProx (Li et al. 2020) is not offered: its proximal term belongs in the client's training
-loss, which is :meth:`pdm_edge.model.scorer.Scorer.calibrate`'s and is not changed by the fleet.
+**FedProx** (Li et al. 2020) as an option (``proximal-mu`` > 0): Flower's ``FedProx`` strategy
+sends ``proximal-mu`` with every round's training instruction and each client adds the proximal
+term ``mu/2 * ||theta - theta_global||^2`` to its adapter training
+(:attr:`pdm_edge.model.scorer.TrainConfig.proximal_mu`); aggregation stays FedAvg's.
 Secure aggregation (SecAgg+) is Flower's workflow for the legacy strategy API and is not wired
 into this Message-API app; TLS and SuperNode authentication are Flower's own (SuperLink
 ``--ssl-*`` and ``--enable-supernode-auth``; SuperNode ``--root-certificates`` and
@@ -50,8 +52,9 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedProx
 
+from pdm_edge._util.fs import atomic_write
 from pdm_edge.fleet.client_app import CONFIG, META, METRICS, PRIOR_PACKAGE, WEIGHT, array_record
 from pdm_edge.fleet.delta import DeltaPackage
 
@@ -59,7 +62,7 @@ log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "num-rounds": 3, "min-clients": 2, "round-timeout": 600.0, "machine-class": "", "out-dir": "fleet-server",
-    "signing-key": "", "dp-noise": 0.0, "dp-clip": 1.0, "dp-delta": 1e-3, "wait-nodes": 60.0,
+    "signing-key": "", "proximal-mu": 0.0, "dp-noise": 0.0, "dp-clip": 1.0, "dp-delta": 1e-3, "wait-nodes": 60.0,
 }
 """Run configuration (``[tool.flwr.app.config]`` of the app, overridden by ``flwr run -c``)."""
 
@@ -136,15 +139,13 @@ class FleetFedAvg(FedAvg):
         pkg = DeltaPackage.from_adapter({k: self.base[k] + delta[k] for k in self.base}, self.base, **fields)
         data = pkg.to_bytes(self.signing_key)
         path = self.out_dir / "priors" / f"{self.klass}.pdmdelta"
-        from pdm_edge._util.fs import atomic_write
-
         atomic_write(path, data)
         rec = {"machine_class": self.klass, "round": server_round, "finished_ns": time.time_ns(),
                "participants": participants, "n_participants": len(participants),
                "prior_version": f"{self.klass}-r{server_round}-{pkg.meta.adapter_sha256[:12]}",
                "aggregated": bool(self._replies), "change_l2": changed, "normal_windows": windows,
                "client_cpu_s_max": max(cpu) if cpu else None, "client_bytes_out_max": max(bytes_out) if bytes_out else None,
-               "prior_bytes": len(data),
+               "prior_bytes": len(data), "proximal_mu": float(getattr(self, "proximal_mu", 0.0)),
                "epsilon": None if spent is None else float(spent.epsilon), "delta": None if spent is None else float(spent.delta)}
         with open(self.out_dir / "rounds.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
@@ -156,6 +157,11 @@ class FleetFedAvg(FedAvg):
         cfg[PRIOR_PACKAGE] = data
         cfg["machine-class"] = self.klass
         return super().configure_evaluate(server_round, arrays, cfg, grid)
+
+
+class FleetFedProx(FleetFedAvg, FedProx):
+    """:class:`FleetFedAvg` with Flower's ``FedProx``: every round's training instruction carries
+    ``proximal-mu``, which the clients' training uses (see the module docstring)."""
 
 
 def query_nodes(grid: Grid, timeout: float) -> dict[int, dict[str, Any]]:
@@ -236,9 +242,12 @@ def main(grid: Grid, context: Context) -> None:
             continue
         template, base = _template(klass, out_dir, verify)
         dp_noise = float(rc["dp-noise"])
-        inner = FleetFedAvg(klass, template, base, out_dir, signing_key, fraction_train=1.0, fraction_evaluate=1.0,
-                            min_train_nodes=min_clients, min_evaluate_nodes=min_clients, min_available_nodes=min_clients,
-                            weighted_by_key=WEIGHT)
+        mu = float(rc["proximal-mu"])
+        prox: dict[str, Any] = {"proximal_mu": mu} if mu > 0 else {}
+        inner = (FleetFedProx if mu > 0 else FleetFedAvg)(
+            klass, template, base, out_dir, signing_key, fraction_train=1.0, fraction_evaluate=1.0,
+            min_train_nodes=min_clients, min_evaluate_nodes=min_clients, min_available_nodes=min_clients,
+            weighted_by_key=WEIGHT, **prox)
         strategy: Any = inner
         if dp_noise > 0:
             accountant = RdpAccountant(PrivacyConfig(target_delta=float(rc["dp-delta"]), population_size=len(ids),

@@ -14,7 +14,10 @@ The objective, summed per batch:
 - outlier exposure (Hendrycks et al. 2019), weighted by ``outlier_exposure``: the adapter's
   anomaly logit separates the batch's normal windows (negatives) from synthetic anomalies made
   from them (:mod:`pdm_edge.model.synthetic`) and from windows a technician confirmed as
-  faults (positives; Deep SAD-style use of labels, Ruff et al. 2020).
+  faults (positives; Deep SAD-style use of labels, Ruff et al. 2020);
+- with ``proximal_mu`` > 0 (a fleet round run with FedProx, Li et al. 2020), the proximal term
+  ``mu/2 * ||theta - theta_0||^2`` towards the adapter training started from (its gradient is
+  added to each batch's; the reported losses leave it out).
 
 Only adapter parameters have gradients; the encoder stays bit-identical.
 
@@ -197,6 +200,8 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
     n_tok = ecfg.n_tokens
     first = adapter.first if tc.prefix_cache else 0  # blocks [0, first) are the frozen prefix
     params = [p for p in adapter.parameters() if p.requires_grad]
+    # FedProx's anchor: the adapter training starts from (the fleet prior when there is one)
+    anchor = [p.detach().clone() for p in params] if tc.proximal_mu > 0 else None
     if tc.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=tc.lr, weight_decay=tc.weight_decay)
     else:
@@ -360,6 +365,10 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
                 j = perm[b:b + tc.batch]
                 opt.zero_grad(set_to_none=True)
                 loss = batch_loss(j, ep)
+                if anchor is not None:  # FedProx: + the gradient mu * (theta - theta_0) of its proximal term
+                    for p, p0 in zip(params, anchor):
+                        g = tc.proximal_mu * (p.detach() - p0)
+                        p.grad = g if p.grad is None else p.grad.add_(g)
                 opt.step()
                 tot += loss * len(j)
             vl = val_loss()

@@ -139,6 +139,12 @@ class TrainConfig:
     in the job's directory to fit, and refuses (``ModelError``) when one window does not fit.
     0: no envelope."""
 
+    proximal_mu: float = 0.0
+    """FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks"): weight
+    ``mu`` of the proximal term ``mu/2 * ||theta - theta_0||^2`` that keeps the adapter near the
+    one training started from (the fleet prior, :attr:`Scorer.prior_adapter`); set by the fleet
+    server's FedProx rounds (``proximal-mu``). 0: off (FedAvg)."""
+
     aug_gain_db: float = 0.0
     """Augmentation of replay windows (:mod:`pdm_edge.learning.augment`): gain, uniform in
     +- this many dB; 0: off."""
@@ -162,6 +168,8 @@ class TrainConfig:
             raise ValueError("augmentation settings must be >= 0 (0: off)")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.proximal_mu < 0:
+            raise ValueError(f"proximal_mu must be >= 0, got {self.proximal_mu}")
         if self.micro_batch < 0 or self.cache_views < 1 or self.max_memory_mb < 0 or self.batch < 1:
             raise ValueError("need batch >= 1, micro_batch >= 0, cache_views >= 1 and max_memory_mb >= 0")
 
