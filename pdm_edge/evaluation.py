@@ -308,7 +308,10 @@ def load_femto_bearing(data: Path, name: str):
     return load_femto_compact(root / "compact" / f"{name}.npz")
 
 
-def _femto_arrays(data: Path, name: str, subset: bool) -> tuple[np.ndarray, np.ndarray]:
+def femto_arrays(data: Path, name: str, subset: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """A set-A FEMTO bearing's snapshots ``(T, 2560)`` float32 (g, horizontal) and their times
+    ``(T,)`` s since the first; ``subset``: the first tenth of life and every fourth snapshot
+    after it."""
     rec = load_femto_bearing(data, name)
     segs = rec.segments
     t = np.array([(s.start_ns - segs[0].start_ns) / 1e9 for s in segs])
@@ -365,7 +368,7 @@ def eval_femto(data: Path, encoder: Encoder, sha: str, train: TrainConfig, subse
     """The FEMTO set-A bearings, run to failure; see the module docstring."""
     out: dict[str, Any] = {}
     for name in bearings:
-        x, t = _femto_arrays(data, name, subset)
+        x, t = femto_arrays(data, name, subset)
         end_s = float(t[-1])
         n_cal = int(np.sum(t <= 0.1 * end_s))
         methods = calibrate_all(encoder, sha, x[:n_cal], 25600.0, "vibration", 10.0, train)
@@ -566,7 +569,7 @@ def _technician_femto(data: Path, encoder: Encoder, sha: str, train: TrainConfig
 
     from pdm_edge.types import Window
 
-    x, t = _femto_arrays(data, name, subset)
+    x, t = femto_arrays(data, name, subset)
     end_s = float(t[-1])
     n_cal = int(np.sum(t <= 0.1 * end_s))
     cfg = product_config("vibration", 25600.0, 10.0, train, min_windows=min(20, n_cal))

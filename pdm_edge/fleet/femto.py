@@ -30,9 +30,7 @@ For each left-out bearing ``L`` (a fold):
    on a fold when it has no more first-half alarms and a lead time at least as long (no alarm
    counts as lead time 0).
 
-The four compact bearings are read from ``compact/*.npz`` by a local helper
-(:func:`load_compact`; ``sample_data.loaders.load_femto_compact`` is being added by the lead
-engineer and is not on this branch yet), Bearing3_1 by ``sample_data.loaders.load_femto``.
+The bearings are read as ``pdm-edge eval`` reads them (:func:`load_bearings`).
 """
 
 from __future__ import annotations
@@ -65,50 +63,27 @@ class Bearing:
         return float(self.t_s[-1])
 
 
-def load_compact(path: Path) -> Bearing:
-    """A compact FEMTO ``.npz`` (``acc_mg`` int32 ``(N, 2560, 2)`` milli-g, ``elapsed_s``; see
-    the folder's README): horizontal channel in g."""
-    with np.load(path) as z:
-        x = (z["acc_mg"][..., 0] / 1000.0).astype(np.float32)
-        t = np.asarray(z["elapsed_s"], np.float64)
-        if float(z["fs_hz"]) != FS:
-            raise ValueError(f"{path}: fs {float(z['fs_hz'])} Hz, expected {FS}")
-    return Bearing(path.stem, t, x)
-
-
 def load_bearings(data: Path) -> dict[str, Bearing]:
-    """The five set-A bearings from ``{data}/femto_pronostia``."""
-    from sample_data.loaders import load_femto
+    """The five set-A bearings from ``{data}/femto_pronostia``, read as ``pdm-edge eval`` reads
+    them (:func:`pdm_edge.evaluation.femto_arrays`)."""
+    from pdm_edge.evaluation import femto_arrays
 
-    root = data / "femto_pronostia"
     out = {}
     for name in BEARINGS:
-        if name == "Bearing3_1":
-            rec = load_femto(root / "Learning_set" / name)
-            segs = rec.segments
-            out[name] = Bearing(name, np.array([(s.start_ns - segs[0].start_ns) / 1e9 for s in segs]),
-                                np.stack([s.samples for s in segs]).astype(np.float32))
-        else:
-            out[name] = load_compact(root / "compact" / f"{name}.npz")
+        x, t = femto_arrays(data, name)
+        out[name] = Bearing(name, t, x.astype(np.float32))
     return out
 
 
 def alarms(scores: np.ndarray, threshold: float, t_s: np.ndarray, end_s: float) -> dict[str, Any]:
-    """Sustained alarms (the appliance's 3-of-5 rule, :class:`pdm_edge.alerts.debounce.KOfN`)
-    of a bearing's scores: count in the first half of life, first alarm after it, lead time."""
-    from pdm_edge.alerts.debounce import KOfN
+    """Sustained alarms of a bearing's scores (:func:`pdm_edge.evaluation.life_alarms`, the
+    appliance's k-of-n rule): count in the first half of life, first alarm after it, lead time."""
+    from pdm_edge.evaluation import life_alarms
 
-    deb = KOfN()  # the default rule, as [alerts] k/n
-    raised = []
-    for i, v in enumerate(scores):
-        ev = deb.update(float(v), threshold, int(t_s[i] * 1e9), int((t_s[i] + 0.1) * 1e9))
-        if ev is not None and ev.state == "raised":
-            raised.append(ev.start_ns / 1e9)
-    first_half = [a for a in raised if a <= 0.5 * end_s]
-    after = [a for a in raised if a > 0.5 * end_s]
-    first = after[0] if after else None
-    return {"first_half_alarms": len(first_half), "sustained_alarms": len(raised), "first_alarm_after_half_s": first,
-            "lead_time_s": None if first is None else float(end_s - first), "threshold": float(threshold)}
+    a = life_alarms(scores, threshold, t_s, end_s)
+    return {"first_half_alarms": a["first_half_alarms"], "sustained_alarms": len(a["raises_s"]),
+            "first_alarm_after_half_s": a["first_alarm_after_half_s"], "lead_time_s": a["lead_time_s"],
+            "threshold": float(threshold)}
 
 
 class FleetEval:
