@@ -28,8 +28,10 @@ All run a fixed number of epochs (no early stopping), so the comparison is per e
 Before measuring, each variant's process runs one small calibration of its own configuration
 (the appliance measured is an idle, *calibrated* service). Reported: training time (s, and per epoch) and whole calibration time; peak training memory
 (the process's high-water mark ``VmHWM``, reset through ``/proc/self/clear_refs`` when training
-starts, minus its resident memory at that moment: the increment over the calibrated, idle
-process holding the data; MB), the process's peak itself, and the same for the whole calibration;
+starts, minus its resident memory at that moment; MB; it reads about 0 when training fits in
+heap that the calibration's first steps freed), the training peak over the idle, calibrated
+process before the calibration (``peak_training_over_idle_mb``: the figure to compare), the
+process's peak itself, and the same for the whole calibration;
 trainable parameters; the ratios full / adapter; the size of the adapter's model-version file.
 
 A third measurement shows that training does not starve scoring: windows scored per second on
@@ -171,7 +173,8 @@ def run_variant(variant: str, feats_path: Path, epochs: int, out_dir: Path) -> d
            "train_s": round(phase["t"], 2), "s_per_epoch": round(phase["t"] / max(1, info["adapter_epochs"]), 2),
            "peak_training_mb": round((phase["peak"] - phase["rss0"]) / 1024, 1),
            "peak_calibration_mb": round((peak - rss0) / 1024, 1), "rss_before_mb": round(rss0 / 1024, 1),
-           "peak_process_mb": round(phase["peak"] / 1024, 1), "trainable_params": trainable,
+           "peak_process_mb": round(phase["peak"] / 1024, 1),
+           "peak_training_over_idle_mb": round((phase["peak"] - rss0) / 1024, 1), "trainable_params": trainable,
            "memory_plan": info.get("memory_plan")}
     if variant == "adapter":
         p = out_dir / "version.pt"

@@ -41,6 +41,9 @@ VARIANTS = {
     "spectral_logit": dict(components=("spectral", "logit"), oe=1.0),
     "embedding_spectral_oe": dict(components=("mahalanobis", "spectral"), oe=1.0),
     "frozen_embedding_spectral": dict(components=("mahalanobis", "spectral"), oe=0.0, frozen=True),
+    # issue 14: the default detector trained with the appliance's memory options, and scored int8
+    "default_gc_micro8": dict(components=("mahalanobis", "spectral", "logit"), oe=1.0, train=dict(grad_checkpointing=True, micro_batch=8)),
+    "default_int8": dict(components=("mahalanobis", "spectral", "logit"), oe=1.0, inference="int8"),
 }
 
 
@@ -57,7 +60,8 @@ def _auc(neg: np.ndarray, pos: np.ndarray) -> float:
 
 def _scorer(enc, sha, kind, fs, hop_s, v, cal):
     cfg = ScorerConfig(kind=kind, sample_rate_hz=fs, hop_s=hop_s, components=v["components"],
-                       train_adapter=not v.get("frozen", False), train=TrainConfig(outlier_exposure=v["oe"]), min_windows=10)
+                       train_adapter=not v.get("frozen", False), train=TrainConfig(outlier_exposure=v["oe"], **v.get("train", {})),
+                       min_windows=10, inference=v.get("inference", "float32"))
     s = Scorer(enc, sha, cfg).learn_many(cal)
     s.calibrate()
     return s
