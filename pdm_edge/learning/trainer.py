@@ -59,9 +59,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pdm_edge.errors import ModelError
+from pdm_edge.errors import ModelError, TrainingInterrupted
 from pdm_edge.model.encoder import masked_error, random_mask
-from pdm_edge.model.scorer import NO_GRAD_BATCH, TrainingInterrupted
+from pdm_edge.model.scorer import NO_GRAD_BATCH
 from pdm_edge.model.synthetic import synthetic_anomalies
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
         resume: such a state: training continues after its epoch, with its generator states.
         should_stop: polled before every batch; when it returns True the half-done epoch is
             rolled back, the state after the last finished epoch goes to ``checkpoint`` and
-            :class:`~pdm_edge.model.scorer.TrainingInterrupted` is raised.
+            :class:`~pdm_edge.errors.TrainingInterrupted` is raised.
         work_dir: where a prefix cache that does not fit the memory envelope is spilled (a
             temporary file, removed at the end); the system's temporary directory when None.
         on_plan: receives the :class:`MemoryPlan` before training starts.

@@ -419,18 +419,20 @@ class Service:
 
     # -- events from the scoring stage and the registry ---------------------------------------
     _LEARNING_EVENTS = {"queued": "training_queued", "rejected": "rejected", "failed": "training_failed",
-                        "interrupted": "training_interrupted", "awaiting_confirmation": "awaiting_confirmation"}
+                        "interrupted": "training_interrupted", "paused": "training_paused",
+                        "awaiting_confirmation": "awaiting_confirmation"}
     _LEARNING_LOGS = {"training": "training_started", "promoted": "training_promoted"}
 
     def _on_learning_event(self, stream: str, event: str, version: str, detail: str) -> None:
         """Learning-loop listener (its thread): ``queued``, ``training``, ``promoted``,
-        ``rejected``, ``failed``, ``interrupted``. Promotions reach the store through the
-        registry listener (:meth:`_on_model_change`); the others are stored here as model events
-        (``training_queued``, ``rejected``, ``training_failed``, ``training_interrupted``)."""
+        ``rejected``, ``failed``, ``interrupted``, ``paused`` (heat, load or battery). Promotions
+        reach the store through the registry listener (:meth:`_on_model_change`); the others are
+        stored here as model events (``training_queued``, ``rejected``, ``training_failed``,
+        ``training_interrupted``, ``training_paused``)."""
         from pdm_edge.store.base import ModelEvent
 
         site, machine, sensor = stream.split("/")
-        if event in ("promoted", "rejected", "failed", "interrupted", "awaiting_confirmation"):
+        if event in ("promoted", "rejected", "failed", "interrupted", "paused", "awaiting_confirmation"):
             self.metrics.training_runs.labels(site, machine, sensor, event).inc()
         name = self._LEARNING_EVENTS.get(event)
         level = logging.ERROR if event == "failed" else logging.INFO
