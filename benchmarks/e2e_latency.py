@@ -46,10 +46,16 @@ lateness < 50 ms; otherwise the load generator, not the service, was the limit).
 ``VmHWM`` (peak). CPU: the service process's user + system time over the measurement, as % of
 one core.
 
+**Search** (``--search 16,32,48,64``): one run per channel count, each in its own process with
+its own broker and service, in ascending order until the first that does not keep up; reports
+every trial and the largest channel count sustained (issue 13's target: 64, with p99 <= 100 ms
+and service RSS <= 500 MB there).
+
 Usage::
 
     .venv/bin/python benchmarks/e2e_latency.py [--json] [--channels 16] [--duration 150] [--phases aligned|spread]
                                               [--quick] [--workdir DIR]
+    .venv/bin/python benchmarks/e2e_latency.py --search 16,32,48,64 [--duration 40] [--json]
 
 The default 150 s of measurement outlast ``[feedback] recent_s`` (120 s): the feedback stage keeps
 every stream's recent windows in memory for late labels, so the memory figure is only the
@@ -420,6 +426,48 @@ def print_report(doc: dict[str, Any]) -> None:
           f"service memory < 600 MB: {t['memory_under_600mb']}")
 
 
+def search(args: argparse.Namespace) -> int:
+    """``--search``: one run of this script per channel count (ascending), each with ``--json``
+    in its own process, until the first that does not keep up; prints the trials and the
+    largest channel count sustained."""
+    import subprocess
+
+    counts = sorted({int(c) for c in args.search.split(",") if c.strip()})
+    trials: list[dict[str, Any]] = []
+    for n in counts:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--json", "--channels", str(n), "--duration", str(args.duration),
+               "--phases", args.phases, "--calibration-s", str(args.calibration_s), "--max-train-s", str(args.max_train_s),
+               "--warmup", str(args.warmup)]
+        _progress(args, f"search: {n} channels ...")
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if res.returncode != 0:
+            trials.append({"channels": n, "kept_up": False, "error": f"exit {res.returncode}"})
+            break
+        doc = json.loads(res.stdout)
+        m = doc["measurement"]
+        s = m["latency_publish_to_stored"]
+        trials.append({"channels": n, "kept_up": bool(m["kept_up"]), "reasons": m["reasons"], "p50_ms": s["p50_ms"],
+                       "p99_ms": s["p99_ms"], "service_cpu_pct_of_one_core": m["service_cpu_pct_of_one_core"],
+                       "service_rss_mb_max": max(m["service_rss_mb_max"], m["service_vmhwm_mb"]),
+                       "other_load_pct_of_machine": m["other_load_pct_of_machine"]})
+        if not m["kept_up"]:
+            break
+    sustained = max((t["channels"] for t in trials if t["kept_up"]), default=0)
+    out = {"benchmark": "pdm-edge e2e channel search", "args": vars(args).copy(), "trials": trials,
+           "largest_sustained_channels": sustained}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"{'channels':>8} {'kept up':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU % core':>11} {'RSS MB':>8} {'other %':>8}")
+        for t in trials:
+            print(f"{t['channels']:>8} {('yes' if t['kept_up'] else 'NO'):>8} {t.get('p50_ms') or '-':>8} {t.get('p99_ms') or '-':>8} "
+                  f"{t.get('service_cpu_pct_of_one_core') or '-':>11} {t.get('service_rss_mb_max') or '-':>8} "
+                  f"{t.get('other_load_pct_of_machine', '-'):>8}" + (f"  {'; '.join(t.get('reasons') or [t.get('error', '')])}"
+                                                                     if not t["kept_up"] else ""))
+        print(f"largest channel count sustained: {sustained}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout (progress on stderr)")
@@ -437,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                          "spread: streams offset evenly over the 0.5 s hop (independent sensors)")
     ap.add_argument("--poll-ms", type=float, default=10.0, help="store polling interval, ms")
     ap.add_argument("--quick", action="store_true", help="short run (8 s) with a short calibration")
+    ap.add_argument("--search", default=None, metavar="N,N,...",
+                    help="run each channel count (ascending) until one does not keep up; report the largest sustained")
     ap.add_argument("--workdir", default=None, help="keep the run's files (service log, store, config) here instead of a "
                                                      "temporary directory")
     args = ap.parse_args(argv)
@@ -446,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     args.max_train_s = args.max_train_s or (6.0 if args.quick else 20.0)
     if args.channels < 1 or args.duration < 2:
         ap.error("need --channels >= 1 and --duration >= 2")
+    if args.search:
+        return search(args)
 
     from pdm_edge._util.procs import Mosquitto, ServiceProcess
     from pdm_edge.errors import PdmEdgeError
