@@ -183,19 +183,9 @@ def dump_users(users: Mapping[str, UserRecord]) -> str:
 
 def write_users(path: str | os.PathLike[str], users: Mapping[str, UserRecord]) -> None:
     """Write the users file atomically, readable by its owner only (mode 0600)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(dump_users(users))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from pdm_edge._util.fs import atomic_write
+
+    atomic_write(path, dump_users(users), mode=0o600)
 
 
 class LoginThrottle:

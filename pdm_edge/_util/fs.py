@@ -8,7 +8,7 @@ from pathlib import Path
 __all__ = ["atomic_write"]
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
+def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, mode: int = 0o644) -> Path:
     """Write ``data`` to ``path`` atomically.
 
     A temporary file next to ``path`` (``.{name}.tmp-{pid}``) is written, flushed and fsync'ed,
@@ -18,6 +18,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     Args:
         path: the target file.
         data: bytes, or text (written as UTF-8).
+        mode: permissions of the new file (before the umask), e.g. ``0o600`` for secrets.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`.
@@ -31,7 +32,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
