@@ -460,8 +460,11 @@ def search(args: argparse.Namespace) -> int:
     else:
         print(f"{'channels':>8} {'kept up':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU % core':>11} {'RSS MB':>8} {'other %':>8}")
         for t in trials:
-            print(f"{t['channels']:>8} {('yes' if t['kept_up'] else 'NO'):>8} {t.get('p50_ms') or '-':>8} {t.get('p99_ms') or '-':>8} "
-                  f"{t.get('service_cpu_pct_of_one_core') or '-':>11} {t.get('service_rss_mb_max') or '-':>8} "
+            def num(v: Any) -> str:
+                return "-" if v is None else f"{v:.0f}"
+
+            print(f"{t['channels']:>8} {('yes' if t['kept_up'] else 'NO'):>8} {num(t.get('p50_ms')):>8} {num(t.get('p99_ms')):>8} "
+                  f"{num(t.get('service_cpu_pct_of_one_core')):>11} {num(t.get('service_rss_mb_max')):>8} "
                   f"{t.get('other_load_pct_of_machine', '-'):>8}" + (f"  {'; '.join(t.get('reasons') or [t.get('error', '')])}"
                                                                      if not t["kept_up"] else ""))
         print(f"largest channel count sustained: {sustained}")
