@@ -74,6 +74,7 @@ import numpy as np
 import torch
 
 from pdm_edge import features
+from pdm_edge.config import DEFAULT_ALERT_K, DEFAULT_ALERT_N
 from pdm_edge.errors import ModelError, NotCalibratedError, TrainingInterrupted
 from pdm_edge.model.adapter import Adapter, AdapterConfig
 from pdm_edge.model.baseline import CROSSFIT_FOLDS, Baseline, crossfit_distances
@@ -213,8 +214,8 @@ class ScorerConfig:
     components: tuple[str, ...] = ("mahalanobis", "spectral", "logit")
     train_adapter: bool = True
     target_false_alerts_per_h: float = 0.1
-    alert_k: int = 3
-    alert_n: int = 5
+    alert_k: int = DEFAULT_ALERT_K
+    alert_n: int = DEFAULT_ALERT_N
     min_windows: int = 20
     inference: str = "float32"
 
