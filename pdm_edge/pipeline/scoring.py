@@ -18,7 +18,9 @@ Per state, a batch's windows of one stream:
   collected one by one otherwise (too few windows yet), so the calibration set is exact.
 - **calibrating**: they wait in the stream's backlog (bounded by the table).
 - **scoring**: the backlog, then the windows, are scored in one batch with the stream's
-  version: one :class:`~pdm_edge.types.Score` each, with the threshold and the version id.
+  version: one :class:`~pdm_edge.types.Score` each, with the threshold and the version id;
+  an anomalous window of a version that knows confirmed faults also carries the one it looks
+  like (:meth:`~pdm_edge.model.scorer.Scorer.nearest_fault_features`), for its alert.
   Windows at or below the threshold while the stream is *quiet* by the alert rule (no window
   above among the last ``[alerts] n``, :attr:`pdm_edge.alerts.debounce.KOfN.quiet`) become
   replay candidates (``collecting=False``): the reservoir keeps a uniform sample of them.
