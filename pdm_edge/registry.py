@@ -435,6 +435,21 @@ def _version_summary(data: bytes) -> dict[str, Any]:
 
 
 
+def write_package_zip(members: Sequence[tuple[str, bytes]], *, compresslevel: int | None = None) -> bytes:
+    """The bytes of a package zip (a model-version or a delta package, read back by
+    :func:`read_package_zip`): the members in order, DEFLATE-compressed at ``compresslevel``
+    (zlib's default when ``None``), with a fixed date and mode 0644, so that the same members
+    always give the same bytes."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, payload in members:
+            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, payload, compresslevel=compresslevel)
+    return buf.getvalue()
+
+
 def read_package_zip(what: str, source: str | os.PathLike[str] | bytes, *, required: Sequence[str], optional: Sequence[str],
                      max_member_bytes: int) -> dict[str, bytes]:
     """The members of a package zip (a model-version or a delta package), checked before use:
@@ -867,17 +882,10 @@ class Registry:
         members = [(PACKAGE_MANIFEST, manifest_bytes), (PACKAGE_VERSION_FILE, data)]
         if signing_key is not None:
             members.append((PACKAGE_SIGNATURE, signing_key.sign(manifest_bytes)))
-        buf = io.BytesIO()
-        with zipfile.ZipFile(buf, "w") as zf:
-            for name, payload in members:
-                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, payload)
         out = Path(path)
         from pdm_edge._util.fs import atomic_write
 
-        atomic_write(out, buf.getvalue())
+        atomic_write(out, write_package_zip(members))
         return out
 
     def import_package(self, path: str | os.PathLike[str], *, encoder_sha256: str,

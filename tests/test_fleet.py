@@ -255,38 +255,7 @@ def test_prior_of_another_adapter_configuration_is_not_used(enc: Encoder, traine
 @pytest.fixture
 def appliance(tmp_path: Path) -> Path:
     """An appliance's TOML and state directory whose replay buffer holds 60 windows of one stream."""
-    from pdm_edge.learning.replay import ReplayBuffer
-    from pdm_edge.model import load_encoder
-
-    state = tmp_path / "var"
-    toml = tmp_path / "pdm-edge.toml"
-    toml.write_text(f"""appliance_id = "app-1"
-[mqtt]
-broker = "localhost:1883"
-[feedback]
-state_dir = "{state}"
-[registry]
-dir = "{state / 'registry'}"
-[learning]
-replay_normal_windows = 100
-[fleet]
-enabled = true
-machine_class = "pump"
-max_train_seconds = 3.0
-[sensors."site/m1/de"]
-kind = "vibration"
-sample_rate_hz = {FS}
-unit = "g"
-window_s = {WIN_S}
-hop_s = {WIN_S}
-""")
-    encoder, sha = load_encoder()
-    ws = _windows(60, seed=3)
-    feats = Scorer(encoder, sha, _cfg()).features(ws)
-    rb = ReplayBuffer.in_dir(state, capacity=100)
-    rb.offer("site/m1/de", [w.start_ns for w in ws], feats)
-    rb.close()
-    return toml
+    return _appliance(tmp_path, 1, seed=3)
 
 
 def _message(kind: str, content, node_id: int = 7):
@@ -399,9 +368,11 @@ def test_fleet_cli_join_needs_opt_in_and_status_shows_priors(appliance: Path, tm
 
 
 # -- a federation of real Flower processes on loopback ----------------------------------------------------
-def _appliance(tmp_path: Path, i: int, port: int, verify_key: Path, fleet_extra: str) -> Path:
-    """Appliance ``app-{i}``'s configuration (``[fleet]`` + ``fleet_extra``) and a replay buffer
-    of 60 simulated windows; returns the TOML's path."""
+def _appliance(tmp_path: Path, i: int, port: int | None = None, verify_key: Path | None = None, fleet_extra: str = "",
+               seed: int | None = None) -> Path:
+    """Appliance ``app-{i}`` in ``{tmp_path}/app{i}``: its configuration (``[fleet]`` opted in,
+    class ``pump``, plus ``fleet_extra``; the server on ``port`` and ``verify_key`` when given)
+    and a replay buffer of 60 simulated windows of ``site/m{i}/de``; returns the TOML's path."""
     from pdm_edge.learning.replay import ReplayBuffer
     from pdm_edge.model import load_encoder
 
@@ -409,6 +380,10 @@ def _appliance(tmp_path: Path, i: int, port: int, verify_key: Path, fleet_extra:
     state = tmp_path / f"app{i}" / "var"
     toml = tmp_path / f"app{i}" / "pdm-edge.toml"
     toml.parent.mkdir(parents=True)
+    fleet = [fleet_extra] if fleet_extra else []
+    fleet += [f'server = "127.0.0.1:{port}"'] if port is not None else []
+    fleet += [f'verify_key = "{verify_key}"'] if verify_key is not None else []
+    fleet_lines = "\n".join(fleet)
     toml.write_text(f"""appliance_id = "app-{i}"
 [mqtt]
 broker = "localhost:1883"
@@ -420,11 +395,9 @@ dir = "{state / 'registry'}"
 replay_normal_windows = 100
 [fleet]
 enabled = true
-{fleet_extra}
-server = "127.0.0.1:{port}"
 machine_class = "pump"
-verify_key = "{verify_key}"
 max_train_seconds = 3.0
+{fleet_lines}
 [sensors."site/m{i}/de"]
 kind = "vibration"
 sample_rate_hz = {FS}
@@ -432,7 +405,7 @@ unit = "g"
 window_s = {WIN_S}
 hop_s = {WIN_S}
 """)
-    ws = _windows(60, seed=20 + i)
+    ws = _windows(60, seed=20 + i if seed is None else seed)
     rb = ReplayBuffer.in_dir(state, capacity=100)
     rb.offer(f"site/m{i}/de", [w.start_ns for w in ws], Scorer(encoder, sha, _cfg()).features(ws))
     rb.close()

@@ -58,7 +58,6 @@ SIGNATURE = "manifest.sig"
 MAX_MEMBER_BYTES = 16 * 1024 * 1024
 """Largest member accepted (a default adapter's delta is ~90 KB; guards against zip bombs)."""
 KINDS = ("update", "prior")
-_ZIP_DATE = (2020, 1, 1, 0, 0, 0)
 
 
 def tensors_sha256(tensors: Mapping[str, Any]) -> str:
@@ -218,14 +217,9 @@ class DeltaPackage:
         members = [(MANIFEST, manifest_bytes), (DELTA, delta_bytes)]
         if signing_key is not None:
             members.append((SIGNATURE, signing_key.sign(manifest_bytes)))
-        out = io.BytesIO()
-        with zipfile.ZipFile(out, "w") as zf:
-            for name, payload in members:
-                info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, payload, compresslevel=9)
-        return out.getvalue()
+        from pdm_edge.registry import write_package_zip
+
+        return write_package_zip(members, compresslevel=9)
 
     def write(self, path: str | os.PathLike[str], signing_key: Any | None = None) -> Path:
         """Write the package atomically at ``path``; returns the path."""
