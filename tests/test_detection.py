@@ -102,6 +102,12 @@ def test_a_recurrence_of_a_confirmed_fault_is_named(bearing: dict[str, np.ndarra
         assert n.start_ns == event["start_ns"] and 0.5 < n.similarity <= 1.0
     reloaded = Scorer.from_state(enc, sha, s.state())
     assert reloaded.nearest_fault(bearing["strong"][10:12]) == s.nearest_fault(bearing["strong"][10:12])
+    # the scoring path names them from the same encoder pass: windows above the threshold only
+    f = s.features(np.r_[bearing["held"][:5], bearing["strong"][10:]])
+    scores, names = s.score_and_name_features(f)
+    assert np.array_equal(scores, s.score_features(f))
+    assert names == [m if sc > s.threshold else None for sc, m in zip(scores, s.nearest_fault_features(f))]
+    assert any(n is not None for n in names)
 
 
 def test_femto_compact_loader_reads_set_a(datasets_dir) -> None:

@@ -510,20 +510,45 @@ class Scorer:
         z = [(raw[c] - self.component_stats[c][0]) / self.component_stats[c][1] for c in self.config.components]
         return np.mean(z, axis=0)
 
+    def _fault_distances(self, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(d_normal (B,), d_fault (B, F))`` of embeddings ``(B, D)``: the baseline Mahalanobis
+        distance to the normal mean and to each known-fault prototype; None without prototypes."""
+        if self.fault_prototypes is None or not len(self.fault_prototypes) or self.baseline is None:
+            return None
+        e = np.asarray(emb, dtype=np.float64)
+        diff = e[:, None, :] - np.asarray(self.fault_prototypes, dtype=np.float64)[None]
+        d = np.sqrt(np.maximum(np.einsum("bfi,ij,bfj->bf", diff, self.baseline.precision, diff), 0.0))
+        return self.baseline.distance(e), d
+
     def fault_match(self, emb: np.ndarray) -> np.ndarray:
         """Known-fault evidence of embeddings ``(B, D)``: ``max(0, d_normal - d_fault) / spread``
         with ``d_normal`` the Mahalanobis distance to the normal mean, ``d_fault`` the distance
         (same metric) to the nearest known-fault prototype and ``spread`` the normal spread of
         ``d_normal``; 0 for windows nearer to normal than to every known fault, and zeros
         without fault prototypes. Shape ``(B,)`` float64."""
-        if self.fault_prototypes is None or not len(self.fault_prototypes) or self.baseline is None:
+        dist = self._fault_distances(emb)
+        if dist is None:
             return np.zeros(len(emb))
-        e = np.asarray(emb, dtype=np.float64)
-        d0 = self.baseline.distance(e)
-        diff = e[:, None, :] - np.asarray(self.fault_prototypes, dtype=np.float64)[None]
-        df = np.sqrt(np.maximum(np.einsum("bfi,ij,bfj->bf", diff, self.baseline.precision, diff), 0.0)).min(axis=1)
+        d0, d = dist
         spread = self.component_stats.get("mahalanobis", (0.0, 1.0))[1]
-        return np.maximum(0.0, d0 - df) / spread
+        return np.maximum(0.0, d0 - d.min(axis=1)) / spread
+
+    def _nearest_faults(self, emb: np.ndarray) -> list[FaultMatch | None]:
+        """:meth:`nearest_fault_features` of embeddings ``(B, D)``."""
+        dist = self._fault_distances(emb)
+        if dist is None:
+            return [None] * len(emb)
+        d0, d = dist
+        out: list[FaultMatch | None] = []
+        for i in range(len(emb)):
+            j = int(np.argmin(d[i]))
+            ev = self.fault_events[int(self.fault_prototype_events[j])] if self.fault_prototype_events is not None and self.fault_events else {}
+            if d[i, j] >= d0[i] or not ev.get("label"):
+                out.append(None)
+                continue
+            out.append(FaultMatch(str(ev["label"]), ev.get("fault_type"), int(ev.get("start_ns") or 0),
+                                  round(float(d0[i] / (d0[i] + d[i, j])), 3)))
+        return out
 
     def nearest_fault(self, windows: Sequence[Window] | np.ndarray) -> list[FaultMatch | None]:
         """:meth:`nearest_fault_features` of ``Window`` objects or raw samples, as
@@ -543,22 +568,9 @@ class Scorer:
         """
         self._require_calibrated()
         f = self._check_features(feature_images)
-        if self.fault_prototypes is None or not len(self.fault_prototypes) or not len(f):
+        if self.fault_prototypes is None or not len(f):
             return [None] * len(f)
-        e = self._embed(self.standardizer.transform(f)).astype(np.float64)  # type: ignore[union-attr]
-        d0 = self.baseline.distance(e)  # type: ignore[union-attr]
-        diff = e[:, None, :] - np.asarray(self.fault_prototypes, dtype=np.float64)[None]
-        d = np.sqrt(np.maximum(np.einsum("bfi,ij,bfj->bf", diff, self.baseline.precision, diff), 0.0))  # type: ignore[union-attr]
-        out: list[FaultMatch | None] = []
-        for i in range(len(f)):
-            j = int(np.argmin(d[i]))
-            ev = self.fault_events[int(self.fault_prototype_events[j])] if self.fault_prototype_events is not None and self.fault_events else {}
-            if d[i, j] >= d0[i] or not ev.get("label"):
-                out.append(None)
-                continue
-            out.append(FaultMatch(str(ev["label"]), ev.get("fault_type"), int(ev.get("start_ns") or 0),
-                                  round(float(d0[i] / (d0[i] + d[i, j])), 3)))
-        return out
+        return self._nearest_faults(self._embed(self.standardizer.transform(f)))  # type: ignore[union-attr]
 
     def score_features(self, feature_images: np.ndarray) -> np.ndarray:
         """Anomaly scores of feature images ``(B, 2, 64, 32)`` float32 (:meth:`features`, before
@@ -570,16 +582,32 @@ class Scorer:
                 baseline instead of guessing.
             ValueError: an array that is not ``(B, 2, 64, 32)``.
         """
+        return self.score_and_name_features(feature_images, name_faults=False)[0]
+
+    def score_and_name_features(self, feature_images: np.ndarray, *,
+                                name_faults: bool = True) -> tuple[np.ndarray, list[FaultMatch | None]]:
+        """:meth:`score_features`, and for each window above the threshold the confirmed fault it
+        looks like (:meth:`nearest_fault_features`; None for the others), from one pass of the
+        encoder. ``name_faults=False``: no names (all None).
+
+        Raises:
+            As :meth:`score_features`.
+        """
         self._require_calibrated()
         f = self._check_features(feature_images)
         if len(f) == 0:
-            return np.zeros(0)
+            return np.zeros(0), []
         xs = self.standardizer.transform(f)  # type: ignore[union-attr]
         emb = self._embed(xs)
         score = self._combine(self._raw(xs, emb))
         if self.fault_prototypes is not None:
             score = score + self.fault_match(emb)
-        return score
+        names: list[FaultMatch | None] = [None] * len(f)
+        above = np.flatnonzero(score > float(self.threshold))  # type: ignore[arg-type]
+        if name_faults and len(above) and self.fault_events:
+            for i, m in zip(above, self._nearest_faults(emb[above])):
+                names[i] = m
+        return score, names
 
     # -- calibration -----------------------------------------------------------------------
     def calibrate(self, *, checkpoint: Callable[[dict[str, Any]], None] | None = None,

@@ -20,7 +20,8 @@ Per state, a batch's windows of one stream:
 - **scoring**: the backlog, then the windows, are scored in one batch with the stream's
   version: one :class:`~pdm_edge.types.Score` each, with the threshold and the version id;
   an anomalous window of a version that knows confirmed faults also carries the one it looks
-  like (:meth:`~pdm_edge.model.scorer.Scorer.nearest_fault_features`), for its alert.
+  like (:meth:`~pdm_edge.model.scorer.Scorer.score_and_name_features`, one encoder pass), for
+  its alert.
   Windows at or below the threshold while the stream is *quiet* by the alert rule (no window
   above among the last ``[alerts] n``, :attr:`pdm_edge.alerts.debounce.KOfN.quiet`) become
   replay candidates (``collecting=False``): the reservoir keeps a uniform sample of them.
@@ -51,7 +52,7 @@ from pdm_edge.errors import PdmEdgeError
 from pdm_edge.model.scorer import Scorer
 from pdm_edge.pipeline.streams import StreamTable
 from pdm_edge.registry import RegisteredVersion, Registry
-from pdm_edge.types import FaultMatch, Score, Window
+from pdm_edge.types import Score, Window
 
 __all__ = ["ReplayCandidates", "ScoringStage"]
 
@@ -265,7 +266,7 @@ class ScoringStage:
     def _score(self, name: str, m: _Model, scorer: Scorer, version: str | None,
                ready: list[Window]) -> list[tuple[Window, Score]]:
         feats = scorer.features(ready)
-        scores = scorer.score_features(feats)
+        scores, matches = scorer.score_and_name_features(feats)  # anomalous windows name the fault they look like
         thr = float(scorer.threshold)  # type: ignore[arg-type]
         if m.rule is None:
             m.rule = KOfN(self.alert_k, self.alert_n)
@@ -275,11 +276,6 @@ class ScoringStage:
             normal.append(m.rule.quiet)
         idx = np.flatnonzero(normal)
         self._sink(ReplayCandidates(name, [ready[i].start_ns for i in idx], feats[idx], False))
-        matches: list[FaultMatch | None] = [None] * len(ready)
-        above = np.flatnonzero(scores > thr)
-        if len(above) and scorer.fault_events:  # name the confirmed fault an anomalous window looks like
-            for i, match in zip(above, scorer.nearest_fault_features(feats[above])):
-                matches[i] = match
         return [(w, Score(w.site, w.machine, w.sensor, w.start_ns, float(s), thr, bool(s > thr), version, match))
                 for w, s, match in zip(ready, scores, matches)]
 
