@@ -309,12 +309,24 @@ def _no_exception(page: Page, where: str) -> None:
     assert "Page not found" not in page.body(), f"{where}: Page not found"
 
 
-def _sign_in(driver, page: Page, name: str, password: str) -> None:
-    signout = [b for b in driver.find_elements("css selector", "button") if b.text == "Sign out"]
+def _sign_in(driver, page: Page, name: str, password: str, timeout: float = 30.0) -> None:
+    """Sign in from the sidebar, signing out first if someone is; waits for the sidebar to draw
+    (a page's title can be on screen before its sidebar form is)."""
+    t0 = time.monotonic()
+    while True:
+        signout = [b for b in driver.find_elements("css selector", "button") if b.text == "Sign out"]
+        users = driver.find_elements("css selector", 'input[aria-label="User"]')
+        if signout or users:
+            break
+        assert time.monotonic() - t0 < timeout, "the sidebar's sign-in form did not appear"
+        time.sleep(0.2)
     if signout:
         signout[0].click()
         page.wait_text("Sign in")
         page.wait_idle()
+        while not driver.find_elements("css selector", 'input[aria-label="User"]'):
+            assert time.monotonic() - t0 < timeout, "the sign-in form did not appear after signing out"
+            time.sleep(0.2)
     user = driver.find_element("css selector", 'input[aria-label="User"]')
     user.clear()
     user.send_keys(name)
