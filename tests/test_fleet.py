@@ -272,7 +272,8 @@ def _message(kind: str, content, node_id: int = 7):
 
 
 def test_client_sends_only_adapter_tensors_and_metadata(appliance: Path) -> None:
-    """Every message the client app sends (query, train with and without DP clipping, evaluate)
+    """Every message the client app sends (query, train with and without DP clipping, a SecAgg+
+    round's training step before Flower masks it, evaluate)
     is captured by an outermost Flower mod; it holds only the adapter's tensors, under their
     names and shapes, and scalar metadata: no window, feature image or embedding batch."""
     from flwr.app import ConfigRecord, Context, RecordDict
@@ -306,18 +307,28 @@ def test_client_sends_only_adapter_tensors_and_metadata(appliance: Path) -> None
         update = r.content["arrays"].to_numpy_ndarrays()
         if KEY_CLIPPING_NORM in cfg:  # Flower's fixedclipping_mod clipped the update
             assert np.sqrt(sum(float(np.sum(u ** 2)) for u in update)) <= 0.05 + 1e-6
+    # a SecAgg+ round's training step (Flower's legacy records, which secaggplus_mod masks before they leave)
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common.recorddict_compat import fitins_to_recorddict
+
+    names = list(base)
+    fitins = FitIns(ndarrays_to_parameters([np.zeros_like(base[k]) for k in names]),
+                    {"machine-class": klass, "tensor-names": json.dumps(names), "uniform-weights": True})
+    r = app(_message("train", fitins_to_recorddict(fitins, keep_input=True)), ctx)
+    assert not r.has_error(), r.error
+    assert r.content.metric_records["fitres.num_examples"]["num_examples"] == 1
     prior = DeltaPackage.from_adapter(base, base, device_id="fleet-server", stream="", machine_class=klass, kind="prior",
                                       encoder_sha256=sha, adapter_config=sc.adapter.to_dict(), seed=0, round=1)
     e = app(_message("evaluate", RecordDict({"arrays": zero, "config": ConfigRecord({"prior-package": prior.to_bytes(),
                                                                                        "server-round": 1})})), ctx)
     assert e.content["metrics"]["prior-stored"] == 1
 
-    assert len(sent) == 4
+    assert len(sent) == 5
     meta_fields = {f for f in DeltaMeta.__dataclass_fields__}
     n_arrays = 0
     for msg in sent:
-        for rec in msg.content.array_records.values():
-            for name, arr in zip(rec.keys(), rec.to_numpy_ndarrays()):
+        for rec_name, rec in msg.content.array_records.items():
+            for name, arr in zip(names if rec_name == "fitres.parameters" else rec.keys(), rec.to_numpy_ndarrays()):
                 assert name in adapter_shapes and arr.shape == adapter_shapes[name], (name, arr.shape)
                 assert arr.shape[-3:] != (2, 64, 32) and arr.shape[-1] != int(FS * WIN_S)
                 n_arrays += 1
@@ -330,7 +341,7 @@ def test_client_sends_only_adapter_tensors_and_metadata(appliance: Path) -> None
                     meta = json.loads(v)
                     assert set(meta) <= meta_fields
                     assert all(not isinstance(x, list) for x in meta.values())
-    assert n_arrays == 2 * len(adapter_shapes)
+    assert n_arrays == 3 * len(adapter_shapes)
 
 
 # -- command line ------------------------------------------------------------------------------------------
@@ -482,6 +493,49 @@ def test_loopback_federation_three_appliances_survives_a_killed_client(tmp_path:
         assert pkg is not None and pkg.meta.kind == "prior"
         events = read_rounds(tmp_path / f"app{i}" / "var" / "fleet")
         assert any(e["event"] == "trained" for e in events) and any(e["event"] == "prior" for e in events)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_secagg_federation_server_sees_only_the_sum(tmp_path: Path) -> None:
+    """Flower's SecAgg+ on loopback (three appliances, two rounds): every client's update goes
+    out masked (Flower's ``secaggplus_mod``), the server unmasks only the sum, publishes it as the signed prior and every appliance stores
+    it. Differential privacy together with it, or fewer than three clients, is refused."""
+    from pdm_edge.errors import FleetError
+    from pdm_edge.fleet.runner import FleetServer, read_rounds, stop_group
+    from pdm_edge.model import load_encoder
+
+    port = free_port()
+    priv, pub = generate_keypair(tmp_path / "keys")
+    encoder, sha = load_encoder()
+    tomls = [_appliance(tmp_path, i, port, pub, "insecure = true") for i in range(3)]
+    srv = FleetServer(tmp_path / "server", f"127.0.0.1:{port}", insecure=True).start()
+    nodes = []
+    try:
+        with pytest.raises(FleetError, match="not offered together"):
+            srv.submit(min_clients=3, secagg=True, dp_noise=1.0)
+        with pytest.raises(FleetError, match="3 or more"):
+            srv.submit(min_clients=2, secagg=True)
+        nodes = [_join(tmp_path, t) for t in tomls]
+        rounds = srv.submit(num_rounds=2, min_clients=3, round_timeout_s=240, signing_key=str(priv), secagg=True,
+                            wait_nodes_s=120, timeout_s=900)
+    finally:
+        for n in nodes:
+            stop_group(n)
+        srv.stop()
+    run_log = (tmp_path / "server" / "last-run.log").read_text()
+    assert run_log.count("Secure aggregation completed") == 2, run_log[-3000:]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["secure_aggregation"] and r["aggregated"] and r["n_participants"] == 3 for r in rounds), rounds
+    assert sorted(rounds[0]["participants"]) == ["app-0", "app-1", "app-2"]
+    assert rounds[1]["change_l2"] is not None and rounds[1]["client_bytes_out_max"] <= 1_000_000
+    klass = machine_class("vibration", FS, "pump")
+    for i in range(3):
+        pkg = PriorStore(tmp_path / f"app{i}" / "var", "pump", encoder, sha, [pub]).load(klass)
+        assert pkg is not None and pkg.meta.round == 2
+        assert np.any([np.any(v != 0) for v in pkg.delta.values()])  # the unmasked sum is an update, not zeros
+        trained = [e for e in read_rounds(tmp_path / f"app{i}" / "var" / "fleet") if e["event"] == "trained"]
+        assert [e["secure_aggregation"] for e in trained] == [True, True]
 
 
 def _tls_certificates(d: Path) -> tuple[str, str, str]:

@@ -38,6 +38,11 @@ def fleet_group() -> None:
               help="Noise multiplier of central DP with client-side clipping (0: off).")
 @click.option("--dp-clip", type=float, default=1.0, show_default=True, help="L2 clipping norm of a client's update.")
 @click.option("--dp-delta", type=float, default=1e-3, show_default=True, help="Delta at which epsilon is reported.")
+@click.option("--secagg", is_flag=True,
+              help="Secure aggregation (Flower's SecAgg+): the server sees only the sum of a class's updates; "
+                   "needs --min-clients >= 3, not with --dp-noise.")
+@click.option("--secagg-threshold", type=float, default=0.67, show_default=True,
+              help="SecAgg+: fraction of an appliance's key shares needed to unmask the sum when it drops out.")
 @click.option("--insecure", is_flag=True, help="No TLS (loopback tests only).")
 @click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None)
@@ -49,7 +54,7 @@ def fleet_group() -> None:
 @handle_errors
 def fleet_server(out_dir: str, address: str, num_rounds: int, min_clients: int, round_timeout_s: float, every_s: float,
                  machine_class: str, signing_key: str | None, proximal_mu: float, dp_noise: float, dp_clip: float,
-                 dp_delta: float, insecure: bool,
+                 dp_delta: float, secagg: bool, secagg_threshold: float, insecure: bool,
                  ssl_certfile: str | None, ssl_keyfile: str | None, ssl_ca_certfile: str | None, supernode_auth: bool,
                  node_keys: tuple[str, ...]) -> None:
     """Run the fleet server: a Flower SuperLink, and the fleet app submitted to it (now and
@@ -67,7 +72,7 @@ def fleet_server(out_dir: str, address: str, num_rounds: int, min_clients: int, 
         while True:
             for r in srv.submit(num_rounds=num_rounds, min_clients=min_clients, round_timeout_s=round_timeout_s,
                                 machine_class=machine_class, signing_key=signing_key, proximal_mu=proximal_mu, dp_noise=dp_noise, dp_clip=dp_clip,
-                                dp_delta=dp_delta):
+                                dp_delta=dp_delta, secagg=secagg, secagg_threshold=secagg_threshold):
                 click.echo(json.dumps(r))
             if every_s <= 0:
                 break

@@ -16,7 +16,9 @@ every message of a round. It answers three kinds of message:
   The reply holds the trained adapter as a delta to the base (the streams' mean when there are
   several), the delta package's metadata (:class:`~pdm_edge.fleet.delta.DeltaMeta`) and
   metrics: nothing else. With differential privacy on, Flower's ``fixedclipping_mod`` clips
-  the update to the server's norm before it leaves.
+  the update to the server's norm before it leaves; with secure aggregation on
+  (:mod:`pdm_edge.fleet.secagg`), Flower's ``secaggplus_mod`` masks it so that the server
+  only learns the sum over the class's appliances.
 - ``evaluate``: the aggregated prior of the round arrives as a signed delta package; it is
   verified (``[fleet] verify_key``) and stored as the class's prior
   (:class:`~pdm_edge.fleet.priors.PriorStore`); the next calibration of a stream of the class
@@ -42,6 +44,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from pdm_edge._util.sqlite import open_wal
@@ -55,6 +58,10 @@ NODE_CONFIG_KEY = "config"
 ARRAYS, CONFIG, METRICS, META = "arrays", "config", "metrics", "meta"
 WEIGHT = "num-examples"
 PRIOR_PACKAGE = "prior-package"
+TENSOR_NAMES = "tensor-names"
+"""Fit-config key of a SecAgg+ round: the adapter tensors' names, in the order of the (unnamed)
+legacy parameters the round carries."""
+LEGACY_IN, LEGACY_OUT = "fitins", "fitres"
 
 
 class _Appliance:
@@ -236,9 +243,19 @@ def _dp_clipping_when_asked(msg: Message, ctxt: Context, call_next: Any) -> Mess
         return replies[-1]
 
 
+def _secagg_when_asked(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """Flower's ``secaggplus_mod`` on the train messages of a SecAgg+ round (they carry its
+    stage configuration); others pass through."""
+    from flwr.client.mod import secaggplus_mod
+
+    if msg.metadata.message_type.startswith("train") and SECAGG_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
 def make_client_app(mods: list[Any] | None = None) -> ClientApp:
     """The fleet ClientApp; ``mods`` go first (outermost), before the DP clipping mod."""
-    app = ClientApp(mods=[*(mods or []), _dp_clipping_when_asked])
+    app = ClientApp(mods=[*(mods or []), _secagg_when_asked, _dp_clipping_when_asked])
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
@@ -254,9 +271,10 @@ def make_client_app(mods: list[Any] | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         cpu0, t0 = time.process_time(), time.monotonic()
         a = _appliance(context)
-        cfg = msg.content[CONFIG]
-        incoming: ArrayRecord = msg.content[ARRAYS]
-        names = list(incoming.keys())
+        legacy = f"{LEGACY_IN}.parameters" in msg.content.array_records  # a SecAgg+ round (Flower's legacy records)
+        cfg = msg.content[f"{LEGACY_IN}.config" if legacy else CONFIG]
+        incoming: ArrayRecord = msg.content[f"{LEGACY_IN}.parameters" if legacy else ARRAYS]
+        names = json.loads(str(cfg[TENSOR_NAMES])) if legacy else list(incoming.keys())
         global_delta = dict(zip(names, incoming.to_numpy_ndarrays()))
         mu = float(cfg.get("proximal-mu", 0.0))  # FedProx rounds (Flower's FedProx strategy) send it
         mean, meta = a.train(str(cfg["machine-class"]), global_delta, proximal_mu=mu)
@@ -268,7 +286,15 @@ def make_client_app(mods: list[Any] | None = None) -> ClientApp:
                                 "normal-windows": int(meta["normal_windows"])})
         log_round(a.state_dir, {"event": "trained", "round": int(cfg.get("server-round", 0)), "machine_class": meta["machine_class"],
                                 "streams": meta["stream"], "normal_windows": int(meta["normal_windows"]),
-                                "proximal_mu": mu, "cpu_s": metrics["cpu-seconds"], "bytes_in": metrics["bytes-in"], "bytes_out": metrics["bytes-out"]})
+                                "proximal_mu": mu, "secure_aggregation": legacy, "cpu_s": metrics["cpu-seconds"],
+                                "bytes_in": metrics["bytes-in"], "bytes_out": metrics["bytes-out"]})
+        if legacy:  # Flower's FitRes records, which secaggplus_mod masks; the metadata in the clear
+            from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+            from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+            res = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([mean[k] for k in names]), weight,
+                         {**{k: v for k, v in metrics.items()}, "delta-meta": json.dumps(meta)})
+            return Message(fitres_to_recorddict(res, keep_input=False), reply_to=msg)
         return Message(RecordDict({ARRAYS: out, METRICS: metrics, META: ConfigRecord({"delta-meta": json.dumps(meta)})}),
                        reply_to=msg)
 

@@ -200,19 +200,26 @@ class FleetServer:
 
     def submit(self, *, num_rounds: int = 3, min_clients: int = 2, round_timeout_s: float = 600.0, machine_class: str = "",
                signing_key: str | None = None, proximal_mu: float = 0.0, dp_noise: float = 0.0, dp_clip: float = 1.0, dp_delta: float = 1e-3,
-               wait_nodes_s: float = 60.0, timeout_s: float | None = None) -> list[dict[str, Any]]:
+               wait_nodes_s: float = 60.0, timeout_s: float | None = None, secagg: bool = False,
+               secagg_threshold: float = 0.67) -> list[dict[str, Any]]:
         """Run the fleet app once (``flwr run ... --stream``, blocking) and return the rounds it
-        appended to ``rounds.jsonl``.
+        appended to ``rounds.jsonl``. ``secagg``: Flower's SecAgg+ (:mod:`pdm_edge.fleet.secagg`).
 
         Raises:
-            FleetError: ``flwr run`` failed (its output is in the message).
+            FleetError: ``flwr run`` failed (its output is in the message); ``secagg`` with
+                ``dp_noise`` > 0 or fewer than 3 ``min_clients``.
         """
+        if secagg and dp_noise > 0:
+            raise FleetError("secure aggregation (--secagg) and differential privacy (--dp-noise) are not offered together")
+        if secagg and min_clients < 3:
+            raise FleetError("secure aggregation needs --min-clients 3 or more (with two, each learns the other's update)")
         rounds_path = self.out_dir / "rounds.jsonl"
         before = len(rounds_path.read_text().splitlines()) if rounds_path.exists() else 0
         rc = {"num-rounds": num_rounds, "min-clients": min_clients, "round-timeout": float(round_timeout_s),
               "machine-class": machine_class, "out-dir": str(self.out_dir),
               "signing-key": str(Path(signing_key).resolve()) if signing_key else "",
-              "proximal-mu": float(proximal_mu), "dp-noise": float(dp_noise), "dp-clip": float(dp_clip), "dp-delta": float(dp_delta), "wait-nodes": float(wait_nodes_s)}
+              "proximal-mu": float(proximal_mu), "dp-noise": float(dp_noise), "dp-clip": float(dp_clip), "dp-delta": float(dp_delta), "wait-nodes": float(wait_nodes_s),
+              "secagg": bool(secagg), "secagg-threshold": float(secagg_threshold)}
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in rc.items())
         cmd = [_bin("flwr"), "run", str(APP_DIR), "fleet", "--run-config", overrides, "--stream"]
         log_path = self.out_dir / "last-run.log"  # the ServerApp's log, streamed as the run goes

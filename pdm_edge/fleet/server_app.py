@@ -34,8 +34,9 @@ schedule; appliances' SuperNodes run :mod:`pdm_edge.fleet.client_app`. One run:
 sends ``proximal-mu`` with every round's training instruction and each client adds the proximal
 term ``mu/2 * ||theta - theta_global||^2`` to its adapter training
 (:attr:`pdm_edge.model.scorer.TrainConfig.proximal_mu`); aggregation stays FedAvg's.
-Secure aggregation (SecAgg+) is Flower's workflow for the legacy strategy API and is not wired
-into this Message-API app; TLS and SuperNode authentication are Flower's own (SuperLink
+**Secure aggregation** as an option (``secagg``): Flower's SecAgg+ workflow, so that the server
+only ever sees the sum of the class's updates (:mod:`pdm_edge.fleet.secagg`; not together with
+differential privacy). TLS and SuperNode authentication are Flower's own (SuperLink
 ``--ssl-*`` and ``--enable-supernode-auth``; SuperNode ``--root-certificates`` and
 ``--auth-supernode-*``), set up by ``pdm-edge fleet server`` / ``join``.
 """
@@ -55,6 +56,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg, FedProx
 
 from pdm_edge._util.fs import atomic_write
+from pdm_edge.errors import FleetError
 from pdm_edge.fleet.client_app import CONFIG, META, METRICS, PRIOR_PACKAGE, WEIGHT, array_record
 from pdm_edge.fleet.delta import DeltaPackage
 
@@ -63,6 +65,7 @@ log = logging.getLogger(__name__)
 DEFAULTS: dict[str, Any] = {
     "num-rounds": 3, "min-clients": 2, "round-timeout": 600.0, "machine-class": "", "out-dir": "fleet-server",
     "signing-key": "", "proximal-mu": 0.0, "dp-noise": 0.0, "dp-clip": 1.0, "dp-delta": 1e-3, "wait-nodes": 60.0,
+    "secagg": False, "secagg-shares": 1.0, "secagg-threshold": 0.67,
 }
 """Run configuration (``[tool.flwr.app.config]`` of the app, overridden by ``flwr run -c``)."""
 
@@ -96,18 +99,73 @@ class ClassGrid(Grid):
         return self._grid.send_and_receive(messages, timeout=timeout)
 
 
-class FleetFedAvg(FedAvg):
-    """``FedAvg`` that publishes every round's aggregate as the class's signed prior and logs
-    the round (see the module docstring). Aggregation itself is Flower's, unchanged."""
+class Reply:
+    """What the round log keeps of one participant's training reply: its delta package's metadata
+    (a dict of :class:`~pdm_edge.fleet.delta.DeltaMeta` fields), CPU seconds and bytes sent."""
+
+    __slots__ = ("meta", "cpu_s", "bytes_out")
+
+    def __init__(self, meta: dict[str, Any], cpu_s: float, bytes_out: int) -> None:
+        self.meta, self.cpu_s, self.bytes_out = meta, float(cpu_s), int(bytes_out)
+
+    @classmethod
+    def from_metrics(cls, meta_json: str, metrics: Any) -> Reply:
+        return cls(json.loads(meta_json) if meta_json else {}, float(metrics["cpu-seconds"]), int(metrics["bytes-out"]))
+
+
+class PriorPublisher:
+    """Publishes every round's aggregate of one machine class as the class's signed prior and
+    appends the round to ``{out_dir}/rounds.jsonl`` (see the module docstring). One per class
+    and run, whichever aggregation (FedAvg, FedProx, SecAgg+) produced the aggregate."""
 
     def __init__(self, klass: str, template: DeltaPackage, base: dict[str, np.ndarray], out_dir: Path,
-                 signing_key: Any | None, privacy: Any = None, **kwargs: Any) -> None:
-        super().__init__(train_metrics_aggr_fn=self._train_metrics, **kwargs)
+                 signing_key: Any | None, *, proximal_mu: float = 0.0, secure_aggregation: bool = False) -> None:
         self.klass, self.template, self.base, self.out_dir, self.signing_key = klass, template, base, out_dir, signing_key
+        self.proximal_mu, self.secure_aggregation = float(proximal_mu), secure_aggregation
+        self.previous: dict[str, np.ndarray] | None = None
+        self.rounds: list[dict[str, Any]] = []
+
+    def publish(self, server_round: int, delta: dict[str, np.ndarray], replies: list[Reply], spent: Any = None) -> bytes:
+        """Sign and write the prior of ``delta`` (the round's aggregate, a delta to ``base``),
+        log the round; returns the package's bytes. ``replies`` empty: the round aggregated
+        nothing (the prior is the previous one). ``spent``: Flower's privacy spent, or None."""
+        delta = {k: np.asarray(v, np.float32) for k, v in delta.items()}
+        changed = (float(np.sqrt(sum(float(np.sum((delta[k] - self.previous[k]) ** 2)) for k in delta)))
+                   if self.previous is not None else None)
+        participants = [r.meta.get("device_id", "?") for r in replies]
+        windows = sum(int(r.meta.get("normal_windows", 0)) for r in replies)
+        fields = {k: v for k, v in self.template.meta.to_dict().items() if k not in ("base_sha256", "adapter_sha256")}
+        fields.update(round=server_round, created_ns=time.time_ns(), normal_windows=windows, kind="prior",
+                      device_id="fleet-server", notes={"participants": participants})
+        pkg = DeltaPackage.from_adapter({k: self.base[k] + delta[k] for k in self.base}, self.base, **fields)
+        data = pkg.to_bytes(self.signing_key)
+        atomic_write(self.out_dir / "priors" / f"{self.klass}.pdmdelta", data)
+        rec = {"machine_class": self.klass, "round": server_round, "finished_ns": time.time_ns(),
+               "participants": participants, "n_participants": len(participants),
+               "prior_version": f"{self.klass}-r{server_round}-{pkg.meta.adapter_sha256[:12]}",
+               "aggregated": bool(replies), "change_l2": changed, "normal_windows": windows,
+               "client_cpu_s_max": max((r.cpu_s for r in replies), default=None),
+               "client_bytes_out_max": max((r.bytes_out for r in replies), default=None),
+               "prior_bytes": len(data), "proximal_mu": self.proximal_mu, "secure_aggregation": self.secure_aggregation,
+               "epsilon": None if spent is None else float(spent.epsilon), "delta": None if spent is None else float(spent.delta)}
+        with open(self.out_dir / "rounds.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        self.rounds.append(rec)
+        log.info("fleet round %d of %s: %d participants, change %s, epsilon %s", server_round, self.klass, len(participants),
+                 changed, rec["epsilon"])
+        self.previous = delta
+        return data
+
+
+class FleetFedAvg(FedAvg):
+    """``FedAvg`` whose every round's aggregate goes to a :class:`PriorPublisher` and is sent
+    to the class's nodes in the evaluate message. Aggregation itself is Flower's, unchanged."""
+
+    def __init__(self, publisher: PriorPublisher, privacy: Any = None, **kwargs: Any) -> None:
+        super().__init__(train_metrics_aggr_fn=self._train_metrics, **kwargs)
+        self.publisher = publisher
         self.privacy = privacy  # () -> PrivacySpent | None
         self._replies: list[RecordDict] = []
-        self._previous: dict[str, np.ndarray] | None = None
-        self.rounds: list[dict[str, Any]] = []
 
     def _train_metrics(self, replies: list[RecordDict], weighted_by_key: str) -> MetricRecord:
         from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -117,45 +175,17 @@ class FleetFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._replies = []
-        if self._previous is None:
-            self._previous = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays()))
+        if self.publisher.previous is None:
+            self.publisher.previous = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays()))
         return super().configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        delta = {k: np.asarray(v, np.float32) for k, v in zip(arrays.keys(), arrays.to_numpy_ndarrays())}
-        participants, windows, cpu, bytes_out = [], 0, [], []
-        for r in self._replies:
-            meta = json.loads(str(r[META]["delta-meta"])) if META in r else {}
-            m = r[METRICS]
-            participants.append(meta.get("device_id", "?"))
-            windows += int(meta.get("normal_windows", 0))
-            cpu.append(float(m["cpu-seconds"]))
-            bytes_out.append(int(m["bytes-out"]))
-        changed = float(np.sqrt(sum(float(np.sum((delta[k] - self._previous[k]) ** 2)) for k in delta))) if self._previous else None
-        spent = self.privacy() if self.privacy is not None else None
-        fields = {k: v for k, v in self.template.meta.to_dict().items() if k not in ("base_sha256", "adapter_sha256")}
-        fields.update(round=server_round, created_ns=time.time_ns(), normal_windows=windows, kind="prior",
-                      device_id="fleet-server", notes={"participants": participants})
-        pkg = DeltaPackage.from_adapter({k: self.base[k] + delta[k] for k in self.base}, self.base, **fields)
-        data = pkg.to_bytes(self.signing_key)
-        path = self.out_dir / "priors" / f"{self.klass}.pdmdelta"
-        atomic_write(path, data)
-        rec = {"machine_class": self.klass, "round": server_round, "finished_ns": time.time_ns(),
-               "participants": participants, "n_participants": len(participants),
-               "prior_version": f"{self.klass}-r{server_round}-{pkg.meta.adapter_sha256[:12]}",
-               "aggregated": bool(self._replies), "change_l2": changed, "normal_windows": windows,
-               "client_cpu_s_max": max(cpu) if cpu else None, "client_bytes_out_max": max(bytes_out) if bytes_out else None,
-               "prior_bytes": len(data), "proximal_mu": float(getattr(self, "proximal_mu", 0.0)),
-               "epsilon": None if spent is None else float(spent.epsilon), "delta": None if spent is None else float(spent.delta)}
-        with open(self.out_dir / "rounds.jsonl", "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
-        self.rounds.append(rec)
-        log.info("fleet round %d of %s: %d participants, change %s, epsilon %s", server_round, self.klass, len(participants),
-                 changed, rec["epsilon"])
-        self._previous = delta
+        replies = [Reply.from_metrics(str(r[META]["delta-meta"]) if META in r else "", r[METRICS]) for r in self._replies]
+        data = self.publisher.publish(server_round, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays())), replies,
+                                      self.privacy() if self.privacy is not None else None)
         cfg = ConfigRecord(dict(config))
         cfg[PRIOR_PACKAGE] = data
-        cfg["machine-class"] = self.klass
+        cfg["machine-class"] = self.publisher.klass
         return super().configure_evaluate(server_round, arrays, cfg, grid)
 
 
@@ -212,6 +242,8 @@ def main(grid: Grid, context: Context) -> None:
     from pdm_edge.registry import load_private_key
 
     rc = {**DEFAULTS, **dict(context.run_config)}
+    if bool(rc["secagg"]) and float(rc["dp-noise"]) > 0:
+        raise FleetError("secure aggregation (secagg) and differential privacy (dp-noise > 0) are not offered together")
     out_dir = Path(str(rc["out-dir"]))
     out_dir.mkdir(parents=True, exist_ok=True)
     min_clients, timeout = int(rc["min-clients"]), float(rc["round-timeout"])
@@ -243,9 +275,18 @@ def main(grid: Grid, context: Context) -> None:
         template, base = _template(klass, out_dir, verify)
         dp_noise = float(rc["dp-noise"])
         mu = float(rc["proximal-mu"])
+        secure = bool(rc["secagg"])
+        publisher = PriorPublisher(klass, template, base, out_dir, signing_key, proximal_mu=mu, secure_aggregation=secure)
+        if secure:
+            from pdm_edge.fleet.secagg import run_secure_rounds
+
+            run_secure_rounds(ClassGrid(grid, ids), context, publisher, template.delta, num_rounds=int(rc["num-rounds"]),
+                              min_clients=min_clients, timeout=timeout, proximal_mu=mu,
+                              num_shares=float(rc["secagg-shares"]), reconstruction_threshold=float(rc["secagg-threshold"]))
+            continue
         prox: dict[str, Any] = {"proximal_mu": mu} if mu > 0 else {}
         inner = (FleetFedProx if mu > 0 else FleetFedAvg)(
-            klass, template, base, out_dir, signing_key, fraction_train=1.0, fraction_evaluate=1.0,
+            publisher, fraction_train=1.0, fraction_evaluate=1.0,
             min_train_nodes=min_clients, min_evaluate_nodes=min_clients, min_available_nodes=min_clients,
             weighted_by_key=WEIGHT, **prox)
         strategy: Any = inner
