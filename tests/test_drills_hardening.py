@@ -63,7 +63,8 @@ def test_appliance_dashboard_and_cli_resolve_one_state_directory(tmp_path: Path)
         os.chdir(here)
     assert paths[0] == paths[1] and all(p.startswith("/var/lib/pdm-edge") for p in paths[0])
     # both units and both compose services read that one configuration file
-    units = [(DEPLOY / "systemd" / n).read_text() for n in ("pdm-edge.service", "pdm-edge-dashboard.service")]
+    units = [(DEPLOY / "systemd" / n).read_text()
+             for n in ("pdm-edge.service", "pdm-edge-dashboard.service", "pdm-edge-fleet.service")]
     for u in units:
         assert "Environment=PDM_EDGE_CONFIG=/etc/pdm-edge/pdm-edge.toml" in u
         assert re.search(r"^UMask=0077$", u, re.M), "state files must be created 0600 (row 12)"
