@@ -68,10 +68,10 @@ def render_fleet_rounds(c: Any, versions: list[dict[str, Any]]) -> None:
     if t["rounds"].empty:
         st.info("This appliance has not taken part in a fleet round yet (`pdm-edge fleet join`).")
     else:
-        st.dataframe(t["rounds"], hide_index=True, width="stretch")
+        st.dataframe(t["rounds"], hide_index=True, placeholder="—", width="stretch")
     if not t["priors"].empty:
         st.markdown("Fleet priors held")
-        st.dataframe(t["priors"], hide_index=True, width="stretch")
+        st.dataframe(t["priors"], hide_index=True, placeholder="—", width="stretch")
     if not t["versions"].empty:
         st.markdown("Model versions calibrated from a fleet prior (the gate decided each)")
-        st.dataframe(t["versions"], hide_index=True, width="stretch")
+        st.dataframe(t["versions"], hide_index=True, placeholder="—", width="stretch")

@@ -135,6 +135,36 @@ class Page:
                 return
             time.sleep(0.2)
 
+    def poll(self, fn, what: str, timeout: float = 30.0):
+        """``fn()`` until it returns something truthy, which is returned; an element that
+        Streamlit redraws while we look at it (stale) means "look again"."""
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        t0 = time.monotonic()
+        while True:
+            try:
+                got = fn()
+            except StaleElementReferenceException:
+                got = None
+            if got:
+                return got
+            if time.monotonic() - t0 > timeout:
+                self.shot("timeout")
+                raise AssertionError(f"{what}: not within {timeout} s")
+            time.sleep(0.2)
+
+    def click_button(self, text: str, within=None, timeout: float = 30.0) -> None:
+        """Click the enabled button labelled ``text`` (in ``within`` or the whole page), waiting
+        for it to be drawn: a page's text can be on screen before its widgets are."""
+        def click() -> bool:
+            for b in (within or self.d).find_elements("css selector", "button"):
+                if b.text == text and b.is_enabled():
+                    b.click()
+                    return True
+            return False
+
+        self.poll(click, f"an enabled button {text!r}", timeout)
+
     def nav(self, title: str) -> None:
         links = [a for a in self.d.find_elements("css selector", "a") if a.text.strip().endswith(title)]
         assert links, f"no navigation link {title!r}"
@@ -193,10 +223,7 @@ def _run_flow(tmp_path: Path, datasets: Path | None, expect_source: str) -> None
         assert driver.current_url.endswith("/machine"), driver.current_url
 
         # sign in as the technician
-        driver.find_element("css selector", 'input[aria-label="User"]').send_keys("tina")
-        driver.find_element("css selector", 'input[aria-label="Password"]').send_keys(demo.passwords["tina"])
-        next(b for b in driver.find_elements("css selector", "button") if b.text == "Sign in").click()
-        page.wait_text("Signed in as tina")
+        _sign_in(driver, page, "tina", demo.passwords["tina"])
 
         # labelling queue: the open alert of pump-3 first
         page.nav("Labelling queue")
@@ -213,7 +240,7 @@ def _run_flow(tmp_path: Path, datasets: Path | None, expect_source: str) -> None
         opt.click()
         form.find_element("css selector", 'textarea[aria-label="Note"]').send_keys(note)
         form.find_element("css selector", 'textarea[aria-label="Note"]').send_keys(Keys.TAB)
-        next(b for b in form.find_elements("css selector", "button") if b.text == "Save label").click()
+        page.click_button("Save label", within=form)
         page.wait_text("Label saved", fault_type, "Unlabelled alerts (1)")
         page.wait_idle()
         page.shot("label-saved")
@@ -309,29 +336,30 @@ def _no_exception(page: Page, where: str) -> None:
     assert "Page not found" not in page.body(), f"{where}: Page not found"
 
 
-def _sign_in(driver, page: Page, name: str, password: str, timeout: float = 30.0) -> None:
+def _sign_in(driver, page: Page, name: str, password: str) -> None:
     """Sign in from the sidebar, signing out first if someone is; waits for the sidebar to draw
     (a page's title can be on screen before its sidebar form is)."""
-    t0 = time.monotonic()
-    while True:
-        signout = [b for b in driver.find_elements("css selector", "button") if b.text == "Sign out"]
-        users = driver.find_elements("css selector", 'input[aria-label="User"]')
-        if signout or users:
-            break
-        assert time.monotonic() - t0 < timeout, "the sidebar's sign-in form did not appear"
-        time.sleep(0.2)
-    if signout:
-        signout[0].click()
-        page.wait_text("Sign in")
+    user_field, password_field = 'input[aria-label="User"]', 'input[aria-label="Password"]'
+
+    def sidebar() -> str | None:
+        if any(b.text == "Sign out" for b in driver.find_elements("css selector", "button")):
+            return "signed in"
+        return "form" if driver.find_elements("css selector", user_field) else None
+
+    if page.poll(sidebar, "the sidebar's sign-in form or sign-out button") == "signed in":
+        page.click_button("Sign out")
         page.wait_idle()
-        while not driver.find_elements("css selector", 'input[aria-label="User"]'):
-            assert time.monotonic() - t0 < timeout, "the sign-in form did not appear after signing out"
-            time.sleep(0.2)
-    user = driver.find_element("css selector", 'input[aria-label="User"]')
-    user.clear()
-    user.send_keys(name)
-    driver.find_element("css selector", 'input[aria-label="Password"]').send_keys(password)
-    next(b for b in driver.find_elements("css selector", "button") if b.text == "Sign in").click()
+
+    def fill() -> bool:
+        for field, value in ((user_field, name), (password_field, password)):
+            el = driver.find_element("css selector", field)
+            el.clear()
+            el.send_keys(value)
+        return True
+
+    page.poll(lambda: driver.find_elements("css selector", user_field), "the sign-in form")
+    page.poll(fill, "the sign-in form filled in")
+    page.click_button("Sign in")
     page.wait_text(f"Signed in as {name}")
 
 
@@ -395,7 +423,7 @@ def test_browser_every_page_of_the_readme_demo(tmp_path: Path) -> None:
         from selenium.webdriver.common.keys import Keys
 
         note.send_keys(Keys.TAB)
-        next(b for b in form.find_elements("css selector", "button") if b.text == "Save label").click()
+        page.click_button("Save label", within=form)
         page.wait_text("Label saved", "Unlabelled alerts (0)")
         page.wait_idle()
         _no_markup_from(driver, "<img src=x onerror=alert(1)> [x](http://e)")
@@ -440,17 +468,17 @@ def test_browser_every_page_of_the_readme_demo(tmp_path: Path) -> None:
         if force:
             force[0].find_element("xpath", "..").click()
             page.wait_idle()
-        next(b for b in driver.find_elements("css selector", "button") if b.text == "Promote…" and b.is_enabled()).click()
+        page.click_button("Promote…")
         page.wait_text("Confirm")
-        next(b for b in driver.find_elements("css selector", "button") if b.text == "Confirm").click()
+        page.click_button("Confirm")
         page.wait_text("is now the active version")
         page.wait_idle()
         with Registry(cfg.registry.dir, create=False) as reg:
             promoted = reg.active("demo", "pump-01", "de-accel").id
         assert promoted != before
-        next(b for b in driver.find_elements("css selector", "button") if b.text == "Roll back…" and b.is_enabled()).click()
+        page.click_button("Roll back…")
         page.wait_text("Confirm")
-        next(b for b in driver.find_elements("css selector", "button") if b.text == "Confirm").click()
+        page.click_button("Confirm")
         page.wait_text("Rolled back")
         page.wait_idle()
         _no_exception(page, "/models")

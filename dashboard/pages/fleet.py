@@ -83,7 +83,7 @@ def fleet_view() -> None:
     df = fleet_frame(rows)
     styled = df.style.apply(lambda _: [_BG[r.status] for r in rows], subset=["status"], axis=0)
     event = st.dataframe(
-        styled, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key="fleet_table",
+        styled, hide_index=True, placeholder="—", width="stretch", on_select="rerun", selection_mode="single-row", key="fleet_table",
         height=min(35 * (len(df) + 1) + 3, 35 * 26 + 3),
         column_config={
             "status": st.column_config.TextColumn(width=120, help="alarm > warning > stale > uncalibrated > normal"),

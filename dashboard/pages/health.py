@@ -107,7 +107,7 @@ def health_view() -> None:
             st.markdown("##### Ingest per stream")
             rows = data.stream_rows(sh.healthz, prev[0] if prev else None, prev[2] if prev else None, sh.fetched_ns)
             if rows:
-                st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+                st.dataframe(pd.DataFrame(rows), hide_index=True, placeholder="—", width="stretch")
                 if not prev:
                     st.caption("Rates appear at the next refresh (difference of two readings).")
             elif counters:
@@ -118,7 +118,7 @@ def health_view() -> None:
                         rate = rates.get(name, {}).get(stream)
                         rows.append({"stream": stream, "counter": name, "total": total,
                                      "per second": None if rate is None else round(rate, 2)})
-                st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+                st.dataframe(pd.DataFrame(rows), hide_index=True, placeholder="—", width="stretch")
                 if not prev:
                     st.caption("Rates appear at the next refresh (difference of two readings).")
             else:
@@ -127,7 +127,7 @@ def health_view() -> None:
             st.markdown("##### Dead letters by reason")
             dl = data.deadletters(sh.metrics)
             if dl:
-                st.dataframe(pd.DataFrame({"reason": list(dl), "count": list(dl.values())}), hide_index=True, width="stretch")
+                st.dataframe(pd.DataFrame({"reason": list(dl), "count": list(dl.values())}), hide_index=True, placeholder="—", width="stretch")
             else:
                 st.caption("No dead letters reported.")
             st.markdown("##### Training")
@@ -148,7 +148,7 @@ def health_view() -> None:
             if sh.metrics:
                 st.dataframe(pd.DataFrame({"metric": [s.name for s in sh.metrics],
                                            "labels": [", ".join(f"{k}={v}" for k, v in s.labels.items()) for s in sh.metrics],
-                                           "value": [s.value for s in sh.metrics]}), hide_index=True, width="stretch")
+                                           "value": [s.value for s in sh.metrics]}), hide_index=True, placeholder="—", width="stretch")
             elif sh.metrics_error:
                 st.caption(f"/metrics: {common.md(sh.metrics_error)}")
 

@@ -158,7 +158,7 @@ with tab_a:
             "labelled": [", ".join(lb.kind for lb in data.labels_answering(a, [x for x, _ in labels])) or "—" for a in alerts],
             "looks like": [a.fault_match.describe() if a.fault_match else "—" for a in alerts],
             "alert id": [a.id for a in alerts],
-        }), hide_index=True, width="stretch",
+        }), hide_index=True, placeholder="—", width="stretch",
             column_config={"peak score": st.column_config.NumberColumn(format="%.2f", help="highest score of the alert so far"),
                            "newest score": st.column_config.NumberColumn(format="%.2f", help="the sensor's newest score (open alerts)"),
                            "threshold": st.column_config.NumberColumn(format="%.2f"),
@@ -189,7 +189,7 @@ with tab_e:
         st.dataframe(pd.DataFrame({
             "time": [data.fmt_time(e.ts_ns) for e in events], "event": [e.event for e in events],
             "version": [e.version for e in events], "detail": [e.detail for e in events],
-        }), hide_index=True, width="stretch")
+        }), hide_index=True, placeholder="—", width="stretch")
     else:
         st.caption("No model events in the range.")
 

@@ -90,7 +90,7 @@ for site, machine, sensor in streams:
             "fault detection": [_metric(v, "fault_detection") for v in vs],
             "gate windows": [f"{v['metrics'].get('n_normal', '')}/{v['metrics'].get('n_fault', '')}" if v["metrics"] else "" for v in vs],
         })
-        st.dataframe(df.iloc[::-1], hide_index=True, width="stretch", column_config={
+        st.dataframe(df.iloc[::-1], hide_index=True, placeholder="—", width="stretch", column_config={
             "false-alarm rate": st.column_config.NumberColumn(format="%.4f", help="fraction of held-back normal windows above threshold"),
             "active's FAR": st.column_config.NumberColumn(format="%.4f", help="the then-active version on the same windows"),
             "fault detection": st.column_config.NumberColumn(format="%.2f", help="fraction of labelled fault windows above threshold"),
