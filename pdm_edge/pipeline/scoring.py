@@ -223,10 +223,43 @@ class ScoringStage:
         for w in windows:
             by_stream.setdefault(w.stream, []).append(w)
         out: list[tuple[Window, Score]] = []
+        scoring: list[tuple[str, _Model, Scorer, str | None, list[Window]]] = []
         for name, ws in by_stream.items():
             m = self._model(name)
             self._refresh(name, m)
-            out += self._handle_stream(name, m, ws)
+            with self._lock:
+                scorer, version = m.scorer, m.version
+            if scorer is None:  # collecting, calibrating or failed (or a version swapped in just now)
+                out += self._handle_stream(name, m, ws)
+                continue
+            ready = self.streams.take_backlog(name) + ws
+            if ready:
+                scoring.append((name, m, scorer, version, ready))
+        feats = self._features_many([(scorer, ready) for _, _, scorer, _, ready in scoring])
+        for (name, m, scorer, version, ready), f in zip(scoring, feats):
+            out += self._score(name, m, scorer, version, ready, f)
+        return out
+
+    @staticmethod
+    def _features_many(jobs: list[tuple[Scorer, list[Window]]]) -> list[np.ndarray]:
+        """Feature images of each job's windows, computed in one call per feature transform
+        (sample rate, kind, :class:`~pdm_edge.features.FeatureSpec`) over all the jobs that
+        share it, not once per stream: the transform's fixed costs (filter design and initial
+        conditions, windows, FFT plans) are paid once per batch. The images are those of
+        :meth:`Scorer.features` one stream at a time (the transform is batch-invariant:
+        ``tests/test_features.py::test_batch_equals_one_by_one``)."""
+        groups: dict[tuple[float, str, Any], list[int]] = {}
+        for i, (scorer, _) in enumerate(jobs):
+            groups.setdefault((scorer.config.sample_rate_hz, scorer.config.kind, scorer.spec), []).append(i)
+        out: list[np.ndarray] = [np.empty(0)] * len(jobs)
+        for idx in groups.values():
+            windows = [w for i in idx for w in jobs[i][1]]
+            feats = jobs[idx[0]][0].features(windows)
+            at = 0
+            for i in idx:
+                n = len(jobs[i][1])
+                out[i] = feats[at:at + n]
+                at += n
         return out
 
     def _handle_stream(self, name: str, m: _Model, ws: list[Window]) -> list[tuple[Window, Score]]:
@@ -240,7 +273,7 @@ class ScoringStage:
             return []
         if scorer is None:
             return self._collect(name, m, ready)
-        return self._score(name, m, scorer, version, ready)
+        return self._score(name, m, scorer, version, ready, scorer.features(ready))
 
     def _sink(self, c: ReplayCandidates) -> None:
         if self.replay_sink is not None and c.start_ns:
@@ -264,8 +297,7 @@ class ScoringStage:
         return []
 
     def _score(self, name: str, m: _Model, scorer: Scorer, version: str | None,
-               ready: list[Window]) -> list[tuple[Window, Score]]:
-        feats = scorer.features(ready)
+               ready: list[Window], feats: np.ndarray) -> list[tuple[Window, Score]]:
         scores, matches = scorer.score_and_name_features(feats)  # anomalous windows name the fault they look like
         thr = float(scorer.threshold)  # type: ignore[arg-type]
         if m.rule is None:
