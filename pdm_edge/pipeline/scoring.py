@@ -18,7 +18,8 @@ Per state, a batch's windows of one stream:
   collected one by one otherwise (too few windows yet), so the calibration set is exact.
 - **calibrating**: they wait in the stream's backlog (bounded by the table).
 - **scoring**: the backlog, then the windows, are scored in one batch with the stream's
-  version: one :class:`~pdm_edge.types.Score` each, with the threshold and the version id;
+  version (their feature images are computed beforehand in one call for all the scoring
+  streams of the batch that share a feature transform, :meth:`ScoringStage._features_many`): one :class:`~pdm_edge.types.Score` each, with the threshold and the version id;
   an anomalous window of a version that knows confirmed faults also carries the one it looks
   like (:meth:`~pdm_edge.model.scorer.Scorer.score_and_name_features`, one encoder pass), for
   its alert.
