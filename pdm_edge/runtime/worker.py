@@ -10,10 +10,9 @@ side effect once per batch:
 2. :meth:`~ScoringWorker.observe`: the feedback ring (:meth:`Feedback.observe_many`).
 3. :meth:`~ScoringWorker.score`: the scoring stage (:mod:`pdm_edge.pipeline.scoring`; its
    replay candidates go to the learning loop from the stage's sink).
-4. :meth:`~ScoringWorker.emit`: scores to the spool, metrics, alerts and MQTT
-   (:meth:`ResultPublisher.handle_many`), alert records to the spool and their windows held for
-   a later label, then the condition indicators (one batch over all streams,
-   :func:`pdm_edge.condition.for_windows`) to the spool.
+4. :meth:`~ScoringWorker.emit`: scores and condition indicators to the spool, metrics, alerts
+   and MQTT (:meth:`ResultPublisher.handle_many`), alert records to the spool and their windows
+   held for a later label.
 
 :class:`RecordSink` puts records in the durable spool: what cannot go there is counted as
 dropped with a reason (``invalid``: into the spool's dead-letter table; ``spool_write_failed``);
@@ -244,12 +243,12 @@ class ScoringWorker:
         return pairs
 
     def emit(self, pairs: list[tuple[Window, Score]]) -> None:
-        """A scored batch's side effects, one call each: scores to the spool, metrics, alerts
-        and MQTT, alert records to the spool and their windows held, then the condition
-        indicators to the spool (last: computing them must not delay the scores on MQTT)."""
+        """A scored batch's side effects, one call each: scores and condition indicators to
+        the spool, metrics, alerts and MQTT, alert records to the spool and their windows held."""
         if not pairs:
             return
         self.sink.put("score", [sc for _, sc in pairs])
+        self._spool_conditions([w for w, _ in pairs])
         per_stream = collections.Counter(w.stream for w, _ in pairs)
         with self._lock:
             self._scored.update(per_stream)
@@ -258,16 +257,9 @@ class ScoringWorker:
         if self.hooks.on_score is not None:
             for win, sc in pairs:
                 call_hook(self.hooks.on_score, win, sc)
-        try:
-            alerts = self.results.handle_many([(sc, w.end_ns) for w, sc in pairs])
-            if alerts:
-                self._alerts(pairs, alerts)
-        finally:
-            self._spool_conditions([w for w, _ in pairs])
-
-    def _alerts(self, pairs: list[tuple[Window, Score]], alerts: list[tuple[int, Any]]) -> None:
-        """Alert records of a batch (``(index in pairs, Alert)``) to the spool, metrics, log and
-        hook, and their windows held for a later label."""
+        alerts = self.results.handle_many([(sc, w.end_ns) for w, sc in pairs])
+        if not alerts:
+            return
         self.sink.put("alert", [a for _, a in alerts])
         for i, a in alerts:
             win = pairs[i][0]
