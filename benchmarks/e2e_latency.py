@@ -382,6 +382,7 @@ def measure(args: argparse.Namespace, svc: Any, broker: str, store_path: Path, f
         "service_rss_mb_max": round(max(rss) / 1024, 1), "service_rss_mb_end": round(rss_end_kb / 1024, 1),
         "service_vmhwm_mb": round(hwm_kb / 1024, 1),
         "service_cpu_pct_of_one_core": round(100 * cpu_s / wall_s, 1) if wall_s > 0 else None,
+        "service_cpu_ms_per_window": round(1000 * cpu_s / (stored + warm_stored), 2) if stored + warm_stored else None,
         "cpu_pct_of_one_core": {"service": round(cpu["proc:service"], 1), "broker": round(cpu["proc:broker"], 1),
                                 "load_generator_and_poller": round(cpu["self"], 1)},
         "machine_busy_pct": round(cpu["machine"], 1), "other_load_pct_of_machine": round(cpu["other"], 1),
@@ -413,7 +414,9 @@ def print_report(doc: dict[str, Any]) -> None:
     print(f"  service: RSS {doc['service_rss_mb_idle_calibrated']} MB idle after the calibration; under load (s, MB): "
           + ", ".join(f"{t}: {v}" for t, v in m["service_rss_mb_series"]))
     print(f"  service: RSS max {m['service_rss_mb_max']} MB, end {m['service_rss_mb_end']} MB, peak (VmHWM) "
-          f"{m['service_vmhwm_mb']} MB; CPU {f(m['service_cpu_pct_of_one_core'])} % of one core")
+          f"{m['service_vmhwm_mb']} MB; CPU {f(m['service_cpu_pct_of_one_core'])} % of one core, "
+          f"{f(m.get('service_cpu_ms_per_window'), '.2f')} ms per stored window (everything the service does; compare "
+          "score_throughput.py's ms per window)")
     c = m["cpu_pct_of_one_core"]
     print(f"  CPU (% of one core): service {c['service']}, broker {c['broker']}, load generator + poller "
           f"{c['load_generator_and_poller']}; machine {m['machine_busy_pct']} % busy, other programs "
@@ -448,6 +451,7 @@ def search(args: argparse.Namespace) -> int:
         s = m["latency_publish_to_stored"]
         trials.append({"channels": n, "kept_up": bool(m["kept_up"]), "reasons": m["reasons"], "p50_ms": s["p50_ms"],
                        "p99_ms": s["p99_ms"], "service_cpu_pct_of_one_core": m["service_cpu_pct_of_one_core"],
+                       "service_cpu_ms_per_window": m.get("service_cpu_ms_per_window"),
                        "service_rss_mb_max": max(m["service_rss_mb_max"], m["service_vmhwm_mb"]),
                        "other_load_pct_of_machine": m["other_load_pct_of_machine"]})
         if not m["kept_up"]:
@@ -458,13 +462,16 @@ def search(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        print(f"{'channels':>8} {'kept up':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU % core':>11} {'RSS MB':>8} {'other %':>8}")
+        print(f"{'channels':>8} {'kept up':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU % core':>11} {'CPU ms/win':>11} {'RSS MB':>8} "
+              f"{'other %':>8}")
         for t in trials:
             def num(v: Any) -> str:
                 return "-" if v is None else f"{v:.0f}"
 
             print(f"{t['channels']:>8} {('yes' if t['kept_up'] else 'NO'):>8} {num(t.get('p50_ms')):>8} {num(t.get('p99_ms')):>8} "
-                  f"{num(t.get('service_cpu_pct_of_one_core')):>11} {num(t.get('service_rss_mb_max')):>8} "
+                  f"{num(t.get('service_cpu_pct_of_one_core')):>11} "
+                  f"{'-' if t.get('service_cpu_ms_per_window') is None else format(t['service_cpu_ms_per_window'], '.1f'):>11} "
+                  f"{num(t.get('service_rss_mb_max')):>8} "
                   f"{t.get('other_load_pct_of_machine', '-'):>8}" + (f"  {'; '.join(t.get('reasons') or [t.get('error', '')])}"
                                                                      if not t["kept_up"] else ""))
         print(f"largest channel count sustained: {sustained}")

@@ -93,6 +93,39 @@ def _batch(samples: np.ndarray) -> np.ndarray:
     return x
 
 
+def _mean_square_spectrum(c: np.ndarray, fs_hz: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(f (F,) Hz, p (B, F))`` of mean-removed float64 windows ``c`` ``(B, N)``: each one-sided
+    rFFT bin's share of the window's mean square (unit^2), so that ``p.sum(axis=1)`` is the
+    variance (Parseval; one-sided bins count twice, except DC and Nyquist)."""
+    n = c.shape[1]
+    spec = np.fft.rfft(c, axis=1)
+    f = np.fft.rfftfreq(n, 1.0 / fs_hz)
+    w = np.full(f.shape, 2.0 / n ** 2)
+    w[0] = 1.0 / n ** 2
+    if n % 2 == 0:
+        w[-1] = 1.0 / n ** 2
+    return f, (spec.real ** 2 + spec.imag ** 2) * w
+
+
+def _velocity_band(unit: str, fs_hz: float, band_hz: tuple[float, float]) -> tuple[float, float]:
+    if unit not in _UNIT_TO_M_S2:
+        raise ValueError(f"velocity needs acceleration in g or m/s2, got unit {unit!r}")
+    if not fs_hz > 0:
+        raise ValueError(f"fs_hz must be > 0, got {fs_hz!r}")
+    lo, hi = float(band_hz[0]), min(float(band_hz[1]), fs_hz / 2.0)
+    if not 0 < lo < hi:
+        raise ValueError(f"empty band {band_hz!r} at fs {fs_hz:g} Hz")
+    return lo, hi
+
+
+def _velocity_from_spectrum(f: np.ndarray, p: np.ndarray, unit: str, band: tuple[float, float]) -> np.ndarray:
+    """Velocity RMS (mm/s) from :func:`_mean_square_spectrum` of acceleration in ``unit``:
+    ``V(f) = A(f) / (j 2 pi f)`` in the band, zero outside."""
+    keep = (f >= band[0]) & (f <= band[1])
+    gain = (_UNIT_TO_M_S2[unit] / (2.0 * np.pi * f[keep])) ** 2
+    return np.sqrt((p[:, keep] * gain).sum(axis=1)) * 1000.0
+
+
 def velocity_rms_mm_s(samples: np.ndarray, fs_hz: float, unit: str = "g",
                       band_hz: tuple[float, float] = ISO_BAND_HZ) -> np.ndarray:
     """ISO 20816-3 velocity RMS of acceleration windows, by integration in the frequency domain.
@@ -110,27 +143,10 @@ def velocity_rms_mm_s(samples: np.ndarray, fs_hz: float, unit: str = "g",
         ValueError: another unit, a non-positive rate, an empty band, or samples that are not
             finite or not ``(B, N)`` with ``N >= 2``.
     """
-    if unit not in _UNIT_TO_M_S2:
-        raise ValueError(f"velocity needs acceleration in g or m/s2, got unit {unit!r}")
-    if not fs_hz > 0:
-        raise ValueError(f"fs_hz must be > 0, got {fs_hz!r}")
-    lo, hi = float(band_hz[0]), min(float(band_hz[1]), fs_hz / 2.0)
-    if not 0 < lo < hi:
-        raise ValueError(f"empty band {band_hz!r} at fs {fs_hz:g} Hz")
-    x = _batch(samples) * _UNIT_TO_M_S2[unit]
-    n = x.shape[1]
-    spec = np.fft.rfft(x - x.mean(axis=1, keepdims=True), axis=1)
-    f = np.fft.rfftfreq(n, 1.0 / fs_hz)
-    keep = (f >= lo) & (f <= hi)
-    v = np.zeros_like(spec)
-    v[:, keep] = spec[:, keep] / (2j * np.pi * f[keep])
-    # Parseval for a real signal from its rFFT: one-sided bins count twice, except DC and Nyquist
-    w = np.full(f.shape, 2.0)
-    w[0] = 1.0
-    if n % 2 == 0:
-        w[-1] = 1.0
-    ms = (np.abs(v) ** 2 * w).sum(axis=1) / n ** 2
-    return np.sqrt(ms) * 1000.0
+    band = _velocity_band(unit, fs_hz, band_hz)
+    x = _batch(samples)
+    f, p = _mean_square_spectrum(x - x.mean(axis=1, keepdims=True), fs_hz)
+    return _velocity_from_spectrum(f, p, unit, band)
 
 
 def iso_zone(velocity_mm_s: float, boundaries_mm_s: Sequence[float] = GROUP2_RIGID_MM_S) -> str:
@@ -159,23 +175,51 @@ def check_boundaries(boundaries_mm_s: Sequence[float]) -> tuple[float, float, fl
     return b  # type: ignore[return-value]
 
 
-def band_energies(samples: np.ndarray, fs_hz: float) -> dict[str, np.ndarray]:
-    """Mean-square energy of each band of :data:`BANDS_HZ` (unit^2), ``{field: (B,) float64}``,
-    from the rFFT of the mean-removed windows (Parseval)."""
-    x = _batch(samples)
-    n = x.shape[1]
-    p = np.abs(np.fft.rfft(x - x.mean(axis=1, keepdims=True), axis=1)) ** 2
-    f = np.fft.rfftfreq(n, 1.0 / fs_hz)
-    w = np.full(f.shape, 2.0)
-    w[0] = 1.0
-    if n % 2 == 0:
-        w[-1] = 1.0
-    p = p * w / n ** 2
+def _band_energies_from_spectrum(f: np.ndarray, p: np.ndarray, fs_hz: float) -> dict[str, np.ndarray]:
     out = {}
     for name, (lo, hi) in BANDS_HZ.items():
         top = 0.45 * fs_hz if hi is None else min(hi, 0.45 * fs_hz)
         keep = (f >= lo) & (f < top)
-        out[name] = p[:, keep].sum(axis=1) if keep.any() else np.zeros(x.shape[0])
+        out[name] = p[:, keep].sum(axis=1) if keep.any() else np.zeros(p.shape[0])
+    return out
+
+
+def band_energies(samples: np.ndarray, fs_hz: float) -> dict[str, np.ndarray]:
+    """Mean-square energy of each band of :data:`BANDS_HZ` (unit^2), ``{field: (B,) float64}``,
+    from the rFFT of the mean-removed windows (Parseval)."""
+    x = _batch(samples)
+    f, p = _mean_square_spectrum(x - x.mean(axis=1, keepdims=True), fs_hz)
+    return _band_energies_from_spectrum(f, p, fs_hz)
+
+
+def _values(x: np.ndarray, fs_hz: float, unit: str) -> dict[str, np.ndarray | None]:
+    """Every indicator of validated float64 windows ``x`` ``(B, N)`` as ``(B,)`` arrays (velocity
+    ``None`` without one), from one rFFT per window."""
+    c = x - x.mean(axis=1, keepdims=True)
+    c2 = c * c
+    rms = np.sqrt((x * x).mean(axis=1))
+    peak = np.abs(x).max(axis=1)
+    var = c2.mean(axis=1)
+    kurt = np.where(var > 0, (c2 * c2).mean(axis=1) / np.where(var > 0, var, 1.0) ** 2, 0.0)
+    crest = np.where(rms > 0, peak / np.where(rms > 0, rms, 1.0), 0.0)
+    f, p = _mean_square_spectrum(c, fs_hz)
+    out: dict[str, np.ndarray | None] = {"rms": rms, "peak": peak, "crest": crest, "kurt": kurt,
+                                         **_band_energies_from_spectrum(f, p, fs_hz)}
+    out["velocity"] = (_velocity_from_spectrum(f, p, unit, _velocity_band(unit, fs_hz, ISO_BAND_HZ))
+                       if unit in _UNIT_TO_M_S2 and fs_hz / 2 > ISO_BAND_HZ[0] else None)
+    return out
+
+
+def _conditions(streams: Sequence[tuple[str, str, str]], start_ns: Sequence[int], unit: str,
+                v: dict[str, np.ndarray | None], zones: Sequence[Sequence[float]]) -> list[Condition]:
+    out = []
+    vel = v["velocity"]
+    for i, ((site, machine, sensor), t) in enumerate(zip(streams, start_ns)):
+        vi = None if vel is None else float(vel[i])
+        out.append(Condition(site, machine, sensor, int(t), unit, float(v["rms"][i]), float(v["peak"][i]),  # type: ignore[index]
+                             float(v["crest"][i]), float(v["kurt"][i]), float(v["band_10_1k"][i]),  # type: ignore[index]
+                             float(v["band_1k_5k"][i]), float(v["band_5k_up"][i]),  # type: ignore[index]
+                             vi, None if vi is None else iso_zone(vi, zones[i])))
     return out
 
 
@@ -197,37 +241,33 @@ def indicators(site: str, machine: str, sensor: str, start_ns: Sequence[int], sa
     x = _batch(samples)
     if len(start_ns) != x.shape[0]:
         raise ValueError(f"{len(start_ns)} start times for {x.shape[0]} windows")
-    c = x - x.mean(axis=1, keepdims=True)
-    rms = np.sqrt((x * x).mean(axis=1))
-    peak = np.abs(x).max(axis=1)
-    var = (c * c).mean(axis=1)
-    kurt = np.where(var > 0, (c ** 4).mean(axis=1) / np.where(var > 0, var, 1.0) ** 2, 0.0)
-    crest = np.where(rms > 0, peak / np.where(rms > 0, rms, 1.0), 0.0)
-    bands = band_energies(x, fs_hz)
-    vel = velocity_rms_mm_s(x, fs_hz, unit) if unit in _UNIT_TO_M_S2 and fs_hz / 2 > ISO_BAND_HZ[0] else None
-    out = []
-    for i, t in enumerate(start_ns):
-        v = None if vel is None else float(vel[i])
-        out.append(Condition(site, machine, sensor, int(t), unit, float(rms[i]), float(peak[i]), float(crest[i]),
-                             float(kurt[i]), float(bands["band_10_1k"][i]), float(bands["band_1k_5k"][i]),
-                             float(bands["band_5k_up"][i]), v, None if v is None else iso_zone(v, zones_mm_s)))
-    return out
+    return _conditions([(site, machine, sensor)] * len(start_ns), start_ns, unit, _values(x, fs_hz, unit),
+                       [zones_mm_s] * len(start_ns))
 
 
 def for_windows(windows: Sequence[object], zones_for: object = None) -> list[Condition]:
-    """:func:`indicators` of scored windows (:class:`pdm_edge.types.Window`), grouped by stream
-    and sample rate; ``zones_for(window)`` gives a window's zone boundaries (default: group 2
-    rigid). A window that cannot be measured (non-finite samples) is left out."""
-    groups: dict[tuple[str, str, str, float, str, int], list[object]] = {}
-    for w in windows:
-        key = (w.site, w.machine, w.sensor, float(w.sample_rate_hz), w.unit, int(w.samples.shape[-1]))  # type: ignore[attr-defined]
-        groups.setdefault(key, []).append(w)
-    out: list[Condition] = []
-    for (site, machine, sensor, fs, unit, _), ws in groups.items():
-        ok = [w for w in ws if np.isfinite(w.samples).all()]  # type: ignore[attr-defined]
-        if not ok:
-            continue
-        zones = zones_for(ok[0]) if callable(zones_for) else GROUP2_RIGID_MM_S
-        out += indicators(site, machine, sensor, [w.start_ns for w in ok],  # type: ignore[attr-defined]
-                          np.stack([w.samples for w in ok]), fs, unit, zones)  # type: ignore[attr-defined]
-    return out
+    """:func:`indicators` of scored windows (:class:`pdm_edge.types.Window`) of any streams, in
+    their order; computed in one batch per sample rate, unit and length (not per stream);
+    ``zones_for(window)`` gives a window's zone boundaries (default: group 2 rigid; asked once
+    per stream). A window that cannot be measured (non-finite samples) is left out."""
+    groups: dict[tuple[float, str, int], list[int]] = {}
+    ok = [w for w in windows if np.isfinite(w.samples).all()]  # type: ignore[attr-defined]
+    for i, w in enumerate(ok):
+        groups.setdefault((float(w.sample_rate_hz), w.unit, int(w.samples.shape[-1])), []).append(i)  # type: ignore[attr-defined]
+    zone_of: dict[tuple[str, str, str], Sequence[float]] = {}
+
+    def zones(w: object) -> Sequence[float]:
+        key = (w.site, w.machine, w.sensor)  # type: ignore[attr-defined]
+        if key not in zone_of:
+            zone_of[key] = zones_for(w) if callable(zones_for) else GROUP2_RIGID_MM_S
+        return zone_of[key]
+
+    out: list[Condition | None] = [None] * len(ok)
+    for (fs, unit, _), idx in groups.items():
+        ws = [ok[i] for i in idx]
+        x = _batch(np.stack([w.samples for w in ws]))  # type: ignore[attr-defined]
+        rows = _conditions([(w.site, w.machine, w.sensor) for w in ws], [w.start_ns for w in ws],  # type: ignore[attr-defined]
+                           unit, _values(x, fs, unit), [zones(w) for w in ws])
+        for i, c in zip(idx, rows):
+            out[i] = c
+    return [c for c in out if c is not None]

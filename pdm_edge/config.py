@@ -433,7 +433,10 @@ class ServiceConfig(_Strict):
     http: str = "127.0.0.1:9108"
     """HOST:PORT of the health endpoint (``/healthz``) and Prometheus metrics (``/metrics``)."""
     torch_threads: int = Field(1, ge=1)
-    """torch intra-op threads of the scoring worker."""
+    """torch intra-op threads of the scoring worker; numpy's and scipy's BLAS / OpenMP pools are
+    capped to the same number (threadpoolctl): the feature step's matrix products otherwise
+    start one BLAS thread per core, which on a small, busy appliance spin against the
+    service's own threads (measured: the 1 s window's band spectrogram 3x slower on 2 cores)."""
     score_batch: int = Field(64, ge=1)
     """Most windows scored in one batch."""
     backlog_max_bytes: int = Field(32 * 1024 * 1024, ge=1024 * 1024)

@@ -554,6 +554,14 @@ def _hann(n: int) -> np.ndarray:
     return w
 
 
+@functools.lru_cache(maxsize=16)
+def _hann64(n: int) -> np.ndarray:
+    """The periodic Hann window of the envelope spectrum, float64, computed once per length."""
+    w = signal.get_window("hann", n, fftbins=True)
+    w.flags.writeable = False
+    return w
+
+
 # --------------------------------------------------------------------------------------------
 # Band spectrogram (channel 0)
 
@@ -713,7 +721,7 @@ def _envelope_spectrum(x: np.ndarray, fs: float, band: tuple[float, float], fmax
     analytic = signal.hilbert(xb, axis=-1)
     sq = analytic.real ** 2 + analytic.imag ** 2  # squared envelope, unit^2
     sq -= sq.mean(axis=-1, keepdims=True)
-    win = signal.get_window("hann", n, fftbins=True)
+    win = _hann64(n)
     step = fmax / (n_bins - 1)
     n_fft = scipy.fft.next_fast_len(max(n, math.ceil(_ENV_OVERSAMPLE * fs / step)), real=True)
     amp = np.abs(scipy.fft.rfft(sq * win, n=n_fft, axis=-1)) * (2.0 / win.sum())

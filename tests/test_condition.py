@@ -78,3 +78,21 @@ def test_for_windows_groups_streams_and_uses_the_zones_given() -> None:
     de = [c for c in out if c.sensor == "de"]
     assert [c.start_ns for c in de] == [0, 1, 2] and {c.zone for c in de} == {"A"}  # 1.1 mm/s, boundaries from 20
     assert [c.sensor for c in out if c.sensor == "mic"] == ["mic"]
+
+
+def test_for_windows_batched_over_streams_equals_indicators_per_stream() -> None:
+    rng = np.random.default_rng(3)
+    ws = [Window("s", f"m{i}", "de", "vibration", k, FS, "g", (0.1 * rng.standard_normal(N)).astype(np.float32), k)
+          for k in range(2) for i in range(3)]
+    ws.append(Window("s", "m0", "de", "vibration", 7, FS, "g", np.full(N, np.nan, np.float32), 7))  # left out
+    out = cond.for_windows(ws, lambda w: (0.01, 0.02, 0.03) if w.machine == "m1" else cond.GROUP2_RIGID_MM_S)
+    assert [(c.machine, c.start_ns) for c in out] == [(w.machine, w.start_ns) for w in ws[:-1]]  # input order
+    for m in ("m0", "m1", "m2"):
+        mine = [w for w in ws[:-1] if w.machine == m]
+        zones = (0.01, 0.02, 0.03) if m == "m1" else cond.GROUP2_RIGID_MM_S
+        one = cond.indicators("s", m, "de", [w.start_ns for w in mine], np.stack([w.samples for w in mine]), FS, "g", zones)
+        got = [c for c in out if c.machine == m]
+        for a, b in zip(got, one):
+            assert a.zone == b.zone and a.velocity_rms_mm_s == pytest.approx(b.velocity_rms_mm_s, rel=1e-12)
+            assert (a.rms, a.kurtosis, a.band_5k_up) == pytest.approx((b.rms, b.kurtosis, b.band_5k_up), rel=1e-12)
+    assert {c.zone for c in out if c.machine == "m1"} == {"D"}

@@ -110,6 +110,34 @@ def test_a_recurrence_of_a_confirmed_fault_is_named(bearing: dict[str, np.ndarra
     assert any(n is not None for n in names)
 
 
+def test_several_machines_scored_in_one_batch_equal_one_at_a_time(bearing: dict[str, np.ndarray]) -> None:
+    """``score_and_name_many``: the windows of three machines (two trained adapters, one that
+    knows a confirmed fault) go through the shared encoder in one batched pass, each through its
+    own adapter, and come out with the scores and fault names of scoring each machine alone."""
+    from pdm_edge.model.adapter import StackedAdapters
+    from pdm_edge.model.scorer import score_and_name_many
+
+    enc, sha = load_encoder()
+    cfg = ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=0.25, train=TrainConfig(max_epochs=2))
+    a = Scorer(enc, sha, cfg).learn_many(bearing["cal"][:40])
+    b = Scorer(enc, sha, cfg).learn_many(bearing["cal"][40:])
+    c = Scorer(enc, sha, cfg).learn_many(bearing["cal"])
+    c.learn_many(bearing["strong"][:10], "fault", events=[{"label": "lbl-1", "fault_type": "bearing_outer_race", "start_ns": 1}] * 10)
+    for s in (a, b, c):
+        s.calibrate()
+    assert not torch.equal(a.adapter.lora_b["0_qkv"], b.adapter.lora_b["0_qkv"])  # different machines' adapters
+    jobs = [(a, a.features(bearing["held"][:7])), (b, b.features(bearing["weak"][:5])), (a, a.features(bearing["held"][:0])),
+            (c, c.features(np.r_[bearing["held"][7:10], bearing["strong"][10:14]]))]
+    together = score_and_name_many(jobs, batch=8)  # chunks of 8 cut across the machines
+    for (s, f), (scores, names) in zip(jobs, together):
+        alone, alone_names = s.score_and_name_features(f)
+        np.testing.assert_allclose(scores, alone, rtol=1e-4, atol=1e-4)
+        assert names == alone_names
+    assert any(n is not None for n in together[3][1])
+    with pytest.raises(ValueError, match="out of range"):
+        StackedAdapters([a.adapter], torch.tensor([0, 1]))
+
+
 def test_femto_compact_loader_reads_set_a(datasets_dir) -> None:
     from sample_data.loaders import load_femto_compact, load_recording
 

@@ -342,6 +342,9 @@ def test_registry_promotion_and_rollback_become_model_events(mosquitto, tmp_path
     try:
         assert svc.http.port != 0 and svc.http_url == f"http://127.0.0.1:{svc.http.port}"
         assert requests.get(svc.http_url + "/healthz", timeout=5).json()["worker"]["alive"]
+        from threadpoolctl import threadpool_info  # numpy's / scipy's BLAS pools follow [service] torch_threads
+
+        assert {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"} == {cfg.service.torch_threads}
         summary = {"normal_windows": 24, "adapter_epochs": 1, "train_seconds": 0.5, "threshold": 3.0}
         v1 = svc.registry.add_candidate(scorer(0), site="lab", machine="m1", sensor="accel", trigger="initial",
                                         training_summary=summary)

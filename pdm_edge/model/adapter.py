@@ -116,6 +116,55 @@ class Adapter(nn.Module):
         return tokens + self.up(nn.functional.gelu(self.down(tokens)))
 
 
+class StackedAdapters:
+    """Several machines' adapters applied in one forward pass of the shared frozen encoder:
+    sample ``i`` of the batch goes through ``adapters[index[i]]`` (its LoRA updates and its
+    bottleneck head), so windows of many streams are embedded in one batched call instead of
+    one small call per stream. Inference only (no gradients).
+
+    The per-sample updates are batched matrix products with each sample's own ``A`` and ``B``
+    (``torch.bmm``): the same as :meth:`Adapter.delta` / :meth:`Adapter.head` one adapter at
+    a time, to float32 rounding (``tests/test_detection.py``).
+
+    Args:
+        adapters: adapters of one configuration (the same LoRA keys and scale).
+        index: ``(B,)`` int, which adapter each sample of the batch uses.
+
+    Raises:
+        ValueError: adapters of different configurations, or an index out of range.
+    """
+
+    def __init__(self, adapters: list[Adapter], index: torch.Tensor) -> None:
+        first = adapters[0]
+        if any(a.cfg != first.cfg for a in adapters):
+            raise ValueError("stacked adapters must share one configuration")
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= len(adapters)):
+            raise ValueError("adapter index out of range")
+        self.scale = first.scale
+        with torch.no_grad():
+            def gather(get: Any) -> torch.Tensor:
+                return torch.stack([get(a).detach() for a in adapters])[index]
+
+            self.a = {k: gather(lambda a, k=k: a.lora_a[k]).transpose(1, 2) for k in first.lora_a}  # (B, in, r)
+            self.b = {k: gather(lambda a, k=k: a.lora_b[k]).transpose(1, 2) for k in first.lora_b}  # (B, r, out)
+            self.down_w = gather(lambda a: a.down.weight).transpose(1, 2)  # (B, dim, bottleneck)
+            self.down_b = gather(lambda a: a.down.bias)[:, None, :]
+            self.up_w = gather(lambda a: a.up.weight).transpose(1, 2)  # (B, bottleneck, dim)
+            self.up_b = gather(lambda a: a.up.bias)[:, None, :]
+
+    def delta(self, layer: int, name: str, h: torch.Tensor) -> torch.Tensor | float:
+        """Each sample's LoRA update of ``name`` in block ``layer``, ``h`` of shape ``(B, N, in)``."""
+        key = f"{layer}_{name}"
+        if key not in self.a:
+            return 0.0
+        return torch.bmm(torch.bmm(h, self.a[key]), self.b[key]) * self.scale
+
+    def head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each sample's residual bottleneck on token states ``(B, N, dim)`` -> same shape."""
+        hidden = nn.functional.gelu(torch.bmm(tokens, self.down_w) + self.down_b)
+        return tokens + torch.bmm(hidden, self.up_w) + self.up_b
+
+
 def trainable_fraction(adapter: Adapter, encoder: Encoder) -> float:
     """Trainable adapter parameters / encoder parameters (decoder excluded)."""
     n_enc = sum(p.numel() for n, p in encoder.named_parameters() if not n.startswith("decoder"))

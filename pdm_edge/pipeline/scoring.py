@@ -17,11 +17,15 @@ Per state, a batch's windows of one stream:
   rest of the batch is handled in the state that follows: backlogged when calibrating,
   collected one by one otherwise (too few windows yet), so the calibration set is exact.
 - **calibrating**: they wait in the stream's backlog (bounded by the table).
-- **scoring**: the backlog, then the windows, are scored in one batch with the stream's
-  version: one :class:`~pdm_edge.types.Score` each, with the threshold and the version id;
-  an anomalous window of a version that knows confirmed faults also carries the one it looks
-  like (:meth:`~pdm_edge.model.scorer.Scorer.score_and_name_features`, one encoder pass), for
-  its alert.
+- **scoring**: the backlog, then the windows, are scored with the stream's version, together
+  with the batch's other scoring streams: their feature images in one call per feature
+  transform (:meth:`ScoringStage._features_many`), their embeddings in one batched pass of the
+  shared encoder, each window through its own stream's adapter
+  (:func:`~pdm_edge.model.scorer.score_and_name_many`; should that fail, each stream is scored
+  alone, and the failing stream's error is raised as it is without batching). One :class:`~pdm_edge.types.Score` each,
+  with the threshold and the version id; an anomalous window of a version that knows
+  confirmed faults also carries the one it looks like (from the same encoder pass), for its
+  alert.
   Windows at or below the threshold while the stream is *quiet* by the alert rule (no window
   above among the last ``[alerts] n``, :attr:`pdm_edge.alerts.debounce.KOfN.quiet`) become
   replay candidates (``collecting=False``): the reservoir keeps a uniform sample of them.
@@ -49,10 +53,10 @@ import numpy as np
 
 from pdm_edge.alerts.debounce import DEFAULT_K, DEFAULT_N, KOfN
 from pdm_edge.errors import PdmEdgeError
-from pdm_edge.model.scorer import Scorer
+from pdm_edge.model.scorer import Scorer, score_and_name_many
 from pdm_edge.pipeline.streams import StreamTable
 from pdm_edge.registry import RegisteredVersion, Registry
-from pdm_edge.types import Score, Window
+from pdm_edge.types import FaultMatch, Score, Window
 
 __all__ = ["ReplayCandidates", "ScoringStage"]
 
@@ -223,10 +227,47 @@ class ScoringStage:
         for w in windows:
             by_stream.setdefault(w.stream, []).append(w)
         out: list[tuple[Window, Score]] = []
+        scoring: list[tuple[str, _Model, Scorer, str | None, list[Window]]] = []
         for name, ws in by_stream.items():
             m = self._model(name)
             self._refresh(name, m)
-            out += self._handle_stream(name, m, ws)
+            with self._lock:
+                scorer, version = m.scorer, m.version
+            if scorer is None:  # collecting, calibrating or failed (or a version swapped in just now)
+                out += self._handle_stream(name, m, ws)
+                continue
+            ready = self.streams.take_backlog(name) + ws
+            if ready:
+                scoring.append((name, m, scorer, version, ready))
+        feats = self._features_many([(scorer, ready) for _, _, scorer, _, ready in scoring])
+        try:  # every scoring stream's windows through the shared encoder in one batched pass
+            scored: list[Any] = score_and_name_many([(job[2], f) for job, f in zip(scoring, feats)])
+        except Exception:  # noqa: BLE001 - one stream at a time below, where a failing model raises its own error
+            scored = [None] * len(scoring)
+        for (name, m, scorer, version, ready), f, sc in zip(scoring, feats, scored):
+            out += self._score(name, m, scorer, version, ready, f, sc)
+        return out
+
+    @staticmethod
+    def _features_many(jobs: list[tuple[Scorer, list[Window]]]) -> list[np.ndarray]:
+        """Feature images of each job's windows, computed in one call per feature transform
+        (sample rate, kind, :class:`~pdm_edge.features.FeatureSpec`) over all the jobs that
+        share it, not once per stream: the transform's fixed costs (filter design and initial
+        conditions, windows, FFT plans) are paid once per batch. The images are those of
+        :meth:`Scorer.features` one stream at a time (the transform is batch-invariant:
+        ``tests/test_features.py::test_batch_equals_one_by_one``)."""
+        groups: dict[tuple[float, str, Any], list[int]] = {}
+        for i, (scorer, _) in enumerate(jobs):
+            groups.setdefault((scorer.config.sample_rate_hz, scorer.config.kind, scorer.spec), []).append(i)
+        out: list[np.ndarray] = [np.empty(0)] * len(jobs)
+        for idx in groups.values():
+            windows = [w for i in idx for w in jobs[i][1]]
+            feats = jobs[idx[0]][0].features(windows)
+            at = 0
+            for i in idx:
+                n = len(jobs[i][1])
+                out[i] = feats[at:at + n]
+                at += n
         return out
 
     def _handle_stream(self, name: str, m: _Model, ws: list[Window]) -> list[tuple[Window, Score]]:
@@ -240,7 +281,7 @@ class ScoringStage:
             return []
         if scorer is None:
             return self._collect(name, m, ready)
-        return self._score(name, m, scorer, version, ready)
+        return self._score(name, m, scorer, version, ready, scorer.features(ready))
 
     def _sink(self, c: ReplayCandidates) -> None:
         if self.replay_sink is not None and c.start_ns:
@@ -263,10 +304,10 @@ class ScoringStage:
             return self._handle_stream(name, m, ws[cut:])
         return []
 
-    def _score(self, name: str, m: _Model, scorer: Scorer, version: str | None,
-               ready: list[Window]) -> list[tuple[Window, Score]]:
-        feats = scorer.features(ready)
-        scores, matches = scorer.score_and_name_features(feats)  # anomalous windows name the fault they look like
+    def _score(self, name: str, m: _Model, scorer: Scorer, version: str | None, ready: list[Window],
+               feats: np.ndarray, scored: tuple[np.ndarray, list[FaultMatch | None]] | None = None) -> list[tuple[Window, Score]]:
+        # anomalous windows name the fault they look like; ``scored``: already scored with the batch's other streams
+        scores, matches = scored if scored is not None else scorer.score_and_name_features(feats)
         thr = float(scorer.threshold)  # type: ignore[arg-type]
         if m.rule is None:
             m.rule = KOfN(self.alert_k, self.alert_n)

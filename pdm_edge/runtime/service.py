@@ -248,6 +248,7 @@ class Service:
         self.started_mono = time.monotonic()
         try:
             torch.set_num_threads(cfg.service.torch_threads)
+            cap_blas_threads(cfg.service.torch_threads)
             self.store = open_store(cfg.store)
             self.spool = Spool(cfg.spool.path, cfg.spool.max_records)
             self.sink = RecordSink(self.spool, self.metrics, self.errors)
@@ -529,6 +530,17 @@ class Service:
         (``ok`` / ``degraded`` / ``down``), ``reasons``, broker and store reachability, spool,
         queues, worker liveness and every stream's state, model version and counts."""
         return health_document(self)
+
+
+def cap_blas_threads(n: int) -> None:
+    """Cap numpy's and scipy's native thread pools (OpenBLAS / MKL / OpenMP, through
+    threadpoolctl) to ``n`` threads for the rest of the process, as ``torch.set_num_threads``
+    does for torch. One BLAS thread per core is their default; on a 2-core appliance whose
+    other threads (MQTT, windowing, spool writer) are busy too, those pools spin and wait on
+    each other, and the feature step's matrix products become several times slower."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=n)
 
 
 def run_forever(service: Service, *, stop_timeout: float = 60.0) -> int:
