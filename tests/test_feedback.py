@@ -302,6 +302,39 @@ def test_recent_windows_horizon_and_capture():
         RecentWindows(0)
 
 
+def test_recent_windows_hold_each_sample_of_overlapping_windows_once():
+    """Windows cut every half window from one signal: the ring holds about half their bytes,
+    and every captured window equals the one added (samples included); a window whose samples
+    are not its neighbours' (a glitch), and windows after a gap, keep their own copy."""
+    signal = np.random.default_rng(5).standard_normal(60_000).astype(np.float32)
+    n, hop = 1000, 500
+
+    def cut(k: int, data: np.ndarray = signal) -> Window:
+        return Window(SITE, MACHINE, "de-accel", "vibration", T0 + round(k * hop * SEC / FS), FS, "g", data[k * hop:k * hop + n], k)
+
+    added = [cut(k) for k in range(40)]
+    glitch = signal.copy()
+    glitch[21 * hop + 10] += 1.0  # window 21 differs from its neighbours' samples
+    added[21] = cut(21, glitch)
+    added += [cut(k) for k in range(60, 70)]  # a gap of 20 hops, then windows again
+    ring = RecentWindows(max_seconds=1000)
+    for w in added:
+        ring.add(w)
+    st = ring.stats()
+    assert st["windows"] == 50
+    shared = {k for k in range(1, 39, 2) if k != 21} | {k for k in range(61, 69, 2)}  # between two non-overlapping ones
+    assert st["bytes"] == (50 - len(shared)) * n * 4, (st, len(shared))
+    got = ring.capture(make_label(**_fields(start_ns=T0, end_ns=T0 + 100 * SEC)))
+    assert got == added and [w.index for w in got] == [w.index for w in added]
+    assert all(np.array_equal(a.samples, b.samples) for a, b in zip(got, added))
+    # the horizon evicts slices and their neighbours alike
+    short = RecentWindows(max_seconds=2 * n / FS)
+    for w in added[:40]:
+        short.add(w)
+    assert [w.start_ns for w in short.capture(make_label(**_fields(start_ns=T0, end_ns=T0 + 100 * SEC)))] == \
+        [w.start_ns for w in added[36:40]]
+
+
 def test_buffer_stores_windows_once_per_label_and_survives_reopen(tmp_path):
     path = tmp_path / "label_windows.sqlite"
     fault = make_label(**_fields(kind="fault", start_ns=T0, end_ns=T0 + 10 * SEC))

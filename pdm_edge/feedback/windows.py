@@ -25,9 +25,10 @@ Decisions:
   ``max_bytes_per_stream`` bytes of samples (older windows go first). The default
   (``[feedback] recent_s = 30`` s, 8 MiB) keeps half a minute of a 25.6 kHz stream cut into
   1 s windows every 0.5 s (205 kB of samples a second, about 6 MiB per stream; 120 s made a
-  16-channel appliance grow by about 380 MB in ``benchmarks/e2e_latency.py``). A label arriving later than that
-  finds only what was stored or held in the buffer. Windows are shared, not copied (their
-  samples are read-only). A stream whose clock goes backwards (a replay restarted with original
+  16-channel appliance grow by about 380 MB in ``benchmarks/e2e_latency.py``), of which
+  overlapping windows hold each sample once (about 3 MiB per stream with the 50 % hop). A label
+  arriving later than that finds only what was stored or held in the buffer. Windows are
+  shared, not copied (their samples are read-only). A stream whose clock goes backwards (a replay restarted with original
   timestamps) starts a new ring.
 - **Retention classes** of a stored window, from the labels that cover it (the highest wins):
   ``held`` (0, no label yet) < ``ignore`` (1) < ``normal`` (2) < ``fault`` (3). A window
@@ -94,8 +95,37 @@ def covers(label: Label, window: Window) -> bool:
 
 
 # -- in memory -------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Overlap:
+    """A remembered window whose samples are a slice of its two non-overlapping neighbours in
+    the ring (``left`` ends where ``right`` starts): the window itself without its own copy of
+    the samples. :meth:`window` rebuilds it, equal to the original."""
+
+    meta: Window
+    left: Window
+    right: Window
+    offset: int
+
+    site = property(lambda self: self.meta.site)
+    machine = property(lambda self: self.meta.machine)
+    sensor = property(lambda self: self.meta.sensor)
+    start_ns = property(lambda self: self.meta.start_ns)
+    end_ns = property(lambda self: self.meta.end_ns)
+
+    def window(self) -> Window:
+        n = self.meta.n_samples
+        samples = np.concatenate([self.left.samples, self.right.samples])[self.offset:self.offset + n]
+        return dataclasses.replace(self.meta, samples=samples)
+
+
 class RecentWindows:
     """The newest windows of every stream, in memory (see the module docstring for the horizon).
+
+    Overlapping windows (a hop shorter than the window) hold each sample once: a window that
+    lies between two remembered windows which do not overlap each other, the later starting
+    where the earlier ends, is kept as a slice of them (checked sample for sample before its own
+    copy is dropped) and rebuilt on capture. With the usual 50 % hop this halves the ring's
+    memory; every captured window equals the one that was added.
 
     Thread-safe.
 
@@ -111,23 +141,53 @@ class RecentWindows:
         self.horizon_ns = round(max_seconds * 1e9)
         self.max_bytes_per_stream = max_bytes_per_stream
         self._lock = threading.Lock()
-        self._streams: dict[str, collections.deque[Window]] = {}
+        self._streams: dict[str, collections.deque[Window | _Overlap]] = {}
         self._bytes: dict[str, int] = {}
+        self._anchor: dict[str, Window] = {}  # the newest window that does not overlap the one before
+        self._between: dict[str, list[Window]] = {}  # windows since the anchor, overlapping it
 
     def add(self, window: Window) -> None:
         """Remember a window (the scoring stage calls this for every window)."""
+        name = window.stream
         with self._lock:
-            ring = self._streams.get(window.stream)
+            ring = self._streams.get(name)
             if ring is None or (ring and window.start_ns < ring[-1].start_ns):
-                ring = self._streams[window.stream] = collections.deque()
-                self._bytes[window.stream] = 0
+                ring = self._streams[name] = collections.deque()
+                self._bytes[name] = 0
+                self._anchor.pop(name, None)
+                self._between[name] = []
             ring.append(window)
-            self._bytes[window.stream] += window.samples.nbytes
+            self._bytes[name] += window.samples.nbytes
+            anchor = self._anchor.get(name)
+            if anchor is None or window.start_ns > anchor.end_ns or window.sample_rate_hz != anchor.sample_rate_hz:
+                self._anchor[name], self._between[name] = window, []  # a gap: nothing to share with
+            elif window.start_ns == anchor.end_ns:
+                self._share(name, ring, anchor, window)
+                self._anchor[name], self._between[name] = window, []
+            else:
+                self._between[name].append(window)
             newest_end = window.end_ns
             while len(ring) > 1 and (ring[0].end_ns <= newest_end - self.horizon_ns or (
-                    self.max_bytes_per_stream is not None and self._bytes[window.stream] > self.max_bytes_per_stream)):
+                    self.max_bytes_per_stream is not None and self._bytes[name] > self.max_bytes_per_stream)):
                 old = ring.popleft()
-                self._bytes[window.stream] -= old.samples.nbytes
+                if isinstance(old, Window):
+                    self._bytes[name] -= old.samples.nbytes
+
+    def _share(self, name: str, ring: collections.deque[Window | _Overlap], left: Window, right: Window) -> None:
+        """Replace the windows between ``left`` and ``right`` (which starts where ``left`` ends) by
+        slices of them, where their samples are exactly those."""
+        both = np.concatenate([left.samples, right.samples])
+        fs = left.sample_rate_hz
+        for w in self._between.get(name, []):
+            offset = (w.start_ns - left.start_ns) * fs / 1e9
+            k = round(offset)
+            if abs(offset - k) > 1e-6 or k + w.n_samples > len(both) or not np.array_equal(both[k:k + w.n_samples], w.samples):
+                continue
+            for i in range(len(ring) - 1, -1, -1):
+                if ring[i] is w:
+                    ring[i] = _Overlap(w, left, right, k)
+                    self._bytes[name] -= w.samples.nbytes
+                    break
 
     def capture_span(self, site: str, machine: str, sensor: str | None, start_ns: int, end_ns: int) -> list[Window]:
         """The remembered windows that the span covers (:func:`span_covers`), by stream and time."""
@@ -135,16 +195,15 @@ class RecentWindows:
         with self._lock:
             rings = [(k, list(v)) for k, v in self._streams.items()
                      if k.startswith(prefix) and (sensor is None or k == prefix + sensor)]
-        out = [w for _, ring in sorted(rings, key=lambda kv: kv[0]) for w in ring
-               if span_covers(site, machine, sensor, start_ns, end_ns, w)]
-        return out
+        return [w.window() if isinstance(w, _Overlap) else w for _, ring in sorted(rings, key=lambda kv: kv[0]) for w in ring
+                if span_covers(site, machine, sensor, start_ns, end_ns, w)]  # type: ignore[arg-type]
 
     def capture(self, label: Label) -> list[Window]:
         """The remembered windows that ``label`` covers, sorted by stream and start time."""
         return self.capture_span(label.site, label.machine, label.sensor, label.start_ns, label.end_ns)
 
     def stats(self) -> dict[str, int]:
-        """``{"streams", "windows", "bytes"}`` held in memory."""
+        """``{"streams", "windows", "bytes"}`` held in memory (bytes of samples, each held once)."""
         with self._lock:
             return {"streams": len(self._streams), "windows": sum(len(r) for r in self._streams.values()),
                     "bytes": sum(self._bytes.values())}
