@@ -238,6 +238,8 @@ def test_run_end_to_end(mosquitto, influxd_session, service_process, tmp_path: P
                       "last_sample_ns": st["last_sample_ns"]}
         assert h["alerts"]["raised"] >= 1 and h["ingest"]["deadlettered"] == 0
         assert h["queues"]["windows"] == 0 and h["queues"]["window_capacity"] == 2000
+        ring = h["memory"]["recent_windows"]
+        assert h["memory"]["rss_bytes"] > 50 * 2**20 and ring["streams"] == 1 and ring["windows"] > 0 and ring["bytes"] > 0
 
         # /metrics
         samples = svc.metrics()

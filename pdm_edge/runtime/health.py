@@ -211,6 +211,7 @@ def health_document(svc: Any) -> dict[str, Any]:
         "queues": {"chunks": ing.chunk_queue_depth, "windows": ing.window_queue_depth,
                    "chunk_capacity": svc.config.ingest.queue_size, "window_capacity": svc.config.ingest.window_queue_size},
         "worker": {"alive": alive, "heartbeat_age_s": round(now - svc.worker.heartbeat, 3)},
+        "memory": memory_snapshot(svc),
         "ingest": {"received": ing.received, "accepted": ing.accepted, "windows": ing.windows,
                    "deadlettered": ing.deadlettered, "deadletters": dict(ing.deadletters),
                    "windows_dropped": dict(ing.windows_dropped), "events": dict(ing.events)},
@@ -227,6 +228,16 @@ def store_ok(svc: Any, sp: Any) -> bool | None:
     if sp.connected is False or svc.probe.store_reachable is False:
         return False
     return svc.probe.store_reachable
+
+def memory_snapshot(svc: Any) -> dict[str, Any]:
+    """The service's resident memory (bytes, psutil) and what its largest bounded holder, the
+    feedback ring of recent windows (:class:`~pdm_edge.feedback.windows.RecentWindows`), holds:
+    ``{"rss_bytes", "recent_windows": {"streams", "windows", "bytes"}}``."""
+    import psutil
+
+    recent = getattr(svc.feedback, "recent", None)
+    return {"rss_bytes": psutil.Process().memory_info().rss, "recent_windows": recent.stats() if recent is not None else None}
+
 
 def metrics_snapshot(svc: Any) -> Mapping[str, Any]:
     if svc.started_mono is None or svc.ingestor is None or svc.writer is None:
