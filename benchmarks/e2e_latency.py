@@ -43,7 +43,8 @@ third of the run by more than 0.5 s of windows, and the publishers kept real tim
 lateness < 50 ms; otherwise the load generator, not the service, was the limit).
 
 **Memory**: ``VmRSS`` of the service process sampled every second (max and at the end) and its
-``VmHWM`` (peak). CPU: the service process's user + system time over the measurement, as % of
+``VmHWM`` (peak), and the most the feedback ring of recent windows held (``/healthz``
+``memory``). CPU: the service process's user + system time over the measurement, as % of
 one core.
 
 **Search** (``--search 16,32,48,64``): one run per channel count, each in its own process with
@@ -291,7 +292,8 @@ def measure(args: argparse.Namespace, svc: Any, broker: str, store_path: Path, f
             except Exception:
                 continue
             samples.append({"t": time.time(), "rss_kb": _proc_status(svc.pid, "VmRSS"), "windows_q": h["queues"]["windows"],
-                            "chunks_q": h["queues"]["chunks"], "spool": h["spool"]["depth"]})
+                            "chunks_q": h["queues"]["chunks"], "spool": h["spool"]["depth"],
+                            "ring_bytes": ((h.get("memory") or {}).get("recent_windows") or {}).get("bytes", 0)})
 
     smp = threading.Thread(target=sampler, name="sampler", daemon=True)
     cpu0, wall0 = _proc_cpu_s(svc.pid), time.monotonic()
@@ -381,6 +383,7 @@ def measure(args: argparse.Namespace, svc: Any, broker: str, store_path: Path, f
         "service_rss_mb_series": [[round(x["t"] - samples[0]["t"]), round(x["rss_kb"] / 1024)] for x in samples[::10]],
         "service_rss_mb_max": round(max(rss) / 1024, 1), "service_rss_mb_end": round(rss_end_kb / 1024, 1),
         "service_vmhwm_mb": round(hwm_kb / 1024, 1),
+        "feedback_ring_mb_max": round(max((x["ring_bytes"] for x in samples), default=0) / 2**20, 1),
         "service_cpu_pct_of_one_core": round(100 * cpu_s / wall_s, 1) if wall_s > 0 else None,
         "service_cpu_ms_per_window": round(1000 * cpu_s / (stored + warm_stored), 2) if stored + warm_stored else None,
         "cpu_pct_of_one_core": {"service": round(cpu["proc:service"], 1), "broker": round(cpu["proc:broker"], 1),
@@ -414,7 +417,7 @@ def print_report(doc: dict[str, Any]) -> None:
     print(f"  service: RSS {doc['service_rss_mb_idle_calibrated']} MB idle after the calibration; under load (s, MB): "
           + ", ".join(f"{t}: {v}" for t, v in m["service_rss_mb_series"]))
     print(f"  service: RSS max {m['service_rss_mb_max']} MB, end {m['service_rss_mb_end']} MB, peak (VmHWM) "
-          f"{m['service_vmhwm_mb']} MB; CPU {f(m['service_cpu_pct_of_one_core'])} % of one core, "
+          f"{m['service_vmhwm_mb']} MB (of it the feedback ring of recent windows, at most {m['feedback_ring_mb_max']} MB); CPU {f(m['service_cpu_pct_of_one_core'])} % of one core, "
           f"{f(m.get('service_cpu_ms_per_window'), '.2f')} ms per stored window (everything the service does; compare "
           "score_throughput.py's ms per window)")
     c = m["cpu_pct_of_one_core"]
