@@ -194,3 +194,17 @@ def test_only_replay_windows_are_augmented_and_training_changes(env: Any) -> Non
     labelled.learn_features(env.fault, "fault")
     labelled.calibrate()
     _assert_same(_adapter(labelled), _adapter(plain))
+
+
+def test_wall_time_budget_ends_the_epoch_at_the_next_batch(env: Any) -> None:
+    """The budget is checked before every batch, not only between epochs: a spent budget ends
+    the running epoch after its current batch, the epoch is validated and kept, and training
+    stops (a calibration overruns its budget by one batch, not by one epoch)."""
+    polls: list[int] = []
+    s = _scorer(env, max_epochs=5, batch=4, max_seconds=1e-9)
+    info = s.calibrate(should_stop=lambda: polls.append(1) and False)
+    n_train = info["train_windows"]
+    assert n_train > 8  # an epoch has several batches
+    assert len(polls) == 1  # only batch 0 of epoch 1 ran (should_stop is polled before each batch)
+    assert [h["epoch"] for h in info["adapter_history"]] == [0, 1]
+    assert np.isfinite(info["adapter_history"][1]["train_loss"])

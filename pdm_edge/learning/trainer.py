@@ -3,8 +3,9 @@
 One function, :func:`train_adapter`, that reads top to bottom (as nanoGPT's ``train.py``):
 set-up (optimiser, generators, memory plan, frozen-prefix cache, validation masks and
 synthetic anomalies), resume from a checkpoint when given one, then epochs of shuffled batches
-with early stopping on the validation loss and a wall-time budget, a checkpoint after every
-epoch, and the best state loaded back at the end.
+with early stopping on the validation loss and a wall-time budget (checked before every
+batch: when it is spent the epoch ends early, is validated, and training stops), a checkpoint
+after every epoch, and the best state loaded back at the end.
 
 The objective, summed per batch:
 
@@ -355,8 +356,10 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
                 break
             epoch_start = copy.deepcopy(adapter.state_dict()), copy.deepcopy(opt.state_dict()), rng_now()
             perm = rng.permutation(len(xt))
-            tot = 0.0
+            tot, seen = 0.0, 0
             for b in range(0, len(perm), tc.batch):
+                if b and elapsed0 + time.monotonic() - t0 > tc.max_seconds:
+                    break  # the wall-time budget ends the epoch early: it is validated, and training stops
                 if should_stop is not None and should_stop():
                     # resume from the last finished epoch: roll back the half-done one
                     adapter.load_state_dict(epoch_start[0])
@@ -372,9 +375,9 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
                         g = tc.proximal_mu * (p.detach() - p0)
                         p.grad = g if p.grad is None else p.grad.add_(g)
                 opt.step()
-                tot += loss * len(j)
+                tot, seen = tot + loss * len(j), seen + len(j)
             vl = val_loss()
-            history.append({"epoch": ep, "train_loss": tot / len(xt), "val_loss": vl})
+            history.append({"epoch": ep, "train_loss": tot / seen, "val_loss": vl})
             if vl < best - 1e-5:
                 best, best_state, bad = vl, copy.deepcopy(adapter.state_dict()), 0
             else:

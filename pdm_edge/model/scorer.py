@@ -104,7 +104,9 @@ class TrainConfig:
     patience: int = 5
     """Epochs without improvement of the validation loss before stopping."""
     max_seconds: float = 120.0
-    """Wall-time budget of one calibration."""
+    """Wall-time budget of the adapter training, s: checked before every batch; when it is spent
+    the running epoch ends early, is validated, and training stops (so a calibration overruns
+    it by one batch, one validation pass and the baseline fit, not by a whole epoch)."""
     val_fraction: float = 0.2
     seed: int = 0
     outlier_exposure: float = 1.0
