@@ -208,3 +208,30 @@ def test_wall_time_budget_ends_the_epoch_at_the_next_batch(env: Any) -> None:
     assert len(polls) == 1  # only batch 0 of epoch 1 ran (should_stop is polled before each batch)
     assert [h["epoch"] for h in info["adapter_history"]] == [0, 1]
     assert np.isfinite(info["adapter_history"][1]["train_loss"])
+
+
+def test_int8_path_trains_quantisation_aware(env: Any) -> None:
+    """On the int8 path the adapter trains through the fake-quantised encoder: its forward pass
+    is the int8 path's to float rounding (much nearer than the float encoder's), gradients reach
+    the adapter, the update differs from float training's, and no encoder tensor changes."""
+    from pdm_edge.model.quantize import fake_int8_encoder, int8_encoder
+
+    from pdm_edge.model.standardize import Standardizer
+
+    x = torch.from_numpy(Standardizer.fit(env.normal, one_sided=True).transform(np.concatenate([env.normal[-8:], env.fault])))
+    with torch.no_grad():
+        t8, tf, t32 = int8_encoder(env.enc).tokens(x, 0), fake_int8_encoder(env.enc).tokens(x, 0), env.enc.tokens(x, 0)
+    assert (tf - t8).abs().mean() < 0.3 * (t32 - t8).abs().mean()
+    before = {k: v.clone() for k, v in env.enc.state_dict().items()}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for path in ("float32", "int8"):
+        s = _scorer(env, max_epochs=1)
+        s = Scorer(env.enc, env.sha, dataclasses.replace(s.config, inference=path)).learn_features(env.normal, replay=True)
+        fresh = _adapter(s)
+        ckpts: list[dict[str, Any]] = []
+        s.calibrate(checkpoint=ckpts.append)
+        states[path] = ckpts[-1]["adapter"]
+        assert any(not torch.equal(v, fresh[k]) for k, v in states[path].items())
+    assert any(not torch.equal(states["int8"][k], states["float32"][k]) for k in states["int8"])
+    for k, v in env.enc.state_dict().items():
+        assert torch.equal(v, before[k]), k

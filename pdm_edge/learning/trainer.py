@@ -20,7 +20,10 @@ The objective, summed per batch:
   ``mu/2 * ||theta - theta_0||^2`` towards the adapter training started from (its gradient is
   added to each batch's; the reported losses leave it out).
 
-Only adapter parameters have gradients; the encoder stays bit-identical.
+Only adapter parameters have gradients; the encoder stays bit-identical. On the int8 inference
+path (``ScorerConfig.inference = "int8"``) training is quantisation-aware: the encoder's linear
+layers run as the int8 path computes them (:func:`pdm_edge.model.quantize.fake_int8_encoder`),
+so the adapter is trained on the forward pass it is scored with.
 
 Memory (``TrainConfig``; ``benchmarks/train_memory.py`` measures each option):
 
@@ -62,6 +65,7 @@ import torch
 
 from pdm_edge.errors import ModelError, TrainingInterrupted
 from pdm_edge.model.encoder import masked_error, random_mask
+from pdm_edge.model.quantize import fake_int8_encoder
 from pdm_edge.model.scorer import NO_GRAD_BATCH
 from pdm_edge.model.synthetic import synthetic_anomalies
 
@@ -196,7 +200,9 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
     """
     # -- set-up ------------------------------------------------------------------------------
     tc = scorer.config.train
-    adapter, encoder, kind = scorer.adapter, scorer.encoder, scorer.kind
+    adapter, kind = scorer.adapter, scorer.kind
+    # the int8 path trains quantisation-aware: the forward pass it is scored with, float gradients
+    encoder = fake_int8_encoder(scorer.encoder) if scorer.config.inference == "int8" else scorer.encoder
     ecfg = encoder.cfg
     n_tok = ecfg.n_tokens
     first = adapter.first if tc.prefix_cache else 0  # blocks [0, first) are the frozen prefix
