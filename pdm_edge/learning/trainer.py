@@ -305,24 +305,22 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
         for k, m0 in enumerate(chunks):
             sl = slice(m0, m0 + plan.micro_batch)
             js = j[sl]
-            m = len(js)
             t_in = cache[f"masked{view}"].take(js) if cache else encoder.embed_patches(x[sl], kind, mask[sl])
-            if oe > 0:  # the outlier-exposure windows go through the adapted part in the same pass
+            loss = masked_error(encoder.reconstruct(top(t_in)), encoder.patchify(x[sl]), mask[sl]).sum() / b
+            if oe > 0:
                 if cache:
-                    parts = [t_in, cache["clean"].take(js), cache[f"syn{view}"].take(js)]
+                    parts = [cache["clean"].take(js), cache[f"syn{view}"].take(js)]
                     if fidx is not None and len(fchunks[k]):
                         parts.append(cache["faults"].take(fidx[fchunks[k]].numpy()))
-                    t_in = torch.cat(parts)
+                    t_oe = torch.cat(parts)
                 else:
                     parts = [x[sl], syn[sl]]  # type: ignore[index]
                     if fidx is not None and len(fchunks[k]):
                         parts.append(xf[fidx[fchunks[k]]])  # type: ignore[index]
-                    t_in = torch.cat([t_in, encoder.embed_patches(torch.cat(parts), kind)])
-            out = top(t_in)
-            loss = masked_error(encoder.reconstruct(out[:m]), encoder.patchify(x[sl]), mask[sl]).sum() / b
-            if oe > 0:
-                z = adapter.logit(out[m:].mean(dim=1))[:, 0]
-                y = torch.cat([torch.zeros(m), torch.ones(len(z) - m)])
+                    t_oe = encoder.embed_patches(torch.cat(parts), kind)
+                n_neg = len(js)
+                z = adapter.logit(top(t_oe).mean(dim=1))[:, 0]
+                y = torch.cat([torch.zeros(n_neg), torch.ones(len(z) - n_neg)])
                 loss = loss + oe * bce(z, y, reduction="sum") / (b + n_pos)
             loss.backward()
             total += float(loss.detach())
