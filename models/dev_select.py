@@ -58,6 +58,8 @@ VARIANTS = {
                            train=dict(grad_checkpointing=True, micro_batch=8, max_seconds=120.0)),
     "appliance_25s": dict(components=("mahalanobis", "spectral", "logit"), oe=1.0,
                           train=dict(grad_checkpointing=True, micro_batch=8, max_seconds=25.0)),
+    "appliance_20s": dict(components=("mahalanobis", "spectral", "logit"), oe=1.0,
+                          train=dict(grad_checkpointing=True, micro_batch=8, max_seconds=20.0)),
     "appliance_top2_25s": dict(components=("mahalanobis", "spectral", "logit"), oe=1.0, adapter=dict(layers=2),
                                train=dict(grad_checkpointing=True, micro_batch=8, max_seconds=25.0)),
     "appliance_top1_25s": dict(components=("mahalanobis", "spectral", "logit"), oe=1.0, adapter=dict(layers=1),
