@@ -358,7 +358,9 @@ class LearningConfig(_Strict):
     """Label rule of the gate: a retrain that would stop alerting on a labelled ``normal`` span
     the active version alerts on needs an engineer's confirmation."""
     max_train_seconds: float = Field(120.0, gt=0)
-    """Wall-time budget of one adapter training."""
+    """Wall-time budget of one adapter training, checked before every batch (an epoch cut short
+    by it is validated and kept). A calibration of 10 min of windows uses all of it
+    (``models/README.md``: shorter budgets cost detection on the development data)."""
     lora_rank: int = Field(4, ge=1, le=64)
     """Rank of the LoRA modules."""
     target_false_alerts_per_h: float = Field(0.1, gt=0)
@@ -395,8 +397,8 @@ class LearningConfig(_Strict):
     inference: Literal["float32", "int8"] = "float32"
     """Scoring path of the models this appliance calibrates: ``int8`` scores (and calibrates,
     so the threshold fits) with the frozen encoder's linear layers dynamically quantised
-    (:mod:`pdm_edge.model.quantize`; faster on CPUs, scores differ slightly); each model version
-    records its path."""
+    (:mod:`pdm_edge.model.quantize`; faster on CPUs, scores differ slightly) and trains the
+    adapter quantisation-aware on that path's forward pass; each model version records its path."""
     max_load_start: float = Field(0.0, ge=0)
     """A training job starts only while the 1-minute load average per CPU is below this (psutil);
     0: not checked (the default: the appliance's own scoring is load, so the right value depends

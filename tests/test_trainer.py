@@ -194,3 +194,44 @@ def test_only_replay_windows_are_augmented_and_training_changes(env: Any) -> Non
     labelled.learn_features(env.fault, "fault")
     labelled.calibrate()
     _assert_same(_adapter(labelled), _adapter(plain))
+
+
+def test_wall_time_budget_ends_the_epoch_at_the_next_batch(env: Any) -> None:
+    """The budget is checked before every batch, not only between epochs: a spent budget ends
+    the running epoch after its current batch, the epoch is validated and kept, and training
+    stops (a calibration overruns its budget by one batch, not by one epoch)."""
+    polls: list[int] = []
+    s = _scorer(env, max_epochs=5, batch=4, max_seconds=1e-9)
+    info = s.calibrate(should_stop=lambda: polls.append(1) and False)
+    n_train = info["train_windows"]
+    assert n_train > 8  # an epoch has several batches
+    assert len(polls) == 1  # only batch 0 of epoch 1 ran (should_stop is polled before each batch)
+    assert [h["epoch"] for h in info["adapter_history"]] == [0, 1]
+    assert np.isfinite(info["adapter_history"][1]["train_loss"])
+
+
+def test_int8_path_trains_quantisation_aware(env: Any) -> None:
+    """On the int8 path the adapter trains through the fake-quantised encoder: its forward pass
+    is the int8 path's to float rounding (much nearer than the float encoder's), gradients reach
+    the adapter, the update differs from float training's, and no encoder tensor changes."""
+    from pdm_edge.model.quantize import fake_int8_encoder, int8_encoder
+
+    from pdm_edge.model.standardize import Standardizer
+
+    x = torch.from_numpy(Standardizer.fit(env.normal, one_sided=True).transform(np.concatenate([env.normal[-8:], env.fault])))
+    with torch.no_grad():
+        t8, tf, t32 = int8_encoder(env.enc).tokens(x, 0), fake_int8_encoder(env.enc).tokens(x, 0), env.enc.tokens(x, 0)
+    assert (tf - t8).abs().mean() < 0.3 * (t32 - t8).abs().mean()
+    before = {k: v.clone() for k, v in env.enc.state_dict().items()}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for path in ("float32", "int8"):
+        s = _scorer(env, max_epochs=1)
+        s = Scorer(env.enc, env.sha, dataclasses.replace(s.config, inference=path)).learn_features(env.normal, replay=True)
+        fresh = _adapter(s)
+        ckpts: list[dict[str, Any]] = []
+        s.calibrate(checkpoint=ckpts.append)
+        states[path] = ckpts[-1]["adapter"]
+        assert any(not torch.equal(v, fresh[k]) for k, v in states[path].items())
+    assert any(not torch.equal(states["int8"][k], states["float32"][k]) for k in states["int8"])
+    for k, v in env.enc.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -3,8 +3,9 @@
 One function, :func:`train_adapter`, that reads top to bottom (as nanoGPT's ``train.py``):
 set-up (optimiser, generators, memory plan, frozen-prefix cache, validation masks and
 synthetic anomalies), resume from a checkpoint when given one, then epochs of shuffled batches
-with early stopping on the validation loss and a wall-time budget, a checkpoint after every
-epoch, and the best state loaded back at the end.
+with early stopping on the validation loss and a wall-time budget (checked before every
+batch: when it is spent the epoch ends early, is validated, and training stops), a checkpoint
+after every epoch, and the best state loaded back at the end.
 
 The objective, summed per batch:
 
@@ -19,7 +20,10 @@ The objective, summed per batch:
   ``mu/2 * ||theta - theta_0||^2`` towards the adapter training started from (its gradient is
   added to each batch's; the reported losses leave it out).
 
-Only adapter parameters have gradients; the encoder stays bit-identical.
+Only adapter parameters have gradients; the encoder stays bit-identical. On the int8 inference
+path (``ScorerConfig.inference = "int8"``) training is quantisation-aware: the encoder's linear
+layers run as the int8 path computes them (:func:`pdm_edge.model.quantize.fake_int8_encoder`),
+so the adapter is trained on the forward pass it is scored with.
 
 Memory (``TrainConfig``; ``benchmarks/train_memory.py`` measures each option):
 
@@ -61,6 +65,7 @@ import torch
 
 from pdm_edge.errors import ModelError, TrainingInterrupted
 from pdm_edge.model.encoder import masked_error, random_mask
+from pdm_edge.model.quantize import fake_int8_encoder
 from pdm_edge.model.scorer import NO_GRAD_BATCH
 from pdm_edge.model.synthetic import synthetic_anomalies
 
@@ -195,7 +200,9 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
     """
     # -- set-up ------------------------------------------------------------------------------
     tc = scorer.config.train
-    adapter, encoder, kind = scorer.adapter, scorer.encoder, scorer.kind
+    adapter, kind = scorer.adapter, scorer.kind
+    # the int8 path trains quantisation-aware: the forward pass it is scored with, float gradients
+    encoder = fake_int8_encoder(scorer.encoder) if scorer.config.inference == "int8" else scorer.encoder
     ecfg = encoder.cfg
     n_tok = ecfg.n_tokens
     first = adapter.first if tc.prefix_cache else 0  # blocks [0, first) are the frozen prefix
@@ -353,8 +360,10 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
                 break
             epoch_start = copy.deepcopy(adapter.state_dict()), copy.deepcopy(opt.state_dict()), rng_now()
             perm = rng.permutation(len(xt))
-            tot = 0.0
+            tot, seen = 0.0, 0
             for b in range(0, len(perm), tc.batch):
+                if b and elapsed0 + time.monotonic() - t0 > tc.max_seconds:
+                    break  # the wall-time budget ends the epoch early: it is validated, and training stops
                 if should_stop is not None and should_stop():
                     # resume from the last finished epoch: roll back the half-done one
                     adapter.load_state_dict(epoch_start[0])
@@ -370,9 +379,9 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
                         g = tc.proximal_mu * (p.detach() - p0)
                         p.grad = g if p.grad is None else p.grad.add_(g)
                 opt.step()
-                tot += loss * len(j)
+                tot, seen = tot + loss * len(j), seen + len(j)
             vl = val_loss()
-            history.append({"epoch": ep, "train_loss": tot / len(xt), "val_loss": vl})
+            history.append({"epoch": ep, "train_loss": tot / seen, "val_loss": vl})
             if vl < best - 1e-5:
                 best, best_state, bad = vl, copy.deepcopy(adapter.state_dict()), 0
             else:

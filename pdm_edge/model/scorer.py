@@ -104,7 +104,9 @@ class TrainConfig:
     patience: int = 5
     """Epochs without improvement of the validation loss before stopping."""
     max_seconds: float = 120.0
-    """Wall-time budget of one calibration."""
+    """Wall-time budget of the adapter training, s: checked before every batch; when it is spent
+    the running epoch ends early, is validated, and training stops (so a calibration overruns
+    it by one batch, one validation pass and the baseline fit, not by a whole epoch)."""
     val_fraction: float = 0.2
     seed: int = 0
     outlier_exposure: float = 1.0
@@ -274,6 +276,8 @@ def spectral_summary(xs: np.ndarray, kind: str) -> np.ndarray:
     window). It is the hand-crafted spectral statistics of the Mahalanobis peer, computed on
     the machine's standardised deviations so that it fuses with the embedding distance
     (one-sided for vibration) instead of competing with it."""
+    if len(xs) > NO_GRAD_BATCH * 4:  # per window: chunks give the same values without a float64 copy of every image
+        return np.concatenate([spectral_summary(xs[i:i + NO_GRAD_BATCH * 4], kind) for i in range(0, len(xs), NO_GRAD_BATCH * 4)])
     x = np.asarray(xs, dtype=np.float64)
     ch0 = x[:, 0]
     third = x[:, 1].mean(axis=-1) if kind == "vibration" else ch0.std(axis=-1)
@@ -643,9 +647,10 @@ class Scorer:
         if n < self.config.min_windows:
             raise NotCalibratedError(f"calibration needs at least {self.config.min_windows} normal windows, have {n}")
         t0 = time.monotonic()
-        raw_f = np.stack(self._normal)
-        self.standardizer = Standardizer.fit(raw_f, one_sided=self.config.kind == "vibration")
-        xs = self.standardizer.transform(raw_f)
+        # the collected windows are standardised chunk by chunk into one float32 array: no
+        # stacked raw copy and no float64 copy of them (training memory, issue 14)
+        self.standardizer = Standardizer.fit(self._normal, one_sided=self.config.kind == "vibration")
+        xs = self.standardizer.transform_many(self._normal)
         n_val = max(2, int(round(n * self.config.train.val_fraction)))
         tr, va = xs[: n - n_val], xs[n - n_val:]
         fault_xs = self.standardizer.transform(np.stack(self._faults)) if self._faults else None
@@ -659,7 +664,8 @@ class Scorer:
 
             aug = self.config.train.augmentation
             replay = np.asarray(self._replay[: n - n_val], bool)
-            augment = Augmenter(raw_f[: n - n_val], replay, self.standardizer.transform, self.config.kind, **aug) if aug and replay.any() else None
+            augment = (Augmenter(np.stack(self._normal[: n - n_val]), replay, self.standardizer.transform, self.config.kind, **aug)
+                       if aug and replay.any() else None)
             history = train_adapter(self, tr, va, fault_xs, checkpoint=checkpoint, resume=resume, should_stop=should_stop,
                                     work_dir=work_dir, on_plan=lambda p: plans.append(p.to_dict()), augment=augment)
         emb = self._embed(xs)
@@ -670,8 +676,9 @@ class Scorer:
         held: dict[str, np.ndarray] = {}
         if "mahalanobis" in comps:
             held["mahalanobis"] = crossfit_distances(emb, CROSSFIT_FOLDS)[held_idx]
-        if "spectral" in comps:
-            held["spectral"] = crossfit_distances(spectral_summary(xs, self.config.kind), CROSSFIT_FOLDS)[held_idx]
+        spec = spectral_summary(xs, self.config.kind) if "spectral" in comps else None
+        if spec is not None:
+            held["spectral"] = crossfit_distances(spec, CROSSFIT_FOLDS)[held_idx]
         if "logit" in comps:
             held["logit"] = self._logit(emb[held_idx])
         if "reconstruction" in comps:
@@ -679,7 +686,7 @@ class Scorer:
         self.component_stats = {c: robust_scale(v) for c, v in held.items()}
         self._baseline_emb = emb
         self.baseline = Baseline.fit(emb)
-        self.spectral_baseline = Baseline.fit(spectral_summary(xs, self.config.kind)) if "spectral" in comps else None
+        self.spectral_baseline = Baseline.fit(spec) if spec is not None else None
         self.fault_prototypes, self.fault_prototype_events = None, None
         if fault_xs is not None:
             fe = self._embed(fault_xs)

@@ -29,9 +29,13 @@ say) maps to zero instead of amplifying round-off.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+FIT_CHUNK = 256
+"""Windows per chunk when fitting or transforming a sequence of windows."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -49,28 +53,73 @@ class Standardizer:
     one_sided: bool = False
 
     @classmethod
-    def fit(cls, x: np.ndarray, min_std: float = 1.0, one_sided: bool = False) -> Standardizer:
-        """Fit on normal windows ``x`` of shape ``(N, C, F, T)``.
+    def fit(cls, x: np.ndarray | Sequence[np.ndarray], min_std: float = 1.0, one_sided: bool = False,
+            chunk: int = FIT_CHUNK) -> Standardizer:
+        """Fit on normal windows ``x``: an array ``(N, C, F, T)`` or a sequence of ``N`` arrays
+        ``(C, F, T)`` (a scorer's collected windows, which are then never stacked whole).
+
+        Mean and spread are accumulated in float64 over chunks of ``chunk`` windows (two
+        passes: mean, then squared deviations from it), so fitting needs no float64 copy of
+        the data; the result is the same as on the whole array up to float64 rounding.
 
         Raises:
-            ValueError: for fewer than 2 windows or non-finite values.
+            ValueError: for fewer than 2 windows, windows that are not ``(C, F, T)``, or
+                non-finite values.
         """
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 4 or x.shape[0] < 2:
-            raise ValueError(f"need at least 2 windows of shape (C, F, T), got {x.shape}")
-        if not np.isfinite(x).all():
-            raise ValueError("features contain NaN or infinity")
-        mean = x.mean(axis=(0, 3), keepdims=True)[0]
-        std = np.sqrt(((x - mean[None]) ** 2).mean(axis=(0, 3), keepdims=True)[0])
+        n = len(x)
+        first = np.asarray(x[0]) if n else np.zeros(0)
+        if n < 2 or first.ndim != 3:
+            shape = (n, *first.shape) if n else (0,)
+            raise ValueError(f"need at least 2 windows of shape (C, F, T), got {shape}")
+
+        def chunks():  # type: ignore[no-untyped-def]
+            for i in range(0, n, chunk):
+                part = x[i:i + chunk]
+                if not isinstance(part, np.ndarray) and any(np.shape(w) != first.shape for w in part):
+                    raise ValueError(f"every window must have shape {first.shape}, got {[np.shape(w) for w in part]}"[:200])
+                yield np.asarray(part if isinstance(part, np.ndarray) else np.stack(part), dtype=np.float32)
+
+        total = np.zeros((first.shape[0], first.shape[1], 1))
+        for c in chunks():
+            if c.shape[1:] != first.shape:
+                raise ValueError(f"every window must have shape {first.shape}, got {c.shape[1:]}")
+            if not np.isfinite(c).all():
+                raise ValueError("features contain NaN or infinity")
+            total += c.sum(axis=(0, 3), keepdims=True, dtype=np.float64)[0]
+        count = n * first.shape[2]
+        mean = total / count
+        sq = np.zeros_like(total)
+        for c in chunks():
+            sq += ((c - mean[None]) ** 2).sum(axis=(0, 3), keepdims=True)[0]
+        std = np.sqrt(sq / count)
         return cls(mean.astype(np.float32), np.maximum(std, min_std).astype(np.float32), one_sided)
 
-    def transform(self, x: np.ndarray) -> np.ndarray:
+    def transform(self, x: np.ndarray | Sequence[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
         """``asinh(z)`` with ``z = (x - mean) / std`` (``max(z, 0)`` when one-sided):
-        ``(N, C, F, T)`` -> same shape, float32."""
-        z = (np.asarray(x, dtype=np.float32) - self.mean[None]) / self.std[None]
+        ``(N, C, F, T)`` (or a sequence of ``N`` arrays ``(C, F, T)``) -> ``(N, C, F, T)``
+        float32, computed in float32 in place (one output array, no temporaries of the data's
+        size). ``out``: a float32 array of that shape to write into (returned)."""
+        x = np.asarray(x if isinstance(x, np.ndarray) or not len(x) else np.stack(x), dtype=np.float32)
+        if out is None:
+            out = np.empty(x.shape, np.float32)
+        np.subtract(x, self.mean[None], out=out)
+        np.divide(out, self.std[None], out=out)
         if self.one_sided:
-            z = np.maximum(z, 0.0)
-        return np.arcsinh(z).astype(np.float32)
+            np.maximum(out, 0.0, out=out)
+        return np.arcsinh(out, out=out)
+
+    def transform_many(self, x: Sequence[np.ndarray], chunk: int = FIT_CHUNK) -> np.ndarray:
+        """:meth:`transform` of a sequence of ``N`` windows ``(C, F, T)`` into one float32 array
+        ``(N, C, F, T)``, stacking ``chunk`` windows at a time (the collected windows are never
+        copied whole)."""
+        n = len(x)
+        if not n:
+            return np.zeros((0, *self.mean.shape[:2], 0), np.float32)
+        out = np.empty((n, *np.asarray(x[0]).shape), np.float32)
+        for i in range(0, n, chunk):
+            part = x[i:i + chunk]
+            self.transform(part, out=out[i:i + len(part)])
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"mean": self.mean.tolist(), "std": self.std.tolist(), "one_sided": self.one_sided}
