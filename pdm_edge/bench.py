@@ -191,6 +191,12 @@ def _summarise(benches: dict[str, Any], *, quick: bool = False) -> tuple[list[di
         rt = train.get("ratio_full_over_adapter", {})
         row("  full / adapter", f"time {rt.get('training_time', rt.get('wall_time'))}x, peak training memory "
                                 f"{rt.get('peak_training_memory')}x, trainable parameters {rt.get('trainable_params')}x")
+        for name, label in (("adapter_gc_micro8", "calibration, adapter with the [learning] defaults (checkpointing, micro-batches of 8)"),
+                            ("appliance", "calibration as the appliance runs it (training budget, early stopping)")):
+            r = (train.get("variants") or {}).get(name)
+            if r:  # the memory target is the defaults' (issue 14: >= 5x below full fine-tuning)
+                ratio = (train.get("ratio_full_over") or {}).get(name, {})
+                row(label, variant(r) + f"; full / this: peak training memory {ratio.get('peak_training_memory')}x")
         if train.get("version_file_bytes"):
             row("model-version file", f"{train['version_file_bytes'] / 1024:.1f} KiB")
         sc = train.get("scoring_during_training") or {}
