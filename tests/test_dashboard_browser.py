@@ -137,14 +137,14 @@ class Page:
 
     def poll(self, fn, what: str, timeout: float = 30.0):
         """``fn()`` until it returns something truthy, which is returned; an element that
-        Streamlit redraws while we look at it (stale) means "look again"."""
-        from selenium.common.exceptions import StaleElementReferenceException
+        Streamlit redraws while we look at it (stale) or has not drawn yet means "look again"."""
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 
         t0 = time.monotonic()
         while True:
             try:
                 got = fn()
-            except StaleElementReferenceException:
+            except (StaleElementReferenceException, NoSuchElementException):
                 got = None
             if got:
                 return got
@@ -216,9 +216,18 @@ def _run_flow(tmp_path: Path, datasets: Path | None, expect_source: str) -> None
         # the most urgent machine is the first row; selecting it opens its detail page
         from selenium.webdriver.common.action_chains import ActionChains
 
-        grid = driver.find_element("css selector", '[data-testid="stDataFrame"]')
-        r = grid.rect
-        ActionChains(driver).move_to_element_with_offset(grid, -r["width"] / 2 + 16, -r["height"] / 2 + 35 + 17).click().perform()
+        def open_first_row() -> bool:  # the page refreshes every few seconds: a click on a redrawn grid is tried again
+            if driver.current_url.endswith("/machine"):
+                return True
+            grid = driver.find_element("css selector", '[data-testid="stDataFrame"]')
+            r = grid.rect
+            ActionChains(driver).move_to_element_with_offset(grid, -r["width"] / 2 + 16, -r["height"] / 2 + 35 + 17).click().perform()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 5.0 and not driver.current_url.endswith("/machine"):
+                time.sleep(0.2)
+            return driver.current_url.endswith("/machine")
+
+        page.poll(open_first_row, "the first row opening the machine page")
         page.wait_text("alarm · 1 open alert", "Spectrum of an alert")
         assert driver.current_url.endswith("/machine"), driver.current_url
 
@@ -227,7 +236,7 @@ def _run_flow(tmp_path: Path, datasets: Path | None, expect_source: str) -> None
 
         # labelling queue: the open alert of pump-3 first
         page.nav("Labelling queue")
-        body = page.wait_text("Unlabelled alerts (2)", "open alert · plant1/pump-3")
+        body = page.wait_text("Unlabelled alerts (2)", "open alert · plant1/pump-3", "plant1/mill-5")
         assert body.index("plant1/pump-3") < body.index("plant1/mill-5")
         page.wait_idle()
         page.shot("labelling-queue")

@@ -286,7 +286,9 @@ def make_client_app(mods: list[Any] | None = None) -> ClientApp:
                                 "normal-windows": int(meta["normal_windows"])})
         log_round(a.state_dir, {"event": "trained", "round": int(cfg.get("server-round", 0)), "machine_class": meta["machine_class"],
                                 "streams": meta["stream"], "normal_windows": int(meta["normal_windows"]),
-                                "proximal_mu": mu, "secure_aggregation": legacy, "cpu_s": metrics["cpu-seconds"],
+                                "proximal_mu": mu, "secure_aggregation": legacy,
+                                "update_l2": float(np.sqrt(sum(float(np.sum(mean[k].astype(np.float64) ** 2)) for k in names))),
+                                "cpu_s": metrics["cpu-seconds"],
                                 "bytes_in": metrics["bytes-in"], "bytes_out": metrics["bytes-out"]})
         if legacy:  # Flower's FitRes records, which secaggplus_mod masks; the metadata in the clear
             from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
