@@ -547,17 +547,10 @@ def _filterbank_f32_t(fs: float, n_fft: int, fmin: float, fmax: float) -> np.nda
     return w
 
 
-@functools.lru_cache(maxsize=16)
-def _hann(n: int) -> np.ndarray:
-    w = signal.get_window("hann", n, fftbins=True).astype(np.float32)
-    w.flags.writeable = False
-    return w
-
-
-@functools.lru_cache(maxsize=16)
-def _hann64(n: int) -> np.ndarray:
-    """The periodic Hann window of the envelope spectrum, float64, computed once per length."""
-    w = signal.get_window("hann", n, fftbins=True)
+@functools.lru_cache(maxsize=32)
+def _hann(n: int, dtype: type = np.float32) -> np.ndarray:
+    """The periodic Hann window of length ``n`` in ``dtype``, computed once per length (read-only)."""
+    w = signal.get_window("hann", n, fftbins=True).astype(dtype)
     w.flags.writeable = False
     return w
 
@@ -721,7 +714,7 @@ def _envelope_spectrum(x: np.ndarray, fs: float, band: tuple[float, float], fmax
     analytic = signal.hilbert(xb, axis=-1)
     sq = analytic.real ** 2 + analytic.imag ** 2  # squared envelope, unit^2
     sq -= sq.mean(axis=-1, keepdims=True)
-    win = _hann64(n)
+    win = _hann(n, np.float64)
     step = fmax / (n_bins - 1)
     n_fft = scipy.fft.next_fast_len(max(n, math.ceil(_ENV_OVERSAMPLE * fs / step)), real=True)
     amp = np.abs(scipy.fft.rfft(sq * win, n=n_fft, axis=-1)) * (2.0 / win.sum())

@@ -88,8 +88,6 @@ def run_secure_rounds(grid: Any, context: Any, publisher: Any, initial: dict[str
     def publish_and_send(grid: Any, ctx: Any) -> None:
         rnd = int(ctx.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
         arrays = ctx.state.array_records[MAIN_PARAMS_RECORD].to_numpy_ndarrays()
-        if publisher.previous is None:
-            publisher.previous = dict(initial)
         data = publisher.publish(rnd, dict(zip(names, arrays)), list(replies))
         replies.clear()
         msgs = [Message(RecordDict({CONFIG: ConfigRecord({PRIOR_PACKAGE: data, "server-round": rnd, "machine-class": klass})}),

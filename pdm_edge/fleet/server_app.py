@@ -122,16 +122,14 @@ class PriorPublisher:
                  signing_key: Any | None, *, proximal_mu: float = 0.0, secure_aggregation: bool = False) -> None:
         self.klass, self.template, self.base, self.out_dir, self.signing_key = klass, template, base, out_dir, signing_key
         self.proximal_mu, self.secure_aggregation = float(proximal_mu), secure_aggregation
-        self.previous: dict[str, np.ndarray] | None = None
-        self.rounds: list[dict[str, Any]] = []
+        self.previous = {k: np.asarray(v, np.float32) for k, v in template.delta.items()}  # the run starts from it
 
     def publish(self, server_round: int, delta: dict[str, np.ndarray], replies: list[Reply], spent: Any = None) -> bytes:
         """Sign and write the prior of ``delta`` (the round's aggregate, a delta to ``base``),
         log the round; returns the package's bytes. ``replies`` empty: the round aggregated
         nothing (the prior is the previous one). ``spent``: Flower's privacy spent, or None."""
         delta = {k: np.asarray(v, np.float32) for k, v in delta.items()}
-        changed = (float(np.sqrt(sum(float(np.sum((delta[k] - self.previous[k]) ** 2)) for k in delta)))
-                   if self.previous is not None else None)
+        changed = float(np.sqrt(sum(float(np.sum((delta[k] - self.previous[k]) ** 2)) for k in delta)))
         participants = [r.meta.get("device_id", "?") for r in replies]
         windows = sum(int(r.meta.get("normal_windows", 0)) for r in replies)
         fields = {k: v for k, v in self.template.meta.to_dict().items() if k not in ("base_sha256", "adapter_sha256")}
@@ -150,7 +148,6 @@ class PriorPublisher:
                "epsilon": None if spent is None else float(spent.epsilon), "delta": None if spent is None else float(spent.delta)}
         with open(self.out_dir / "rounds.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        self.rounds.append(rec)
         log.info("fleet round %d of %s: %d participants, change %s, epsilon %s", server_round, self.klass, len(participants),
                  changed, rec["epsilon"])
         self.previous = delta
@@ -175,8 +172,6 @@ class FleetFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._replies = []
-        if self.publisher.previous is None:
-            self.publisher.previous = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays()))
         return super().configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:

@@ -81,8 +81,6 @@ class Standardizer:
 
         total = np.zeros((first.shape[0], first.shape[1], 1))
         for c in chunks():
-            if c.shape[1:] != first.shape:
-                raise ValueError(f"every window must have shape {first.shape}, got {c.shape[1:]}")
             if not np.isfinite(c).all():
                 raise ValueError("features contain NaN or infinity")
             total += c.sum(axis=(0, 3), keepdims=True, dtype=np.float64)[0]

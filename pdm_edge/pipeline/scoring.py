@@ -21,8 +21,8 @@ Per state, a batch's windows of one stream:
   with the batch's other scoring streams: their feature images in one call per feature
   transform (:meth:`ScoringStage._features_many`), their embeddings in one batched pass of the
   shared encoder, each window through its own stream's adapter
-  (:func:`~pdm_edge.model.scorer.score_and_name_many`; should that fail, each stream is scored
-  alone, and the failing stream's error is raised as it is without batching). One :class:`~pdm_edge.types.Score` each,
+  (:func:`~pdm_edge.model.scorer.score_and_name_many`; should a model fail, the worker scores
+  the batch again one window at a time, so that the failure costs only its windows). One :class:`~pdm_edge.types.Score` each,
   with the threshold and the version id; an anomalous window of a version that knows
   confirmed faults also carries the one it looks like (from the same encoder pass), for its
   alert.
@@ -240,10 +240,8 @@ class ScoringStage:
             if ready:
                 scoring.append((name, m, scorer, version, ready))
         feats = self._features_many([(scorer, ready) for _, _, scorer, _, ready in scoring])
-        try:  # every scoring stream's windows through the shared encoder in one batched pass
-            scored: list[Any] = score_and_name_many([(job[2], f) for job, f in zip(scoring, feats)])
-        except Exception:  # noqa: BLE001 - one stream at a time below, where a failing model raises its own error
-            scored = [None] * len(scoring)
+        # every scoring stream's windows through the shared encoder in one batched pass
+        scored = score_and_name_many([(job[2], f) for job, f in zip(scoring, feats)])
         for (name, m, scorer, version, ready), f, sc in zip(scoring, feats, scored):
             out += self._score(name, m, scorer, version, ready, f, sc)
         return out
