@@ -901,6 +901,20 @@ def deadletters(samples: Iterable[Sample]) -> dict[str, float]:
     return out
 
 
+def memory_text(healthz: Mapping[str, Any] | None) -> str | None:
+    """The service's memory line from ``/healthz``'s ``memory`` block (resident set and the
+    feedback ring of recent windows), e.g. ``"memory 452.3 MB, of it recent windows 12.1 MB
+    (8 streams)"``; ``None`` when the service does not report it."""
+    mem = (healthz or {}).get("memory")
+    if not isinstance(mem, Mapping) or not isinstance(mem.get("rss_bytes"), (int, float)):
+        return None
+    text = f"memory {fmt_bytes(int(mem['rss_bytes']))}"
+    ring = mem.get("recent_windows")
+    if isinstance(ring, Mapping) and isinstance(ring.get("bytes"), (int, float)):
+        text += f", of it recent windows {fmt_bytes(int(ring['bytes']))} ({ring.get('streams', 0)} streams)"
+    return text
+
+
 def stream_rows(healthz: Mapping[str, Any] | None, prev: Mapping[str, Any] | None, prev_ns: int | None,
                 now_ns: int) -> list[dict[str, Any]]:
     """The ingest table from the service's ``/healthz`` ``streams`` object (``{stream: {state,

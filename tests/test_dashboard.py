@@ -349,6 +349,7 @@ HEALTHZ = {
     "streams": {"s/m/acc": {"state": "scoring", "version": "m-acc-v2", "windows": 100, "scored": 90,
                             "last_sample_ns": None}},
     "training": {"running": {"job": 3, "stream": "s/m/acc", "trigger": "labels"}, "queued": [], "runs": {"promoted": 1}},
+    "memory": {"rss_bytes": 452_300_000, "recent_windows": {"streams": 8, "windows": 480, "bytes": 12_100_000}},
 }
 SERVICE_METRICS = METRICS + 'pdm_edge_deadletters_total{source="label",reason="bad_label"} 4\n'
 
@@ -389,6 +390,9 @@ def test_service_health_reads_healthz_and_metrics(tmp_path, fake_service):
     assert rows == [{"stream": "s/m/acc", "state": "scoring", "model version": "m-acc-v2", "windows": 120, "scored": 100,
                      "windows/s": 2.0, "scored/s": 1.0, "newest sample": "2 s ago"}]
     assert data.stream_rows(HEALTHZ, None, None, NOW)[0]["windows/s"] is None
+    assert data.memory_text(sh.healthz) == "memory 452.3 MB, of it recent windows 12.1 MB (8 streams)"
+    assert data.memory_text({"memory": {"rss_bytes": 2_000_000, "recent_windows": None}}) == "memory 2.0 MB"
+    assert data.memory_text({"status": "ok"}) is None  # an older service without the block
 
 
 # -- users and roles -----------------------------------------------------------------------------
@@ -525,6 +529,7 @@ def test_health_page_with_a_running_service(tmp_path, monkeypatch, fake_service)
     assert not at.exception, at.exception
     text = _texts(at)
     assert "Service: degraded" in text and "store unreachable: connection refused" in text
+    assert "memory 452.3 MB, of it recent windows 12.1 MB (8 streams)" in text
     assert "Service not reachable" not in text
     assert "s/m/acc" in text and "(labels)" in text  # the running training job
     tables = [df.value for df in at.dataframe]

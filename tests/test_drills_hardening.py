@@ -193,12 +193,20 @@ def test_drill_health_tells_the_truth_about_rejections_and_hostile_streams(mosqu
     total = expected_windows(15.0)
     assert wait_until(lambda: svc.metric("pdm_edge_windows_in_total") == total
                       and svc.health()["streams"][SERVICE_SENSOR]["state"] == "scoring", 120), svc.log_text()[-3000:]
-    assert wait_until(lambda: svc.health()["spool"]["depth"] == 0 and svc.metric("pdm_edge_windows_scored_total") > 0, 60)
-    scored = svc.metric("pdm_edge_windows_scored_total")
-    h = svc.health()
+    seen: dict = {}
+
+    def refused_all_scored() -> bool:
+        # the scored count is read first: a window scored after that only raises `rejected` later
+        seen["scored"] = svc.metric("pdm_edge_windows_scored_total")
+        seen["health"] = svc.health()
+        spool = seen["health"]["spool"]
+        return seen["scored"] > 0 and spool["depth"] == 0 and spool["rejected"] >= seen["scored"]
+
+    assert wait_until(refused_all_scored, 60), seen
+    scored, h = seen["scored"], seen["health"]
     assert h["status"] == "degraded", h
     assert any("store refused records" in r and "field type conflict" in r for r in h["reasons"]), h["reasons"]
-    assert h["spool"]["rejected"] >= scored and h["spool"]["deadletter_depth"] == h["spool"]["rejected"]
+    assert h["spool"]["rejected"] >= scored and h["spool"]["deadletter_depth"] == h["spool"]["rejected"], h["spool"]
     assert svc.metric("pdm_edge_spool_rejected_total") >= scored and svc.metric("pdm_edge_spool_deadletter_records") >= scored
     assert svc.metric("pdm_edge_deadletters_total", reason="name_too_long") == 100
     assert svc.metric("pdm_edge_deadletters_total", reason="implausible_sample_rate") == 1

@@ -76,6 +76,7 @@ def health_view() -> None:
         up = sh.healthz.get("uptime_s")
         _card(cols[0], f"Service: {verdict}", True if verdict == "ok" else ("warn" if verdict == "degraded" else False),
               f"{sh.base_url}" + (f", up {data.fmt_duration(round(float(up)))}" if isinstance(up, (int, float)) else "")
+              + (f", {mem}" if (mem := data.memory_text(sh.healthz)) else "")
               + (f" — {reasons}" if reasons else ""))
     else:
         _card(cols[0], "Service", True, f"{sh.base_url} answers")
