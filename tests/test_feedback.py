@@ -7,8 +7,11 @@ MQTT tests run against the real ``mosquitto`` fixture; CLI tests run ``pdm-edge`
 from __future__ import annotations
 
 import base64
+import dataclasses
+import gc
 import json
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -318,12 +321,18 @@ def test_recent_windows_hold_each_sample_of_overlapping_windows_once():
     added[21] = cut(21, glitch)
     added += [cut(k) for k in range(60, 70)]  # a gap of 20 hops, then windows again
     ring = RecentWindows(max_seconds=1000)
-    for w in added:
+    fresh = [dataclasses.replace(w, samples=w.samples.copy()) for w in added]  # only the ring holds these
+    alive = [weakref.ref(w.samples) for w in fresh]
+    for w in fresh:
         ring.add(w)
+    del fresh, w
     st = ring.stats()
     assert st["windows"] == 50
     shared = {k for k in range(1, 39, 2) if k != 21} | {k for k in range(61, 69, 2)}  # between two non-overlapping ones
     assert st["bytes"] == (50 - len(shared)) * n * 4, (st, len(shared))
+    gc.collect()
+    position = [*range(40), *range(60, 70)]  # window k at position i of `added`
+    assert {position[i] for i, r in enumerate(alive) if r() is None} == shared  # the shared windows' own copies are freed
     got = ring.capture(make_label(**_fields(start_ns=T0, end_ns=T0 + 100 * SEC)))
     assert got == added and [w.index for w in got] == [w.index for w in added]
     assert all(np.array_equal(a.samples, b.samples) for a, b in zip(got, added))

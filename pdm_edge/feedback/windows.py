@@ -98,24 +98,35 @@ def covers(label: Label, window: Window) -> bool:
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Overlap:
     """A remembered window whose samples are a slice of its two non-overlapping neighbours in
-    the ring (``left`` ends where ``right`` starts): the window itself without its own copy of
-    the samples. :meth:`window` rebuilds it, equal to the original."""
+    the ring (``left`` ends where ``right`` starts): the window's fields without its samples
+    (which are freed). :meth:`window` rebuilds it, equal to the original."""
 
-    meta: Window
+    site: str
+    machine: str
+    sensor: str
+    kind: str
+    start_ns: int
+    sample_rate_hz: float
+    unit: str
+    index: int
+    n_samples: int
     left: Window
     right: Window
     offset: int
 
-    site = property(lambda self: self.meta.site)
-    machine = property(lambda self: self.meta.machine)
-    sensor = property(lambda self: self.meta.sensor)
-    start_ns = property(lambda self: self.meta.start_ns)
-    end_ns = property(lambda self: self.meta.end_ns)
+    @classmethod
+    def of(cls, w: Window, left: Window, right: Window, offset: int) -> _Overlap:
+        return cls(w.site, w.machine, w.sensor, w.kind, w.start_ns, w.sample_rate_hz, w.unit, w.index, w.n_samples,
+                   left, right, offset)
+
+    @property
+    def end_ns(self) -> int:
+        return self.start_ns + round(self.n_samples * 1e9 / self.sample_rate_hz)  # as Window.end_ns
 
     def window(self) -> Window:
-        n = self.meta.n_samples
-        samples = np.concatenate([self.left.samples, self.right.samples])[self.offset:self.offset + n]
-        return dataclasses.replace(self.meta, samples=samples)
+        samples = np.concatenate([self.left.samples, self.right.samples])[self.offset:self.offset + self.n_samples]
+        return Window(self.site, self.machine, self.sensor, self.kind, self.start_ns,  # type: ignore[arg-type]
+                      self.sample_rate_hz, self.unit, samples, self.index)  # type: ignore[arg-type]
 
 
 class RecentWindows:
@@ -185,7 +196,7 @@ class RecentWindows:
                 continue
             for i in range(len(ring) - 1, -1, -1):
                 if ring[i] is w:
-                    ring[i] = _Overlap(w, left, right, k)
+                    ring[i] = _Overlap.of(w, left, right, k)
                     self._bytes[name] -= w.samples.nbytes
                     break
 
