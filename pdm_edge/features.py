@@ -172,6 +172,12 @@ MIN_SAMPLES = 256
 MIN_NFFT = 256
 """Smallest STFT frame length, samples."""
 
+FEATURE_CHUNK = 16
+"""Windows transformed at a time by :func:`encoder_input`: a batch of any size is cut into
+chunks of this many, so its temporaries (STFT frames and spectra, band-passed and analytic
+envelopes: about 2 MB per 1 s window at 25.6 kHz) stay bounded. The output does not depend on
+it (the transform is batch-invariant)."""
+
 DEFAULT_FLOOR_DB = -120.0
 """Default floor of every log value, dB re 1 unit^2 (see the module docstring)."""
 
@@ -857,12 +863,14 @@ def encoder_input(windows: np.ndarray, fs: float, kind: str, spec: FeatureSpec |
     x, fs_a, spec = _prepare(windows, fs, kind, spec)
     b = x.shape[0]
     out = np.empty((b, *INPUT_SHAPE), dtype=np.float32)
-    ch0 = _band_power_db(x, fs_a, spec)
-    out[:, 0] = ch0
-    if kind == "vibration":
-        out[:, 1] = _ses_db(x, fs_a, spec)[:, :, None]
-    else:
-        out[:, 1] = np.gradient(ch0, axis=-1)
+    for lo in range(0, b, FEATURE_CHUNK):  # bounded temporaries (frames, spectra, envelopes)
+        xc = x[lo:lo + FEATURE_CHUNK]
+        ch0 = _band_power_db(xc, fs_a, spec)
+        out[lo:lo + len(xc), 0] = ch0
+        if kind == "vibration":
+            out[lo:lo + len(xc), 1] = _ses_db(xc, fs_a, spec)[:, :, None]
+        else:
+            out[lo:lo + len(xc), 1] = np.gradient(ch0, axis=-1)
     return out
 
 

@@ -305,7 +305,7 @@ def test_rms() -> None:
 @pytest.mark.parametrize(("kind", "fs", "n"), [("vibration", 25600.0, 6400), ("vibration", 48000.0, 12000),
                                                ("acoustic", 16000.0, 8000), ("acoustic", 44100.0, 11025)])
 def test_batch_equals_one_by_one(kind: str, fs: float, n: int) -> None:
-    x = np.random.default_rng(7).standard_normal((5, n)).astype(np.float32)
+    x = np.random.default_rng(7).standard_normal((F.FEATURE_CHUNK + 4, n)).astype(np.float32)  # cut into two chunks
     x[2] += 0.3 * _sine(fs, n, 120.0)
     batch = F.encoder_input(x, fs, kind)
     single = np.concatenate([F.encoder_input(w, fs, kind) for w in x])
