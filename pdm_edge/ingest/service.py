@@ -37,6 +37,13 @@ Threads and queues (DESIGN.md section 1)::
   ``time_backwards`` with the stream and logged, so stored scores are never overwritten and no
   alert is raised for a span already scored. The stream's later windows flow once its clock
   has passed that point.
+- **Cluster** (``clustered=True``, :mod:`pdm_edge.runtime.cluster`): no wildcard subscription;
+  the owner of the subscription state (the ``cluster`` thread) gives the streams this instance
+  owns with :meth:`Ingestor.assign` (one exact subscription per stream) and renews them after
+  every (re)connect with :meth:`Ingestor.resubscribe`, which ``on_connect`` asks for through
+  :attr:`Ingestor.on_connected` (a hand-off). A chunk of a stream not owned (in flight at a
+  handover, or queued by the broker for an earlier session) is dropped and counted
+  (``not_owned``), not dead-lettered: another instance scores it.
 - **Supervised worker** (:mod:`pdm_edge.supervision`): an exception while windowing one chunk
   is recorded with the stream (:attr:`Ingestor.errors`, stage ``ingest-window``), the chunk is
   dead-lettered as ``internal_error``, the stream restarts, and the worker goes on; the loop
@@ -53,7 +60,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -154,7 +161,8 @@ class IngestStats:
     """MQTT messages seen on the waveform topics."""
     accepted: int
     """Chunks decoded and put in the chunk queue, less those the worker's validation
-    dead-lettered (``accepted + deadlettered == received`` once the queue is empty)."""
+    dead-lettered and those of streams not owned (``accepted + deadlettered + not_owned ==
+    received`` once the queue is empty)."""
     windowed: int
     """Chunks the windowing worker has finished with (their windows are in the window queue)."""
     windows: int
@@ -169,6 +177,8 @@ class IngestStats:
     disconnects: int
     windows_dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)
     """Windows cut but not emitted, by reason (``time_backwards``)."""
+    not_owned: int = 0
+    """Chunks dropped because another cluster instance owns their stream (``clustered`` only)."""
     chunk_queue_bytes: int = 0
     window_queue_bytes: int = 0
 
@@ -212,9 +222,12 @@ class Ingestor:
             ``ingest.window_queue_size`` is created when None.
         client_id: MQTT client id; ``"{appliance_id}-ingest"`` by default. It must stay the same
             across restarts for the persistent session to survive them.
+        clustered: subscribe only to the streams given to :meth:`assign` (none at first)
+            instead of every waveform topic.
     """
 
-    def __init__(self, config: AppConfig, windows: queue.Queue[Window] | None = None, client_id: str | None = None) -> None:
+    def __init__(self, config: AppConfig, windows: queue.Queue[Window] | None = None, client_id: str | None = None,
+                 *, clustered: bool = False) -> None:
         self.config = config
         self.icfg = config.ingest
         self.windows: queue.Queue[Window] = windows if windows is not None else BytesBoundedQueue(
@@ -250,6 +263,15 @@ class Ingestor:
         self._abort = threading.Event()
         self._worker: threading.Thread | None = None
         self._client: mqtt.Client | None = None
+        self._owned: frozenset[str] | None = frozenset() if clustered else None  # None: every stream
+        self._subscribed_streams: frozenset[str] = frozenset()  # the assigning thread's view
+        self._released: set[str] = set()  # streams whose windower the worker must drop
+        self._not_owned = 0
+        self._unsub_acked = threading.Condition()
+        self._unsub_mids: set[int] = set()
+        self.on_connected: Callable[[], None] | None = None
+        """Clustered: called (paho network thread; it must only hand off) after every connect,
+        so that the owner of the subscriptions calls :meth:`resubscribe`."""
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -266,8 +288,12 @@ class Ingestor:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_unsubscribe = self._on_unsubscribe
         self._client = client
-        mqtt_util.connect(client, self.config.mqtt, persistent=True)
+        mqtt_cfg = self.config.mqtt
+        if self._owned is not None:  # a session outlives a reconnect within the takeover delay, no more
+            mqtt_cfg = mqtt_cfg.model_copy(update={"session_expiry_s": self.config.cluster.takeover_delay_s})
+        mqtt_util.connect(client, mqtt_cfg, persistent=True)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until connected and subscribed; ``False`` on timeout."""
@@ -322,14 +348,78 @@ class Ingestor:
             self._connects += 1
         self._connected.set()
         log.info("connected to %s (session present: %s)", self.config.mqtt.broker, getattr(flags, "session_present", None))
-        client.subscribe(WAVEFORM_TOPIC_FILTER, qos=self.config.mqtt.qos)
+        if self._owned is None:
+            client.subscribe(WAVEFORM_TOPIC_FILTER, qos=self.config.mqtt.qos)
+        else:  # the cluster thread subscribes; ready as soon as connected
+            self._subscribed.set()
+            if self.on_connected is not None:
+                self.on_connected()
         client.publish(self.status_topic, "online", qos=1, retain=True)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         if any(rc.is_failure for rc in reason_codes):
-            log.error("subscription to %s refused: %s", WAVEFORM_TOPIC_FILTER, reason_codes)
+            log.error("waveform subscription refused: %s", reason_codes)
             return
         self._subscribed.set()
+
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        with self._unsub_acked:
+            if len(self._unsub_mids) > 1024:  # acknowledgements nobody waited for
+                self._unsub_mids.clear()
+            self._unsub_mids.add(mid)
+            self._unsub_acked.notify_all()
+
+    # -- cluster: the owned streams (called by the one thread that owns the subscriptions) ----
+    def assign(self, streams: frozenset[str], *, wait_s: float = 0.0) -> None:
+        """Own exactly ``streams`` (``site/machine/sensor``, configured ones): subscribe to the
+        waveform topic of each new one (QoS ``mqtt.qos``), unsubscribe from each one lost; the
+        windowing worker drops a lost stream's partial window and its later chunks
+        (``not_owned``). Only for an ingestor built with ``clustered=True``; call it from one
+        thread (the ``cluster`` thread), never from a paho callback. ``wait_s``: wait up to
+        that long for the broker to acknowledge the unsubscription (a handover: the next owner
+        subscribes only after).
+
+        Raises:
+            RuntimeError: the ingestor is not clustered.
+        """
+        if self._owned is None:
+            raise RuntimeError("Ingestor.assign needs clustered=True")
+        streams = frozenset(streams)
+        with self._lock:
+            old, self._owned = self._owned, streams
+            self._released.update(old - streams)
+            self._released.difference_update(streams)
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return  # resubscribe() after the connection
+        lost = sorted(self._subscribed_streams - streams)
+        gained = sorted(streams - self._subscribed_streams)
+        if lost:
+            rc, mid = client.unsubscribe([waveform_topic(*s.split("/")) for s in lost])
+            if wait_s > 0 and rc == mqtt.MQTT_ERR_SUCCESS:
+                with self._unsub_acked:
+                    self._unsub_acked.wait_for(lambda: mid in self._unsub_mids, wait_s)
+                    self._unsub_mids.discard(mid)
+        if gained:
+            client.subscribe([(waveform_topic(*s.split("/")), self.config.mqtt.qos) for s in gained])
+        self._subscribed_streams = streams
+
+    def resubscribe(self) -> None:
+        """After a (re)connect: subscribe to every owned stream's topic and unsubscribe from
+        every other configured stream's topic and the wildcard filter (a persistent session may
+        still hold them from an earlier run). Same thread as :meth:`assign`."""
+        if self._owned is None:
+            raise RuntimeError("Ingestor.resubscribe needs clustered=True")
+        client = self._client
+        if client is None:
+            return
+        with self._lock:
+            owned = self._owned
+        stale = [waveform_topic(*s.split("/")) for s in sorted(set(self.config.sensors) - owned)]
+        client.unsubscribe([WAVEFORM_TOPIC_FILTER, *stale])
+        if owned:
+            client.subscribe([(waveform_topic(*s.split("/")), self.config.mqtt.qos) for s in sorted(owned)])
+        self._subscribed_streams = owned
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._connected.clear()
@@ -425,6 +515,8 @@ class Ingestor:
                 return
             received: _Received = item
             chunk = received.chunk
+            if self._owned is not None and not self._owns(chunk.stream):
+                continue
             try:
                 chunk = self._validate(chunk)
             except PayloadError as err:  # counted as dead-lettered, no longer as accepted
@@ -441,6 +533,19 @@ class Ingestor:
                     self._windowed += 1
                 self._deadletter(self._client, waveform_topic(chunk.site, chunk.machine, chunk.sensor), b"",
                                  PayloadError("internal_error", f"windowing failed: {exc!r}"[:200]), logged=True)
+
+    def _owns(self, stream: str) -> bool:
+        """Clustered: whether ``stream`` is owned; a chunk that is not is counted and dropped,
+        and the windower of every stream lost since the last call is dropped (worker thread)."""
+        with self._lock:
+            owned = stream in self._owned  # type: ignore[operator]
+            released, self._released = self._released, set()
+            if not owned:
+                self._accepted -= 1
+                self._not_owned += 1
+        for s in released:
+            self._windowers.pop(s, None)
+        return owned
 
     def _window_one(self, chunk: Chunk) -> None:
         windower = self._windowers.get(chunk.stream)
@@ -515,6 +620,7 @@ class Ingestor:
                 connects=self._connects,
                 disconnects=self._disconnects,
                 windows_dropped=dict(self._dropped),
+                not_owned=self._not_owned,
                 chunk_queue_bytes=getattr(self._chunks, "nbytes", 0),
                 window_queue_bytes=getattr(self.windows, "nbytes", 0),
             )
