@@ -192,7 +192,9 @@ def _service_config(work: Path, broker: str, appliance: str, store: Path) -> str
 
 def _commission(registries: list[Path]) -> None:
     """One calibrated version (real encoder, 1 epoch) added and promoted for every stream in
-    every instance's registry, as a site commissions identical machines: no calibration in the run."""
+    every instance's registry, as a site commissions identical machines: no calibration in the
+    run. The i-th registry's versions are ``...-v{i+1}`` (earlier candidates, never promoted, go
+    first), so a score message's ``model_version`` tells which instance scored it."""
     from pdm_edge.model import load_encoder
     from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
     from pdm_edge.registry import Registry
@@ -206,10 +208,12 @@ def _commission(registries: list[Path]) -> None:
                                       train=TrainConfig(max_epochs=1, max_seconds=5.0)))
     s.learn_many(windows)
     s.calibrate()
-    for d in registries:
+    for i, d in enumerate(registries):
         with Registry(d) as reg:
             for stream in E2E_STREAMS:
                 site, machine, sensor = stream.split("/")
+                for _ in range(i):
+                    reg.add_candidate(s, site=site, machine=machine, sensor=sensor, trigger="manual")
                 reg.promote(reg.add_candidate(s, site=site, machine=machine, sensor=sensor, trigger="manual").id, "commissioned")
 
 
@@ -228,7 +232,7 @@ def test_two_services_score_each_window_once_split_the_streams_and_take_over_on_
     from pdm_edge._util.procs import ServiceProcess
     from sensors.publisher import ChunkPublisher, publish_timed
 
-    from .conftest import Collector
+    import paho.mqtt.client as mqtt
 
     store = tmp_path / "store.sqlite"
     works = {n: tmp_path / n for n in ("edge-a", "edge-b")}
@@ -238,7 +242,14 @@ def test_two_services_score_each_window_once_split_the_streams_and_take_over_on_
     expected = assignment(E2E_STREAMS, list(works))
     assert all(expected[n] for n in works)
     procs = {n: ServiceProcess(w, _service_config(w, mosquitto.address, n, store)) for n, w in works.items()}
-    scores = Collector(mosquitto.address, "pdm/v1/+/+/+/score")
+    got: list[tuple[str, int, str, float]] = []  # (stream, window start ns, model version, received at)
+    scores = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    scores.on_connect = lambda c, u, f, rc, p: c.subscribe("pdm/v1/+/+/+/score", qos=0)
+    scores.on_message = lambda c, u, m: got.append(("/".join(m.topic.split("/")[2:5]), json.loads(m.payload)["ts_ns"],
+                                                    json.loads(m.payload)["model_version"], time.time()))
+    host, port = mosquitto.address.rsplit(":", 1)
+    scores.connect(host, int(port))
+    scores.loop_start()
     try:
         for p in procs.values():
             p.start()
@@ -285,7 +296,8 @@ def test_two_services_score_each_window_once_split_the_streams_and_take_over_on_
         stop_ev = locals().get("stop")
         if stop_ev is not None:
             stop_ev.set()
-        scores.close()
+        scores.disconnect()
+        scores.loop_stop()
         for p in procs.values():
             p.kill()
 
@@ -293,35 +305,39 @@ def test_two_services_score_each_window_once_split_the_streams_and_take_over_on_
     assert {"/".join(k) for k in scored_a} == expected["edge-a"]
     assert health_b["cluster"]["owned"] == sorted(E2E_STREAMS) and health_b["cluster"]["members"] == ["edge-b"]
     assert health_b["cluster"]["ownership_changes"] == len(expected["edge-a"])
-    # every window scored once: no (stream, window start) in two score messages
-    msgs: dict[tuple[str, int], list[float]] = {}
-    for topic, payload, _ in scores.messages:
-        stream = "/".join(topic.split("/")[2:5])
-        msgs.setdefault((stream, json.loads(payload)["ts_ns"]), []).append(0.0)
-    dup = {k: len(v) for k, v in msgs.items() if len(v) > 1}
-    assert not dup, f"windows scored twice: {sorted(dup)[:10]}"
+    # every window scored once: no (stream, window start) in two score messages, and stored
+    by: dict[tuple[str, int], list[str]] = {}
+    for stream, ts, version, _ in got:
+        by.setdefault((stream, ts), []).append("edge-a" if version.endswith("-v1") else "edge-b")
+    dup = {k: v for k, v in by.items() if len(v) > 1}
+    assert not dup, f"windows scored twice: {sorted(dup.items())[:10]}"
     with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as con:
         rows = {(f"{s}/{m}/{x}", ts) for s, m, x, ts in con.execute("SELECT site, machine, sensor, start_ns FROM anomaly_score")}
-    assert rows == set(msgs)  # every scored window stored (once: one row per key)
-    starts: dict[str, list[int]] = {}
-    for stream, ts in sorted(rows):
-        starts.setdefault(stream, []).append(ts)
-    lost_total, takeover_s = 0, []
+    assert rows == set(by)  # every scored window stored (one row per key)
+    lost_total, takeover_s, coverage_s = 0, [], []
     for stream in E2E_STREAMS:
-        ts = starts[stream]
-        assert ts[0] == t0  # the first window of every stream
-        assert ts[-1] >= t0 + int((duration_s - 1.5) * 1e9)  # ...and the last ones: scored to the end
-        gaps = [(b_ - a_) // HOP_NS - 1 for a_, b_ in zip(ts, ts[1:]) if b_ - a_ != HOP_NS]
+        mine = sorted((ts, who[0]) for (st, ts), who in by.items() if st == stream)
+        starts = [ts for ts, _ in mine]
+        assert starts[0] == t0  # from the first window of every stream...
+        assert starts[-1] >= t0 + int((duration_s - 1.5) * 1e9)  # ...to the last ones
+        owners = [who for _, who in mine]
         if stream in expected["edge-b"]:
-            assert not gaps, f"{stream} (never moved) lost windows: {gaps}"
+            assert set(owners) == {"edge-b"}
+            assert all(b_ - a_ == HOP_NS for a_, b_ in zip(starts, starts[1:])), f"{stream} (never moved) lost windows"
             continue
-        # a moved stream: one gap at the handover, its new windows stored by edge-b after the stop
-        assert len(gaps) <= 1, (stream, gaps)
-        lost_total += sum(max(0, g) for g in gaps)
-        after = [t for t in ts if t > stop_ns - 1_000_000_000]
-        assert after, f"{stream}: no window stored after the handover"
-        takeover_s.append((after[0] + 1_000_000_000) / 1e9 - stop_wall)  # end of its first new window - SIGTERM
-    print(f"\ncluster handover: {len(expected['edge-a'])} streams moved; windows lost {lost_total} "
-          f"({lost_total / len(expected['edge-a']):.1f} per stream at 0.5 s hop); first new window complete "
-          f"{min(takeover_s):.2f}-{max(takeover_s):.2f} s after SIGTERM; windows stored {len(rows)}")
+        # a moved stream: edge-a's windows, then edge-b's (after the stop), no interleaving
+        k = owners.index("edge-b")
+        assert set(owners[:k]) == {"edge-a"} and set(owners[k:]) == {"edge-b"}, owners
+        assert starts[k - 1] < stop_ns <= starts[k] + 1_000_000_000  # edge-a scored until the stop
+        assert all(b_ - a_ == HOP_NS for a_, b_ in zip(starts[:k], starts[1:k]))
+        assert all(b_ - a_ == HOP_NS for a_, b_ in zip(starts[k:], starts[k + 1:]))
+        lost_total += round((starts[k] - starts[k - 1]) / HOP_NS) - 1  # hop-grid windows between the two owners
+        first_b = min(t for st, ts, v, t in got if st == stream and ts == starts[k])
+        takeover_s.append(first_b - stop_wall)  # SIGTERM -> first score of the new owner published
+        coverage_s.append((starts[k] - starts[k - 1]) / 1e9)
+    n_moved = len(expected["edge-a"])
+    print(f"\ncluster handover: {n_moved} streams moved; windows lost {lost_total} ({lost_total / n_moved:.1f} per "
+          f"stream at 1 s window / 0.5 s hop; gap between the two owners' window starts {min(coverage_s):.2f}-"
+          f"{max(coverage_s):.2f} s); new owner's first score {min(takeover_s):.2f}-{max(takeover_s):.2f} s after "
+          f"SIGTERM; windows scored {len(rows)}, each once")
     assert max(takeover_s) < 10.0
