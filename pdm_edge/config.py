@@ -539,6 +539,14 @@ class ClusterConfig(_Strict):
     """MQTT 5 Will Delay Interval (and session expiry) of the membership connection, s: a crashed
     or disconnected instance's streams move after ``1.5 * heartbeat_s + takeover_delay_s``; a
     reconnect within this delay moves nothing. A clean stop moves them at once."""
+    share_models: bool = True
+    """The owner of a stream publishes every version it makes active (a signed model package,
+    retained, on ``pdm/v1/_cluster/{group}/models/{site}/{machine}/{sensor}``); every other
+    instance verifies it (sha256, signature against ``[registry] verify_key`` when set) and makes
+    it active in its own registry, so a new owner scores at once instead of calibrating."""
+    signing_key: str | None = None
+    """Ed25519 private key (PEM, ``pdm-edge models keygen``) the packages are signed with;
+    unsigned when unset (then ``[registry] verify_key`` must be unset on the others)."""
 
     @field_validator("group", "instance")
     @classmethod
@@ -703,6 +711,7 @@ def resolve_paths(cfg: AppConfig, base_dir: str | os.PathLike[str] | None = None
         "feedback": cfg.feedback.model_copy(update={"state_dir": r(cfg.feedback.state_dir)}),
         "registry": cfg.registry.model_copy(update={"dir": r(cfg.registry.dir), "verify_key": vk}),
         "dashboard": cfg.dashboard.model_copy(update={"users_file": r(cfg.dashboard.users_file)}),
+        "cluster": cfg.cluster.model_copy(update={"signing_key": r(cfg.cluster.signing_key)}),
     })
 
 

@@ -172,6 +172,72 @@ def test_a_crashed_instance_is_removed_by_its_will(mosquitto, tmp_path: Path) ->
             clusters[n].release()
 
 
+
+def test_the_owner_publishes_its_active_version_and_the_others_verify_and_activate_it(mosquitto, tmp_path: Path) -> None:
+    """Model handover: a version the owner makes active reaches the other instance's registry
+    as a signed package (verified against its ``verify_key``) and becomes active there; a
+    version of a stream the instance does not own is not published; a forged package is
+    refused and counted."""
+    import hashlib
+
+    import paho.mqtt.client as mqtt
+    import torch
+
+    from pdm_edge.ingest import Ingestor
+    from pdm_edge.model.encoder import Encoder, EncoderConfig
+    from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
+    from pdm_edge.registry import Registry, generate_keypair
+    from pdm_edge.runtime.cluster import MODELS_TOPIC, Cluster
+    from pdm_edge.types import Window
+    from sensors.simulator import VibrationSimulator
+
+    torch.manual_seed(0)
+    enc, sha = Encoder(EncoderConfig()), hashlib.sha256(b"pdm-edge tests: cluster, random encoder").hexdigest()
+    sim = VibrationSimulator(sample_rate_hz=12_000.0, seed=3)
+    windows = [Window("site1", "m0", "accel", "vibration", i * 250_000_000, 12_000.0, "g", sim.generate(3000), i)
+               for i in range(24)]
+    scorer = Scorer(enc, sha, ScorerConfig(kind="vibration", sample_rate_hz=12_000.0, hop_s=0.25,
+                                           train=TrainConfig(max_epochs=1, max_seconds=10.0), min_windows=10))
+    scorer.learn_many(windows)
+    scorer.calibrate()
+    priv, pub = generate_keypair(tmp_path / "keys")
+    cfgs = {"edge-a": _cfg(tmp_path, mosquitto.address, "edge-a", STREAMS, signing_key=str(priv)),
+            "edge-b": _cfg(tmp_path, mosquitto.address, "edge-b", STREAMS, signing_key=str(priv))}
+    regs = {n: Registry(tmp_path / n / "registry", trusted_public_keys=[pub]) for n in cfgs}
+    ings = {n: Ingestor(c, clustered=True) for n, c in cfgs.items()}
+    clusters = {n: Cluster(cfgs[n], ings[n], registry=regs[n], encoder_sha256=sha) for n in cfgs}
+    for n in cfgs:
+        regs[n].on_change(clusters[n].model_changed)
+        clusters[n].start()
+    try:
+        assert wait_until(lambda: all(len(c.status()["members"]) == 2 for c in clusters.values()), 15)
+        mine = sorted(clusters["edge-a"].owned)[0]
+        theirs = sorted(clusters["edge-b"].owned)[0]
+        for stream in (mine, theirs):
+            site, machine, sensor = stream.split("/")
+            regs["edge-a"].promote(regs["edge-a"].add_candidate(scorer, site=site, machine=machine, sensor=sensor).id, "calibrated")
+        site, machine, sensor = mine.split("/")
+        assert wait_until(lambda: regs["edge-b"].active(site, machine, sensor) is not None, 15)
+        got, sent = regs["edge-b"].active(site, machine, sensor), regs["edge-a"].active(site, machine, sensor)
+        assert got.sha256 == sent.sha256 and got.reason.startswith("cluster: ") and "signed by" in got.origin
+        assert clusters["edge-b"].status()["models"]["activated"] == 1
+        assert clusters["edge-a"].status()["models"]["published"] == 1  # not the stream edge-b owns
+        assert regs["edge-b"].active(*theirs.split("/")) is None
+        forged = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        host, port = mosquitto.address.rsplit(":", 1)
+        forged.connect(host, int(port))
+        forged.loop_start()
+        forged.publish(MODELS_TOPIC.format(group="site1", stream=theirs), b"PK not a zip", qos=1).wait_for_publish(5)
+        forged.loop_stop()
+        forged.disconnect()
+        assert wait_until(lambda: clusters["edge-b"].status()["models"]["failed"] == 1, 10)
+        assert regs["edge-b"].active(*theirs.split("/")) is None
+    finally:
+        for n in cfgs:
+            clusters[n].release()
+            regs[n].close()
+
+
 # -- two real `pdm-edge run` processes --------------------------------------------------------
 
 E2E_STREAMS = [f"site1/m{i}/accel" for i in range(6)]

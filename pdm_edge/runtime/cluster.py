@@ -32,10 +32,20 @@ topic, windows, scores and stores it, raises its alerts and acts on its machine'
 - **Unconfigured streams are not served** with the cluster on (the configuration refuses
   ``[ingest] unknown_streams = "accept"``): a stream without a table has no owner.
 
-What does not move with a stream: the label book, labelled windows, replay buffer and model
-registry stay in the old owner's state directory. The new owner scores with the active version
-of its own registry; without one, it calibrates the stream itself (collecting -> calibrating),
-as a lone appliance does with a new stream.
+- **Models follow the owner's registry** (``[cluster] share_models``, on by default): the owner
+  of a stream exports every version it makes active (calibrated, promoted or rolled back) as a
+  model package (:meth:`pdm_edge.registry.Registry.export`, signed with ``[cluster]
+  signing_key`` when set) and publishes it retained (QoS 1) on
+  ``pdm/v1/_cluster/{group}/models/{site}/{machine}/{sensor}``. Every instance (also one
+  started later: the message is retained) imports it through
+  :meth:`~pdm_edge.registry.Registry.import_package` (sha256 of the version file, encoder,
+  signature against ``[registry] verify_key`` when set) and makes it active (reason
+  ``cluster: ...``; such changes are not published again and not stored as model events: the
+  owner stored them). So a new owner scores a stream at once with the group's version; only a
+  stream that never had one is calibrated (collecting -> calibrating) by its owner.
+
+What does not move with a stream: the label book, labelled windows and replay buffer stay in the
+old owner's state directory (the next owner learns from the labels it receives from then on).
 """
 
 from __future__ import annotations
@@ -59,12 +69,17 @@ from pdm_edge import mqtt as mqtt_util
 from pdm_edge.config import AppConfig
 from pdm_edge.runtime.logging import log_event
 
-__all__ = ["MEMBERS_TOPIC", "Cluster", "assignment", "owner", "weight"]
+__all__ = ["CLUSTER_REASON", "MEMBERS_TOPIC", "MODELS_TOPIC", "Cluster", "assignment", "owner", "weight"]
 
 log = logging.getLogger(__name__)
 
 MEMBERS_TOPIC = "pdm/v1/_cluster/{group}/members/{instance}"
 """Retained presence of one instance (empty: the instance left)."""
+MODELS_TOPIC = "pdm/v1/_cluster/{group}/models/{stream}"
+"""Retained model package of a stream's active version in the group (``{stream}`` is
+``site/machine/sensor``)."""
+CLUSTER_REASON = "cluster: "
+"""Prefix of the registry reason of a version made active from the group's package."""
 
 
 def weight(member: str, key: str) -> int:
@@ -114,9 +129,13 @@ class Cluster:
             :meth:`resubscribe` are called from the ``cluster`` thread only.
         on_change: optional ``(owned: frozenset[str], gained, lost)`` called (cluster thread)
             after every ownership change once joined (metrics); the first assignment is not one.
+        registry, encoder_sha256: this instance's model registry and encoder, for sharing
+            models (``[cluster] share_models``); ``None``: models are not shared.
     """
 
-    def __init__(self, config: AppConfig, ingestor: Any, on_change: Callable[[frozenset[str], frozenset[str], frozenset[str]], None] | None = None) -> None:
+    def __init__(self, config: AppConfig, ingestor: Any,
+                 on_change: Callable[[frozenset[str], frozenset[str], frozenset[str]], None] | None = None, *,
+                 registry: Any = None, encoder_sha256: str | None = None) -> None:
         if not config.cluster.enabled:
             raise ValueError("[cluster] is not enabled")
         self.config = config
@@ -127,6 +146,15 @@ class Cluster:
         self.on_change = on_change
         self.presence_topic = MEMBERS_TOPIC.format(group=self.ccfg.group, instance=self.instance)
         self.members_filter = MEMBERS_TOPIC.format(group=self.ccfg.group, instance="+")
+        self.registry = registry if config.cluster.share_models and encoder_sha256 is not None else None
+        self.encoder_sha256 = encoder_sha256
+        self.models_filter = MODELS_TOPIC.format(group=self.ccfg.group, stream="+/+/+")
+        self._signing_key: Any = None
+        if self.registry is not None and config.cluster.signing_key:
+            from pdm_edge.registry import load_private_key
+
+            self._signing_key = load_private_key(config.cluster.signing_key)
+        self._models = {"published": 0, "imported": 0, "activated": 0, "failed": 0}
         self.token = uuid.uuid4().hex
         self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._lock = threading.Lock()
@@ -197,7 +225,8 @@ class Cluster:
             log.error("broker %s refused the cluster connection: %s", self.config.mqtt.broker, reason_code)
             return
         self._connected.set()
-        client.subscribe(self.members_filter, qos=1)
+        topics = [(self.members_filter, 1)] + ([(self.models_filter, 1)] if self.registry is not None else [])
+        client.subscribe(topics)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         if any(rc.is_failure for rc in reason_codes):
@@ -210,7 +239,12 @@ class Cluster:
         self._connected.clear()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        instance = msg.topic.rsplit("/", 1)[-1]
+        parts = msg.topic.split("/")
+        if len(parts) == 8 and parts[4] == "models":
+            if msg.payload:
+                self._events.put(("model", "/".join(parts[5:]), bytes(msg.payload)))
+            return
+        instance = parts[-1]
         info: dict[str, Any] | None = None
         if msg.payload:
             try:
@@ -235,6 +269,10 @@ class Cluster:
                     continue
                 if ev[0] == "member":
                     self._member(ev[1], ev[2])
+                elif ev[0] == "model":
+                    self._receive_model(ev[1], ev[2])
+                elif ev[0] == "activated":
+                    self._publish_model(ev[1])
             except Exception:  # never let one event end the thread
                 log.exception("cluster event %r failed", ev[:2])
 
@@ -299,6 +337,79 @@ class Cluster:
                 except Exception:
                     log.exception("cluster on_change hook failed")
 
+    # -- models ------------------------------------------------------------------------------
+    def model_changed(self, rec: Any) -> None:
+        """Registry listener (any thread; hands off): ``rec`` (a
+        :class:`~pdm_edge.registry.RegisteredVersion`) became its stream's active version. The
+        ``cluster`` thread publishes its package when this instance owns the stream and the
+        change did not come from the group."""
+        if self.registry is not None and not (rec.reason or "").startswith(CLUSTER_REASON):
+            self._events.put(("activated", rec))
+
+    def _publish_model(self, rec: Any) -> None:
+        import tempfile
+
+        if rec.stream not in self.owned or self._client is None:
+            return
+        try:
+            with tempfile.TemporaryDirectory(prefix="pdm-cluster-") as d:
+                path = self.registry.export(rec.id, f"{d}/{rec.id}.zip", self._signing_key)
+                data = path.read_bytes()
+        except Exception as exc:
+            with self._lock:
+                self._models["failed"] += 1
+            log_event(log, logging.ERROR, "cluster_model_export_failed", stream=rec.stream, version=rec.id, error=repr(exc)[:300])
+            return
+        self._client.publish(MODELS_TOPIC.format(group=self.ccfg.group, stream=rec.stream), data, qos=1, retain=True)
+        with self._lock:
+            self._models["published"] += 1
+        log_event(log, logging.INFO, "cluster_model_published", stream=rec.stream, version=rec.id, bytes=len(data))
+
+    def _receive_model(self, stream: str, data: bytes) -> None:
+        """Import the group's package of ``stream`` and make it active here (cluster thread)."""
+        import tempfile
+
+        from pdm_edge.errors import PdmEdgeError
+        from pdm_edge.registry import (MAX_PACKAGE_MEMBER_BYTES, PACKAGE_MANIFEST, PACKAGE_SIGNATURE,
+                                       PACKAGE_VERSION_FILE, read_package_zip)
+
+        if stream not in self.streams:
+            log.warning("ignoring the model package of %s: not a configured stream", stream[:200])
+            return
+        site, machine, sensor = stream.split("/")
+        try:
+            files = read_package_zip(f"cluster package of {stream}", data, required=(PACKAGE_MANIFEST, PACKAGE_VERSION_FILE),
+                                     optional=(PACKAGE_SIGNATURE,), max_member_bytes=MAX_PACKAGE_MEMBER_BYTES)
+            manifest = json.loads(files[PACKAGE_MANIFEST])
+            if not isinstance(manifest, dict):
+                raise ValueError("manifest.json is not a JSON object")
+            sha = hashlib.sha256(files[PACKAGE_VERSION_FILE]).hexdigest()
+            if (manifest.get("site"), manifest.get("machine"), manifest.get("sensor")) != (site, machine, sensor):
+                raise PdmEdgeError(f"the package is of {manifest.get('site')}/{manifest.get('machine')}/{manifest.get('sensor')}")
+            have = [v for v in self.registry.list(site, machine, sensor) if v.sha256 == sha]
+            if have and have[-1].status == "active":
+                return  # ours, or already applied (a retained message is delivered at every start)
+            reason = f"{CLUSTER_REASON}the group's active version (package {manifest.get('id')})"
+            if have:
+                self.registry.promote(have[-1].id, reason, force=True)
+            else:
+                with tempfile.TemporaryDirectory(prefix="pdm-cluster-") as d:
+                    path = f"{d}/cluster-{site}-{machine}-{sensor}.zip"
+                    with open(path, "wb") as f:
+                        f.write(data)
+                    rec = self.registry.import_package(path, encoder_sha256=self.encoder_sha256)
+                with self._lock:
+                    self._models["imported"] += 1
+                self.registry.promote(rec.id, reason, force=True)
+        except (PdmEdgeError, ValueError, OSError) as exc:
+            with self._lock:
+                self._models["failed"] += 1
+            log_event(log, logging.ERROR, "cluster_model_refused", stream=stream, error=str(exc)[:300])
+            return
+        with self._lock:
+            self._models["activated"] += 1
+        log_event(log, logging.INFO, "cluster_model_activated", stream=stream, version=manifest.get("id"))
+
     # -- questions -----------------------------------------------------------------------------
     @property
     def owned(self) -> frozenset[str]:
@@ -323,9 +434,10 @@ class Cluster:
         """The ``/healthz`` ``cluster`` block: group, instance, connected, settled, members,
         owned streams, ownership changes, instance-id conflicts seen."""
         with self._lock:
-            owned, changes, conflicts = sorted(self._owned), self._changes, self._conflicts
+            owned, changes, conflicts, models = sorted(self._owned), self._changes, self._conflicts, dict(self._models)
             members = sorted(set(self._members) | ({self.instance} if self._settled.is_set() else set()))
         return {"group": self.ccfg.group, "instance": self.instance, "connected": self._connected.is_set(),
                 "settled": self._settled.is_set(), "members": members, "owned": owned, "owned_count": len(owned),
-                "streams": len(self.streams), "ownership_changes": changes, "instance_conflicts": conflicts}
+                "streams": len(self.streams), "ownership_changes": changes, "instance_conflicts": conflicts,
+                "models": models if self.registry is not None else None}
 

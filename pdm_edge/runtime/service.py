@@ -328,7 +328,7 @@ class Service:
             changes.labels("gained").inc(len(gained))
             changes.labels("lost").inc(len(lost))
 
-        cluster = Cluster(self.config, self.ingestor, on_change=on_change)
+        cluster = Cluster(self.config, self.ingestor, on_change=on_change, registry=self.registry, encoder_sha256=self._sha)
         Gauge("pdm_edge_cluster_owned_streams", "Streams this cluster instance owns (scores) now.",
               registry=self.metrics.registry).set_function(lambda: len(cluster.owned))
         Gauge("pdm_edge_cluster_members", "Live instances of this instance's cluster group.",
@@ -477,12 +477,20 @@ class Service:
             call_hook(self.hooks.on_model_event, stream, name, detail)
 
     def _on_model_change(self, rec: Any) -> None:
-        """Registry listener: a promotion or rollback becomes a model event in the store.
+        """Registry listener: a promotion or rollback becomes a model event in the store (not one
+        made from the cluster group's package; an owned stream's is handed to the cluster).
         The first version of a stream (trigger ``initial``, nothing active before) is stored as
         ``calibrated`` with a summary of its training; later ones as ``promoted`` /
         ``rolled_back``."""
+        from pdm_edge.runtime.cluster import CLUSTER_REASON
         from pdm_edge.store.base import ModelEvent
 
+        if self.cluster is not None:
+            self.cluster.model_changed(rec)  # hand-off: the owner publishes the package to the group
+        if (rec.reason or "").startswith(CLUSTER_REASON):  # the group's version: the owner stored the event
+            self.metrics.set_active_model(rec.site, rec.machine, rec.sensor, rec.id)
+            log_event(log, logging.INFO, "cluster_model", stream=rec.stream, version=rec.id, detail=rec.reason)
+            return
         if (rec.reason or "").startswith("rolled back"):
             event, detail = "rolled_back", rec.reason or ""
         elif rec.trigger == "initial" and rec.previous_active is None:
