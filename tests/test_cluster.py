@@ -256,11 +256,10 @@ def _service_config(work: Path, broker: str, appliance: str, store: Path) -> str
             '[cluster]\nenabled = true\ngroup = "site1"\nheartbeat_s = 5\ntakeover_delay_s = 2\n' + sensors)
 
 
-def _commission(registries: list[Path]) -> None:
-    """One calibrated version (real encoder, 1 epoch) added and promoted for every stream in
-    every instance's registry, as a site commissions identical machines: no calibration in the
-    run. The i-th registry's versions are ``...-v{i+1}`` (earlier candidates, never promoted, go
-    first), so a score message's ``model_version`` tells which instance scored it."""
+def _commission(streams_of: dict[Path, frozenset[str]]) -> None:
+    """One calibrated version (real encoder, 1 epoch) added and promoted in each registry for
+    the streams given (each instance's own, as if it had calibrated them): no calibration in
+    the run, and the other instance gets them only through the cluster's model packages."""
     from pdm_edge.model import load_encoder
     from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
     from pdm_edge.registry import Registry
@@ -274,12 +273,10 @@ def _commission(registries: list[Path]) -> None:
                                       train=TrainConfig(max_epochs=1, max_seconds=5.0)))
     s.learn_many(windows)
     s.calibrate()
-    for i, d in enumerate(registries):
+    for d, streams in streams_of.items():
         with Registry(d) as reg:
-            for stream in E2E_STREAMS:
+            for stream in sorted(streams):
                 site, machine, sensor = stream.split("/")
-                for _ in range(i):
-                    reg.add_candidate(s, site=site, machine=machine, sensor=sensor, trigger="manual")
                 reg.promote(reg.add_candidate(s, site=site, machine=machine, sensor=sensor, trigger="manual").id, "commissioned")
 
 
@@ -288,9 +285,11 @@ def test_two_services_score_each_window_once_split_the_streams_and_take_over_on_
         mosquitto, tmp_path: Path, one_torch_thread: None) -> None:
     """Two `pdm-edge run` instances, one broker, one SQLite store, six real-time 25.6 kHz streams:
     while both run every window is scored (score message) exactly once and stored, each instance
-    scores only the streams it owns and both own some; SIGTERM to one, and the other subscribes
-    to its streams and stores their new windows. The windows lost in the handover are counted
-    and printed (not asserted to be zero: the new owner starts each stream with a fresh window)."""
+    scores only the streams it owns and both own some; each instance starts with versions of its
+    own streams only and gets the other's through the group's model packages; SIGTERM to one,
+    and the other subscribes to its streams and scores their new windows at once with those
+    versions (no calibration). The windows lost in the handover are counted and printed (not
+    asserted to be zero: the new owner starts each stream with a fresh window)."""
     import json
     import sqlite3
     import threading
@@ -304,9 +303,9 @@ def test_two_services_score_each_window_once_split_the_streams_and_take_over_on_
     works = {n: tmp_path / n for n in ("edge-a", "edge-b")}
     for w in works.values():
         w.mkdir()
-    _commission([w / "registry" for w in works.values()])
     expected = assignment(E2E_STREAMS, list(works))
     assert all(expected[n] for n in works)
+    _commission({works[n] / "registry": expected[n] for n in works})
     procs = {n: ServiceProcess(w, _service_config(w, mosquitto.address, n, store)) for n, w in works.items()}
     got: list[tuple[str, int, str, float]] = []  # (stream, window start ns, model version, received at)
     scores = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -321,6 +320,9 @@ def test_two_services_score_each_window_once_split_the_streams_and_take_over_on_
             p.start()
         assert wait_until(lambda: all(p.health()["cluster"]["owned"] == sorted(expected[n]) and
                                       p.health()["cluster"]["members"] == sorted(works) for n, p in procs.items()), 60)
+        # each got the other's versions (verified, imported, active) through the group
+        assert wait_until(lambda: all(p.health()["cluster"]["models"]["activated"] == len(expected[o])
+                                      for (n, p), o in zip(procs.items(), ("edge-b", "edge-a"))), 30)
         duration_s, stop_at_s = 24.0, 11.0
         n_chunks = int(duration_s * FS) // CHUNK
         t0 = (time.time_ns() // HOP_NS + 2) * HOP_NS
@@ -369,31 +371,35 @@ def test_two_services_score_each_window_once_split_the_streams_and_take_over_on_
 
     # while both run: each instance scored only (and all of) its own streams
     assert {"/".join(k) for k in scored_a} == expected["edge-a"]
+    scored_b = {"/".join(k): int(v) for k, v in scored_b.items()}
+    assert set(scored_b) == set(E2E_STREAMS)
+    for stream in expected["edge-a"]:  # edge-b scores the moved streams with edge-a's versions, no calibration
+        assert health_b["streams"][stream]["state"] == "scoring"
+        assert health_b["streams"][stream]["version"] == f"{stream.split('/')[1]}-accel-v1"
+    assert health_b["cluster"]["models"]["failed"] == 0
     assert health_b["cluster"]["owned"] == sorted(E2E_STREAMS) and health_b["cluster"]["members"] == ["edge-b"]
     assert health_b["cluster"]["ownership_changes"] == len(expected["edge-a"])
     # every window scored once: no (stream, window start) in two score messages, and stored
-    by: dict[tuple[str, int], list[str]] = {}
-    for stream, ts, version, _ in got:
-        by.setdefault((stream, ts), []).append("edge-a" if version.endswith("-v1") else "edge-b")
-    dup = {k: v for k, v in by.items() if len(v) > 1}
+    by: dict[tuple[str, int], int] = {}
+    for stream, ts, _, _ in got:
+        by[(stream, ts)] = by.get((stream, ts), 0) + 1
+    dup = {k: v for k, v in by.items() if v > 1}
     assert not dup, f"windows scored twice: {sorted(dup.items())[:10]}"
     with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as con:
         rows = {(f"{s}/{m}/{x}", ts) for s, m, x, ts in con.execute("SELECT site, machine, sensor, start_ns FROM anomaly_score")}
     assert rows == set(by)  # every scored window stored (one row per key)
     lost_total, takeover_s, coverage_s = 0, [], []
     for stream in E2E_STREAMS:
-        mine = sorted((ts, who[0]) for (st, ts), who in by.items() if st == stream)
-        starts = [ts for ts, _ in mine]
+        starts = sorted(ts for st, ts in rows if st == stream)
         assert starts[0] == t0  # from the first window of every stream...
         assert starts[-1] >= t0 + int((duration_s - 1.5) * 1e9)  # ...to the last ones
-        owners = [who for _, who in mine]
         if stream in expected["edge-b"]:
-            assert set(owners) == {"edge-b"}
+            assert scored_b[stream] == len(starts)
             assert all(b_ - a_ == HOP_NS for a_, b_ in zip(starts, starts[1:])), f"{stream} (never moved) lost windows"
             continue
-        # a moved stream: edge-a's windows, then edge-b's (after the stop), no interleaving
-        k = owners.index("edge-b")
-        assert set(owners[:k]) == {"edge-a"} and set(owners[k:]) == {"edge-b"}, owners
+        # a moved stream: edge-a's windows, then edge-b's (its last scored_b[stream], all after the stop)
+        k = len(starts) - scored_b[stream]
+        assert 0 < k < len(starts)
         assert starts[k - 1] < stop_ns <= starts[k] + 1_000_000_000  # edge-a scored until the stop
         assert all(b_ - a_ == HOP_NS for a_, b_ in zip(starts[:k], starts[1:k]))
         assert all(b_ - a_ == HOP_NS for a_, b_ in zip(starts[k:], starts[k + 1:]))

@@ -155,6 +155,7 @@ class Cluster:
 
             self._signing_key = load_private_key(config.cluster.signing_key)
         self._models = {"published": 0, "imported": 0, "activated": 0, "failed": 0}
+        self._group_models: set[str] = set()  # streams with a package in the group (cluster thread)
         self.token = uuid.uuid4().hex
         self._events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self._lock = threading.Lock()
@@ -241,8 +242,7 @@ class Cluster:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         parts = msg.topic.split("/")
         if len(parts) == 8 and parts[4] == "models":
-            if msg.payload:
-                self._events.put(("model", "/".join(parts[5:]), bytes(msg.payload)))
+            self._events.put(("model", "/".join(parts[5:]), bytes(msg.payload)))
             return
         instance = parts[-1]
         info: dict[str, Any] | None = None
@@ -328,6 +328,8 @@ class Cluster:
             if joined:
                 self._changes += len(gained) + len(lost)
         self.ingestor.assign(owned, wait_s=wait_s)
+        if self.registry is not None:
+            self._offer_models(gained)
         if gained or lost:
             log_event(log, logging.INFO, "cluster_ownership", instance=self.instance, owned=len(owned),
                       gained=",".join(sorted(gained)) or None, lost=",".join(sorted(lost)) or None)
@@ -346,6 +348,16 @@ class Cluster:
         if self.registry is not None and not (rec.reason or "").startswith(CLUSTER_REASON):
             self._events.put(("activated", rec))
 
+    def _offer_models(self, gained: frozenset[str]) -> None:
+        """Streams just taken (at the start too) that the group has no package of: publish this
+        instance's active version of each, so that one instance commissioned with a stream's
+        version gives it to the others. The group's packages are known by then: the retained
+        ones arrive with the subscription, before this instance's own presence comes back."""
+        for stream in sorted(gained - self._group_models):
+            rec = self.registry.active(*stream.split("/"))
+            if rec is not None:
+                self._publish_model(rec)
+
     def _publish_model(self, rec: Any) -> None:
         import tempfile
 
@@ -361,6 +373,7 @@ class Cluster:
             log_event(log, logging.ERROR, "cluster_model_export_failed", stream=rec.stream, version=rec.id, error=repr(exc)[:300])
             return
         self._client.publish(MODELS_TOPIC.format(group=self.ccfg.group, stream=rec.stream), data, qos=1, retain=True)
+        self._group_models.add(rec.stream)
         with self._lock:
             self._models["published"] += 1
         log_event(log, logging.INFO, "cluster_model_published", stream=rec.stream, version=rec.id, bytes=len(data))
@@ -376,6 +389,10 @@ class Cluster:
         if stream not in self.streams:
             log.warning("ignoring the model package of %s: not a configured stream", stream[:200])
             return
+        if not data:  # the retained package was cleared
+            self._group_models.discard(stream)
+            return
+        self._group_models.add(stream)
         site, machine, sensor = stream.split("/")
         try:
             files = read_package_zip(f"cluster package of {stream}", data, required=(PACKAGE_MANIFEST, PACKAGE_VERSION_FILE),
