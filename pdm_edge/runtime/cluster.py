@@ -208,13 +208,20 @@ class Cluster:
         client, self._client = self._client, None
         if client is None:
             return
+        cleared = False
         if self._connected.is_set():
             info = client.publish(self.presence_topic, b"", qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=timeout)
+                cleared = info.is_published()
             except (RuntimeError, ValueError):
                 pass
-        client.disconnect()  # normal disconnection: the broker discards the will
+        if cleared:
+            client.disconnect()  # normal disconnection: the broker discards the will
+        else:  # MQTT 5 "disconnect with will message": the broker clears the presence for us
+            from paho.mqtt.reasoncodes import ReasonCode
+
+            client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, identifier=4))
         client.loop_stop()
         log_event(log, logging.INFO, "cluster_left", group=self.ccfg.group, instance=self.instance)
 
