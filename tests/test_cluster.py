@@ -238,6 +238,41 @@ def test_the_owner_publishes_its_active_version_and_the_others_verify_and_activa
             regs[n].close()
 
 
+
+def test_label_listener_leaves_labels_of_machines_it_does_not_own(mosquitto, tmp_path: Path) -> None:
+    """``LabelListener(accept=Cluster.owns_label)``: a valid label the instance does not own is
+    acknowledged, counted ``not_owned`` and not stored; an owned one is handed on."""
+    import functools
+    import json
+
+    import paho.mqtt.client as mqtt
+
+    from pdm_edge.feedback.labels import LabelBook, submit_label
+    from pdm_edge.feedback.listener import LabelListener, label_topic
+
+    book = LabelBook(tmp_path / "labels.sqlite")
+    listener = LabelListener(MqttConfig(broker=mosquitto.address), "edge-x", functools.partial(submit_label, book),
+                             accept=lambda site, machine, sensor: machine == "m1").start()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    host, port = mosquitto.address.rsplit(":", 1)
+    pub.connect(host, int(port))
+    pub.loop_start()
+    try:
+        assert listener.wait_ready(10)
+        for machine in ("m1", "m2"):
+            body = {"start_ns": 1_000_000_000, "end_ns": 2_000_000_000, "kind": "normal", "author": "j.doe"}
+            pub.publish(label_topic("site1", machine), json.dumps(body), qos=1).wait_for_publish(5)
+        assert wait_until(lambda: listener.stats().received == 2, 10)
+        assert wait_until(lambda: listener.stats().created == 1, 5)
+        assert listener.stats().not_owned == 1 and not listener.stats().deadletters
+        assert [lab.machine for lab in book.list()] == ["m1"]
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        listener.stop()
+        book.close()
+
+
 # -- two real `pdm-edge run` processes --------------------------------------------------------
 
 E2E_STREAMS = [f"site1/m{i}/accel" for i in range(6)]
