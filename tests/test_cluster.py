@@ -64,10 +64,11 @@ def test_a_joining_member_takes_only_its_share_and_a_leaving_one_moves_only_its_
 def _cfg(tmp: Path, broker: str, appliance: str, streams: list[str], **cluster: object) -> object:
     sensors = "".join(f'[sensors."{s}"]\nkind = "vibration"\nsample_rate_hz = 25600\nunit = "g"\nwindow_s = 1.0\nhop_s = 0.5\n'
                       for s in streams)
+    settings = {"heartbeat_s": 2, "takeover_delay_s": 0, **cluster}
     extra = "".join(f"{k} = {v!r}\n".replace("'", '"') if not isinstance(v, bool) else f"{k} = {str(v).lower()}\n"
-                    for k, v in cluster.items())
+                    for k, v in settings.items())
     text = (f'appliance_id = "{appliance}"\n[mqtt]\nbroker = "{broker}"\nreconnect_min_s = 1.0\nreconnect_max_s = 2.0\n'
-            f'[cluster]\nenabled = true\ngroup = "site1"\nheartbeat_s = 2\ntakeover_delay_s = 0\n{extra}' + sensors)
+            f'[cluster]\nenabled = true\ngroup = "site1"\n{extra}' + sensors)
     return config_from_dict(tomllib.loads(text), environ={}, base_dir=tmp)
 
 
@@ -237,6 +238,34 @@ def test_the_owner_publishes_its_active_version_and_the_others_verify_and_activa
             clusters[n].release()
             regs[n].close()
 
+
+
+def test_a_restart_within_the_takeover_delay_moves_no_stream(mosquitto, tmp_path: Path) -> None:
+    """Will Delay Interval: an instance that crashes and is back within ``takeover_delay_s``
+    resumes its session, its Will is never sent, the other instance sees no change, and its own
+    presence of the previous run is not taken for a second process."""
+    from pdm_edge.ingest import Ingestor
+    from pdm_edge.runtime.cluster import Cluster
+
+    cfgs = {name: _cfg(tmp_path, mosquitto.address, name, STREAMS, takeover_delay_s=3) for name in ("edge-a", "edge-b")}
+    clusters = {n: Cluster(cfgs[n], Ingestor(c, clustered=True)).start() for n, c in cfgs.items()}
+    restarted = None
+    try:
+        assert wait_until(lambda: all(len(c.status()["members"]) == 2 for c in clusters.values()), 15)
+        client, clusters["edge-a"]._client = clusters["edge-a"]._client, None
+        client.loop_stop()
+        client._sock_close()  # crash
+        restarted = Cluster(cfgs["edge-a"], Ingestor(cfgs["edge-a"], clustered=True)).start()
+        assert restarted.wait_settled(10)
+        assert restarted.owned == assignment(STREAMS, ["edge-a", "edge-b"])["edge-a"]
+        time.sleep(4.0)  # past the takeover delay: the Will of the crashed connection was cancelled
+        assert clusters["edge-b"].status()["members"] == ["edge-a", "edge-b"]
+        assert clusters["edge-b"].status()["ownership_changes"] == 0
+        assert restarted.status()["instance_conflicts"] == 0
+    finally:
+        for c in (*clusters.values(), restarted):
+            if c is not None:
+                c.release()
 
 
 def test_label_listener_leaves_labels_of_machines_it_does_not_own(mosquitto, tmp_path: Path) -> None:

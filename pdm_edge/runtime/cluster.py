@@ -286,12 +286,15 @@ class Cluster:
     def _member(self, instance: str, info: dict[str, Any] | None) -> None:
         if instance == self.instance:
             if info is None or info.get("token") != self.token:
-                if info is not None:  # another process with our instance id
+                if not self._settled.is_set():
+                    return  # the presence of this instance's previous run; ours follows
+                if info is not None:  # another live process with our instance id: report, do not fight
                     with self._lock:
                         self._conflicts += 1
                     log_event(log, logging.ERROR, "cluster_instance_conflict", instance=self.instance,
                               other_pid=info.get("pid"), detail="two processes use one [cluster] instance id")
-                if self._client is not None and self._connected.is_set():
+                elif self._client is not None and self._connected.is_set():
+                    # cleared (our Will after a disconnect longer than the takeover delay, or by hand)
                     self._client.publish(self.presence_topic, self._presence, qos=1, retain=True)
                 return
             with self._lock:
