@@ -44,6 +44,12 @@ Threads and queues (DESIGN.md section 1)::
   :attr:`Ingestor.on_connected` (a hand-off). A chunk of a stream not owned (in flight at a
   handover, or queued by the broker for an earlier session) is dropped and counted
   (``not_owned``), not dead-lettered: another instance scores it.
+  **Handover without a gap**: a stream taken from an instance that is leaving cleanly is
+  *held* (its chunks kept in arrival order, not windowed) until the leaver says where its
+  windows ended (:meth:`Ingestor.handover`: its newest window start); then the held chunks
+  before the next window start are skipped, the one across it is cut there, and the stream is
+  windowed from exactly the leaver's next window on (``handed_over``). Without word within the
+  hold time the held chunks are windowed as a fresh stream.
 - **Supervised worker** (:mod:`pdm_edge.supervision`): an exception while windowing one chunk
   is recorded with the stream (:attr:`Ingestor.errors`, stage ``ingest-window``), the chunk is
   dead-lettered as ``internal_error``, the stream restarts, and the worker goes on; the loop
@@ -60,7 +66,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -179,6 +185,8 @@ class IngestStats:
     """Windows cut but not emitted, by reason (``time_backwards``)."""
     not_owned: int = 0
     """Chunks dropped because another cluster instance owns their stream (``clustered`` only)."""
+    handed_over: int = 0
+    """Streams taken from a leaving instance that continue exactly at its next window."""
     chunk_queue_bytes: int = 0
     window_queue_bytes: int = 0
 
@@ -267,6 +275,10 @@ class Ingestor:
         self._subscribed_streams: frozenset[str] = frozenset()  # the assigning thread's view
         self._released: set[str] = set()  # streams whose windower the worker must drop
         self._not_owned = 0
+        self._holds: dict[str, dict[str, Any]] = {}  # stream -> {"chunks", "until", "newest"?} (worker thread)
+        self._hold_requests: dict[str, float] = {}  # stream -> hold until (monotonic), from assign()
+        self._handovers: dict[str, int | None] = {}  # stream -> the leaver's newest window start, from handover()
+        self._handed_over = 0
         self._unsub_acked = threading.Condition()
         self._unsub_mids: set[int] = set()
         self.on_connected: Callable[[], None] | None = None
@@ -370,14 +382,16 @@ class Ingestor:
             self._unsub_acked.notify_all()
 
     # -- cluster: the owned streams (called by the one thread that owns the subscriptions) ----
-    def assign(self, streams: frozenset[str], *, wait_s: float = 0.0) -> None:
+    def assign(self, streams: frozenset[str], *, wait_s: float = 0.0, hold: Collection[str] = (),
+               hold_s: float = 0.0) -> None:
         """Own exactly ``streams`` (``site/machine/sensor``, configured ones): subscribe to the
         waveform topic of each new one (QoS ``mqtt.qos``), unsubscribe from each one lost; the
         windowing worker drops a lost stream's partial window and its later chunks
         (``not_owned``). Only for an ingestor built with ``clustered=True``; call it from one
         thread (the ``cluster`` thread), never from a paho callback. ``wait_s``: wait up to
         that long for the broker to acknowledge the unsubscription (a handover: the next owner
-        subscribes only after).
+        subscribes only after). ``hold``: new streams whose chunks are held until
+        :meth:`handover` tells where their windows continue (at most ``hold_s`` seconds).
 
         Raises:
             RuntimeError: the ingestor is not clustered.
@@ -389,6 +403,9 @@ class Ingestor:
             old, self._owned = self._owned, streams
             self._released.update(old - streams)
             self._released.difference_update(streams)
+            until = time.monotonic() + hold_s
+            for stream in set(hold) & (streams - old):
+                self._hold_requests[stream] = until
         client = self._client
         if client is None or not self._connected.is_set():
             return  # resubscribe() after the connection
@@ -403,6 +420,18 @@ class Ingestor:
         if gained:
             client.subscribe([(waveform_topic(*s.split("/")), self.config.mqtt.qos) for s in gained])
         self._subscribed_streams = streams
+
+    def handover(self, stream: str, newest_start_ns: int | None) -> None:
+        """The previous owner of ``stream`` emitted its last window at ``newest_start_ns``
+        (``None``: none); the held chunks continue from its next window (see the module
+        docstring). Same thread as :meth:`assign`."""
+        with self._lock:
+            self._handovers[stream] = newest_start_ns
+
+    def newest_window_start(self, stream: str) -> int | None:
+        """Start (ns) of the newest window emitted for ``stream``; ``None`` before the first.
+        Stable once :meth:`wait_idle` returned after the stream's subscription ended."""
+        return self._newest_start.get(stream)
 
     def resubscribe(self) -> None:
         """After a (re)connect: subscribe to every owned stream's topic and unsubscribe from
@@ -510,8 +539,13 @@ class Ingestor:
 
     def _work(self) -> None:
         while True:
-            item = self._chunks.get()
+            try:
+                item = self._chunks.get(timeout=0.2 if self._holds or self._hold_requests else None)
+            except queue.Empty:
+                self._release_holds()
+                continue
             if item is _STOP:
+                self._release_holds(force=True)
                 return
             received: _Received = item
             chunk = received.chunk
@@ -524,15 +558,77 @@ class Ingestor:
                     self._accepted -= 1
                 self._deadletter(self._client, received.topic, received.head, err, size=chunk.payload_bytes)
                 continue
-            try:
-                self._window_one(chunk)
-            except Exception as exc:  # never let one chunk or stream stop the others
-                self.errors.record("ingest-window", exc, chunk.stream)
-                self._windowers.pop(chunk.stream, None)
-                with self._lock:
-                    self._windowed += 1
-                self._deadletter(self._client, waveform_topic(chunk.site, chunk.machine, chunk.sensor), b"",
-                                 PayloadError("internal_error", f"windowing failed: {exc!r}"[:200]), logged=True)
+            if self._owned is not None and (self._holds or self._hold_requests):
+                self._release_holds()
+                hold = self._holds.get(chunk.stream)
+                if hold is not None:
+                    hold["chunks"].append(chunk)
+                    self._release_holds()
+                    continue
+            self._window_safely(chunk)
+
+    def _release_holds(self, force: bool = False) -> None:
+        """Worker thread: take the hold requests and handovers given by :meth:`assign` and
+        :meth:`handover`; window each held stream whose handover is known, whose hold time is
+        over, or all of them (``force``, at stop)."""
+        with self._lock:
+            requests, self._hold_requests = self._hold_requests, {}
+            handovers, self._handovers = self._handovers, {}
+        for stream, until in requests.items():
+            self._holds.setdefault(stream, {"chunks": [], "until": until})
+        for stream, newest in handovers.items():
+            if stream in self._holds:
+                self._holds[stream]["newest"] = newest
+        now = time.monotonic()
+        for stream in [s for s, h in self._holds.items() if force or "newest" in h or now >= h["until"]]:
+            hold = self._holds.pop(stream)
+            newest = hold.get("newest")
+            chunks = hold["chunks"]
+            if newest is not None and chunks:
+                self._newest_start[stream] = max(newest, self._newest_start.get(stream, newest))
+                chunks = self._continue_at(stream, chunks, newest)
+            elif "newest" not in hold:
+                self._log_limited.log(logging.WARNING, f"handover:{stream}", "no handover of %s within the hold time; "
+                                      "windowing it as a new stream", stream)
+            for chunk in chunks:
+                self._window_safely(chunk)
+
+    def _continue_at(self, stream: str, chunks: list[Chunk], newest: int) -> list[Chunk]:
+        """The held chunks of ``stream`` from the previous owner's next window start (the one
+        after ``newest``) on: earlier chunks are skipped (counted windowed), the chunk across
+        that start is cut there (same seq: the windower anchors the stream at it)."""
+        sc = self.config.sensors.get(stream)
+        if sc is None:
+            return chunks
+        fs = chunks[0].sample_rate_hz
+        nxt = newest + round(sc.hop_samples * 1e9 / fs)
+        out: list[Chunk] = []
+        skipped = 0
+        for c in chunks:
+            end = c.ts_ns + round(c.samples.size * 1e9 / fs)
+            if out or c.ts_ns >= nxt:
+                out.append(c)
+            elif end > nxt:
+                k = round((nxt - c.ts_ns) * fs / 1e9)
+                out.append(dataclasses.replace(c, ts_ns=c.ts_ns + round(k * 1e9 / fs), samples=c.samples[k:]))
+            else:
+                skipped += 1
+        with self._lock:
+            self._windowed += skipped
+            if out and out[0].ts_ns <= nxt + round(1e9 / fs):
+                self._handed_over += 1
+        return out
+
+    def _window_safely(self, chunk: Chunk) -> None:
+        try:
+            self._window_one(chunk)
+        except Exception as exc:  # never let one chunk or stream stop the others
+            self.errors.record("ingest-window", exc, chunk.stream)
+            self._windowers.pop(chunk.stream, None)
+            with self._lock:
+                self._windowed += 1
+            self._deadletter(self._client, waveform_topic(chunk.site, chunk.machine, chunk.sensor), b"",
+                             PayloadError("internal_error", f"windowing failed: {exc!r}"[:200]), logged=True)
 
     def _owns(self, stream: str) -> bool:
         """Clustered: whether ``stream`` is owned; a chunk that is not is counted and dropped,
@@ -545,6 +641,11 @@ class Ingestor:
                 self._not_owned += 1
         for s in released:
             self._windowers.pop(s, None)
+            hold = self._holds.pop(s, None)
+            if hold is not None:  # lost again before its handover: its held chunks are another's
+                with self._lock:
+                    self._accepted -= len(hold["chunks"])
+                    self._not_owned += len(hold["chunks"])
         return owned
 
     def _window_one(self, chunk: Chunk) -> None:
@@ -621,6 +722,7 @@ class Ingestor:
                 disconnects=self._disconnects,
                 windows_dropped=dict(self._dropped),
                 not_owned=self._not_owned,
+                handed_over=self._handed_over,
                 chunk_queue_bytes=getattr(self._chunks, "nbytes", 0),
                 window_queue_bytes=getattr(self.windows, "nbytes", 0),
             )

@@ -26,6 +26,16 @@ topic, windows, scores and stores it, raises its alerts and acts on its machine'
   client's ``on_connect`` only put events in a queue; the ``cluster`` thread alone computes
   ownership and changes the ingestion client's subscriptions
   (:meth:`pdm_edge.ingest.Ingestor.assign`).
+- **Clean handover, no window lost** (SIGTERM): the leaver republishes its presence marked
+  ``leaving``; the others take its streams at once (subscribe) but *hold* their chunks
+  (:meth:`pdm_edge.ingest.Ingestor.assign` ``hold``) while the leaver goes on windowing for
+  :attr:`Cluster.grace_s` (the longest configured window plus 0.5 s, so the new owner has the
+  chunks of the leaver's next window); then the leaver unsubscribes (acknowledged), windows
+  what it received, and publishes on ``pdm/v1/_cluster/{group}/handover/{stream}`` the start
+  of its newest window; the new owner windows the held chunks from the next window start on
+  (the chunk across it cut there), so every window is scored once, by one of the two. A
+  leaver that dies during the handover: the held chunks are windowed as a new stream after
+  :attr:`Cluster.hold_s`.
 - **Start**: an instance takes no stream until it has seen its own presence message come back
   (the broker sends the retained presences of the others before it), so it never starts
   believing it is alone.
@@ -69,7 +79,7 @@ from pdm_edge import mqtt as mqtt_util
 from pdm_edge.config import AppConfig
 from pdm_edge.runtime.logging import log_event
 
-__all__ = ["CLUSTER_REASON", "MEMBERS_TOPIC", "MODELS_TOPIC", "Cluster", "assignment", "owner", "weight"]
+__all__ = ["CLUSTER_REASON", "HANDOVER_TOPIC", "MEMBERS_TOPIC", "MODELS_TOPIC", "Cluster", "assignment", "owner", "weight"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +88,9 @@ MEMBERS_TOPIC = "pdm/v1/_cluster/{group}/members/{instance}"
 MODELS_TOPIC = "pdm/v1/_cluster/{group}/models/{stream}"
 """Retained model package of a stream's active version in the group (``{stream}`` is
 ``site/machine/sensor``)."""
+HANDOVER_TOPIC = "pdm/v1/_cluster/{group}/handover/{stream}"
+"""Where a leaving instance says where each of its streams' windows ended (JSON
+``{"newest_start_ns": int | null, "from": instance}``, QoS 1, not retained)."""
 CLUSTER_REASON = "cluster: "
 """Prefix of the registry reason of a version made active from the group's package."""
 
@@ -146,6 +159,11 @@ class Cluster:
         self.on_change = on_change
         self.presence_topic = MEMBERS_TOPIC.format(group=self.ccfg.group, instance=self.instance)
         self.members_filter = MEMBERS_TOPIC.format(group=self.ccfg.group, instance="+")
+        self.handover_filter = HANDOVER_TOPIC.format(group=self.ccfg.group, stream="+/+/+")
+        self.grace_s = max((sc.window_s for sc in config.sensors.values()), default=1.0) + 0.5
+        """How long a leaving instance goes on windowing after announcing it leaves, s."""
+        self.hold_s = self.grace_s + 5.0
+        """How long a new owner holds a stream taken from a leaving instance for its handover, s."""
         self.registry = registry if config.cluster.share_models and encoder_sha256 is not None else None
         self.encoder_sha256 = encoder_sha256
         self.models_filter = MODELS_TOPIC.format(group=self.ccfg.group, stream="+/+/+")
@@ -167,8 +185,10 @@ class Cluster:
         self._conflicts = 0
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
-        self._presence = json.dumps({"instance": self.instance, "appliance_id": config.appliance_id, "token": self.token,
-                                     "pid": os.getpid(), "started_ns": time.time_ns()}).encode()
+        info = {"instance": self.instance, "appliance_id": config.appliance_id, "token": self.token,
+                "pid": os.getpid(), "started_ns": time.time_ns()}
+        self._presence = json.dumps(info).encode()
+        self._leaving = json.dumps({**info, "leaving": True}).encode()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> Cluster:
@@ -198,9 +218,23 @@ class Cluster:
         return self._settled.wait(timeout)
 
     def release(self, timeout: float = 2.0) -> None:
-        """Give up every stream and leave the group (the first step of a clean stop): unsubscribe
-        every owned waveform topic, then clear the retained presence so that the others take
-        the streams at once. Idempotent."""
+        """Give up every stream and leave the group (the first step of a clean stop), handing
+        each stream over without a gap (see the module docstring): announce ``leaving``, go on
+        windowing for :attr:`grace_s`, unsubscribe every owned waveform topic (acknowledged),
+        window what was received, publish each stream's newest window start, clear the retained
+        presence. Idempotent."""
+        client = self._client
+        owned = self.owned
+        handing = bool(client is not None and self._connected.is_set() and self._settled.is_set() and owned)
+        if handing:
+            assert client is not None
+            info = client.publish(self.presence_topic, self._leaving, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=timeout)
+            except (RuntimeError, ValueError):
+                handing = False
+            if handing:
+                time.sleep(self.grace_s)  # the others subscribe and hold; this instance still windows
         if self._thread is not None:
             self._events.put(_STOP)
             self._thread.join(timeout + 5.0)
@@ -208,6 +242,17 @@ class Cluster:
         client, self._client = self._client, None
         if client is None:
             return
+        if handing and self.ingestor.wait_idle(timeout):
+            last = None
+            for stream in sorted(owned):
+                body = {"newest_start_ns": self.ingestor.newest_window_start(stream), "from": self.instance}
+                last = client.publish(HANDOVER_TOPIC.format(group=self.ccfg.group, stream=stream), json.dumps(body), qos=1)
+            try:
+                if last is not None:
+                    last.wait_for_publish(timeout=timeout)
+            except (RuntimeError, ValueError):
+                pass
+            log_event(log, logging.INFO, "cluster_handover", instance=self.instance, streams=len(owned))
         cleared = False
         if self._connected.is_set():
             info = client.publish(self.presence_topic, b"", qos=1, retain=True)
@@ -233,7 +278,8 @@ class Cluster:
             log.error("broker %s refused the cluster connection: %s", self.config.mqtt.broker, reason_code)
             return
         self._connected.set()
-        topics = [(self.members_filter, 1)] + ([(self.models_filter, 1)] if self.registry is not None else [])
+        topics = [(self.members_filter, 1), (self.handover_filter, 1)]
+        topics += [(self.models_filter, 1)] if self.registry is not None else []
         client.subscribe(topics)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
@@ -250,6 +296,9 @@ class Cluster:
         parts = msg.topic.split("/")
         if len(parts) == 8 and parts[4] == "models":
             self._events.put(("model", "/".join(parts[5:]), bytes(msg.payload)))
+            return
+        if len(parts) == 8 and parts[4] == "handover":
+            self._events.put(("handover", "/".join(parts[5:]), bytes(msg.payload)))
             return
         instance = parts[-1]
         info: dict[str, Any] | None = None
@@ -280,6 +329,8 @@ class Cluster:
                     self._receive_model(ev[1], ev[2])
                 elif ev[0] == "activated":
                     self._publish_model(ev[1])
+                elif ev[0] == "handover":
+                    self._handover(ev[1], ev[2])
             except Exception:  # never let one event end the thread
                 log.exception("cluster event %r failed", ev[:2])
 
@@ -302,32 +353,50 @@ class Cluster:
             first = not self._settled.is_set()
             self._reassign(first)
             return
+        present = info is not None and not info.get("leaving")
         with self._lock:
             before = instance in self._members
-            if info is None:
-                self._members.pop(instance, None)
+            if present:
+                self._members[instance] = info  # type: ignore[assignment]
             else:
-                self._members[instance] = info
-        if before != (info is not None):
-            log_event(log, logging.INFO, "cluster_member_joined" if info is not None else "cluster_member_left",
+                self._members.pop(instance, None)
+        if before != present:
+            log_event(log, logging.INFO, "cluster_member_joined" if present else
+                      ("cluster_member_leaving" if info is not None else "cluster_member_left"),
                       group=self.ccfg.group, member=instance)
             if self._settled.is_set():
-                self._reassign(False)
+                # a clean leaver hands its streams over: hold them until it says where its windows end
+                hold = (frozenset(s for s in self.streams if owner(s, self._live() | {instance}) == instance)
+                        if info is not None else frozenset())
+                self._reassign(False, hold)
 
     def _live(self) -> set[str]:
         with self._lock:
             return set(self._members) | {self.instance}
 
-    def _reassign(self, first: bool) -> None:
+    def _reassign(self, first: bool, hold: frozenset[str] = frozenset()) -> None:
         members = self._live()
         owned = frozenset(s for s in self.streams if owner(s, members) == self.instance)
-        self._apply(owned)
+        self._apply(owned, hold=hold)
         if first:
             self._settled.set()
             log_event(log, logging.INFO, "cluster_joined", group=self.ccfg.group, instance=self.instance,
                       members=",".join(sorted(members)), owned=len(owned))
 
-    def _apply(self, owned: frozenset[str], wait_s: float = 0.0) -> None:
+    def _handover(self, stream: str, data: bytes) -> None:
+        if stream not in self.owned:
+            return
+        try:
+            body = json.loads(data)
+            newest = body["newest_start_ns"]
+            if newest is not None and (isinstance(newest, bool) or not isinstance(newest, int)):
+                raise ValueError(f"newest_start_ns {newest!r} is not an integer")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring a malformed handover of %s: %s", stream, exc)
+            return
+        self.ingestor.handover(stream, newest)
+
+    def _apply(self, owned: frozenset[str], wait_s: float = 0.0, hold: frozenset[str] = frozenset()) -> None:
         with self._lock:
             old = self._owned
             if owned == old and self._settled.is_set():
@@ -337,7 +406,7 @@ class Cluster:
             joined = self._settled.is_set()  # the first assignment is not a change
             if joined:
                 self._changes += len(gained) + len(lost)
-        self.ingestor.assign(owned, wait_s=wait_s)
+        self.ingestor.assign(owned, wait_s=wait_s, hold=hold & gained, hold_s=self.hold_s)
         if self.registry is not None:
             self._offer_models(gained)
         if gained or lost:

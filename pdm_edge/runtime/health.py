@@ -222,7 +222,7 @@ def health_document(svc: Any) -> dict[str, Any]:
         "ingest": {"received": ing.received, "accepted": ing.accepted, "windows": ing.windows,
                    "deadlettered": ing.deadlettered, "deadletters": dict(ing.deadletters),
                    "windows_dropped": dict(ing.windows_dropped), "events": dict(ing.events),
-                   "not_owned": ing.not_owned},
+                   "not_owned": ing.not_owned, "handed_over": ing.handed_over},
         "alerts": {"raised": res.alerts_raised, "cleared": res.alerts_cleared,
                    "open": res.alerts_raised - res.alerts_cleared},
         "cluster": cluster,
