@@ -151,6 +151,72 @@ def test_two_instances_split_streams_by_exact_subscription_and_one_takes_over_wh
             ings[n].stop()
 
 
+def test_a_clean_stop_hands_each_stream_over_at_its_next_window(mosquitto, tmp_path: Path) -> None:
+    """Make before break, without scoring: six streams published in real time; edge-a leaves
+    while they flow; every window (stream, start) is cut exactly once by one of the two
+    ingestors, on one hop grid from the first to the last, and edge-b continued each moved
+    stream at edge-a's next window."""
+    import threading
+
+    from pdm_edge.ingest import Ingestor
+    from pdm_edge.runtime.cluster import Cluster
+    from sensors.publisher import ChunkPublisher, publish_timed
+
+    cfgs = {name: _cfg(tmp_path, mosquitto.address, name, STREAMS) for name in ("edge-a", "edge-b")}
+    ings = {n: Ingestor(c, clustered=True) for n, c in cfgs.items()}
+    clusters = {n: Cluster(cfgs[n], ings[n]) for n in cfgs}
+    for n in cfgs:
+        clusters[n].start()
+        ings[n].start()
+    seconds, n_chunks = 6.0, 60
+    t0 = (time.time_ns() // 100_000_000 + 5) * 100_000_000
+
+    def publish(i: int, stream: str) -> None:
+        site, machine, sensor = stream.split("/")
+        pub = ChunkPublisher(MqttConfig(broker=mosquitto.address), site, machine, sensor, sample_rate_hz=FS, unit="g",
+                             client_id=f"hand-{i}").start()
+        try:
+            publish_timed(pub, ((t0 + k * 100_000_000, np.full(CHUNK, i, np.float32)) for k in range(n_chunks)), speed=1.0)
+        finally:
+            pub.close(10)
+
+    try:
+        assert wait_until(lambda: all(len(c.status()["members"]) == 2 for c in clusters.values()), 15)
+        moved = clusters["edge-a"].owned
+        time.sleep(0.3)
+        pubs = [threading.Thread(target=publish, args=(i, s), daemon=True) for i, s in enumerate(STREAMS)]
+        for t in pubs:
+            t.start()
+        while time.time_ns() < t0 + 2_000_000_000:
+            time.sleep(0.02)
+        clusters["edge-a"].release()
+        ings["edge-a"].stop()
+        for t in pubs:
+            t.join(seconds + 20)
+        assert ings["edge-b"].wait_idle(10)
+        cut: dict[tuple[str, int], list[str]] = {}
+        for n, ing in ings.items():
+            while not ing.windows.empty():
+                w = ing.windows.get_nowait()
+                cut.setdefault((w.stream, w.start_ns), []).append(n)
+        assert all(len(v) == 1 for v in cut.values()), [k for k, v in cut.items() if len(v) > 1]
+        n_windows = int((seconds - 1.0) / 0.5) + 1
+        for stream in STREAMS:
+            starts = sorted(ts for st, ts in cut if st == stream)
+            assert starts == [t0 + j * 500_000_000 for j in range(n_windows)], stream  # none lost
+            who = [cut[(stream, ts)][0] for ts in starts]
+            if stream in moved:
+                k = who.index("edge-b")
+                assert set(who[:k]) == {"edge-a"} and set(who[k:]) == {"edge-b"} and 0 < k
+            else:
+                assert set(who) == {"edge-b"}
+        assert ings["edge-b"].stats().handed_over == len(moved)
+    finally:
+        for n in cfgs:
+            clusters[n].release()
+            ings[n].stop()
+
+
 def test_a_crashed_instance_is_removed_by_its_will(mosquitto, tmp_path: Path) -> None:
     """The broker publishes the empty retained Will of an instance whose connection dies (here:
     its socket closed without DISCONNECT), and the survivor takes its streams."""
