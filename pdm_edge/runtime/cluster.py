@@ -225,7 +225,8 @@ class Cluster:
         presence. Idempotent."""
         client = self._client
         owned = self.owned
-        handing = bool(client is not None and self._connected.is_set() and self._settled.is_set() and owned)
+        handing = bool(client is not None and self._connected.is_set() and self._settled.is_set() and owned
+                       and len(self._live()) > 1)  # alone: nobody to hand over to
         if handing:
             assert client is not None
             info = client.publish(self.presence_topic, self._leaving, qos=1, retain=True)
