@@ -262,8 +262,8 @@ def test_the_owner_publishes_its_active_version_and_the_others_verify_and_activa
     enc, sha = Encoder(EncoderConfig()), hashlib.sha256(b"pdm-edge tests: cluster, random encoder").hexdigest()
     sim = VibrationSimulator(sample_rate_hz=12_000.0, seed=3)
     windows = [Window("site1", "m0", "accel", "vibration", i * 250_000_000, 12_000.0, "g", sim.generate(3000), i)
-               for i in range(24)]
-    scorer = Scorer(enc, sha, ScorerConfig(kind="vibration", sample_rate_hz=12_000.0, hop_s=0.25,
+               for i in range(12)]
+    scorer = Scorer(enc, sha, ScorerConfig(kind="vibration", sample_rate_hz=12_000.0, hop_s=0.25, train_adapter=False,
                                            train=TrainConfig(max_epochs=1, max_seconds=10.0), min_windows=10))
     scorer.learn_many(windows)
     scorer.calibrate()
@@ -313,7 +313,7 @@ def test_a_restart_within_the_takeover_delay_moves_no_stream(mosquitto, tmp_path
     from pdm_edge.ingest import Ingestor
     from pdm_edge.runtime.cluster import Cluster
 
-    cfgs = {name: _cfg(tmp_path, mosquitto.address, name, STREAMS, takeover_delay_s=3) for name in ("edge-a", "edge-b")}
+    cfgs = {name: _cfg(tmp_path, mosquitto.address, name, STREAMS, takeover_delay_s=2) for name in ("edge-a", "edge-b")}
     clusters = {n: Cluster(cfgs[n], Ingestor(c, clustered=True)).start() for n, c in cfgs.items()}
     restarted = None
     try:
@@ -324,7 +324,7 @@ def test_a_restart_within_the_takeover_delay_moves_no_stream(mosquitto, tmp_path
         restarted = Cluster(cfgs["edge-a"], Ingestor(cfgs["edge-a"], clustered=True)).start()
         assert restarted.wait_settled(10)
         assert restarted.owned == assignment(STREAMS, ["edge-a", "edge-b"])["edge-a"]
-        time.sleep(4.0)  # past the takeover delay: the Will of the crashed connection was cancelled
+        time.sleep(2.5)  # past the takeover delay: the Will of the crashed connection was cancelled
         assert clusters["edge-b"].status()["members"] == ["edge-a", "edge-b"]
         assert clusters["edge-b"].status()["ownership_changes"] == 0
         assert restarted.status()["instance_conflicts"] == 0
