@@ -515,6 +515,47 @@ class FleetConfig(_Strict):
         return v
 
 
+class ClusterConfig(_Strict):
+    """Several ``pdm-edge run`` instances sharing one site's configured streams: ``[cluster]``
+    (see :mod:`pdm_edge.runtime.cluster` and deploy/README.md section 11).
+
+    Every instance of a group has the same ``[sensors]`` tables and its own ``appliance_id``,
+    state directory and registry; each stream is owned by exactly one live instance
+    (rendezvous hashing over the members the broker reports), which alone subscribes to its
+    waveform topic, scores it and acts on its machine's labels."""
+
+    enabled: bool = False
+    """Off (default): this instance serves every stream it receives, as a lone appliance."""
+    group: str = "default"
+    """The site group: instances with the same group (and broker) share its streams; membership
+    topics ``pdm/v1/_cluster/{group}/members/{instance}``."""
+    instance: str | None = None
+    """This instance's id in the group (a topic level); ``appliance_id`` when unset (the
+    appliance id already has to differ between instances: it names their MQTT clients)."""
+    heartbeat_s: int = Field(5, ge=2, le=600)
+    """Keep-alive of the membership connection, s: the broker declares a silent instance gone
+    after 1.5 times this."""
+    takeover_delay_s: int = Field(2, ge=0, le=3600)
+    """MQTT 5 Will Delay Interval (and session expiry) of the membership connection, s: a crashed
+    or disconnected instance's streams move after ``1.5 * heartbeat_s + takeover_delay_s``; a
+    reconnect within this delay moves nothing. A clean stop moves them at once."""
+    share_models: bool = True
+    """The owner of a stream publishes every version it makes active (a signed model package,
+    retained, on ``pdm/v1/_cluster/{group}/models/{site}/{machine}/{sensor}``); every other
+    instance verifies it (sha256, signature against ``[registry] verify_key`` when set) and makes
+    it active in its own registry, so a new owner scores at once instead of calibrating."""
+    signing_key: str | None = None
+    """Ed25519 private key (PEM, ``pdm-edge models keygen``) the packages are signed with;
+    unsigned when unset (then ``[registry] verify_key`` must be unset on the others)."""
+
+    @field_validator("group", "instance")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not NAME_RE.match(v):
+            raise ValueError(f"{v!r} must match [A-Za-z0-9_-]+")
+        return v
+
+
 class AppConfig(_Strict):
     """The whole appliance configuration (the TOML file's top level)."""
 
@@ -538,6 +579,7 @@ class AppConfig(_Strict):
     service: ServiceConfig = Field(default_factory=ServiceConfig)
     dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
     fleet: FleetConfig = Field(default_factory=FleetConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     sensors: dict[str, SensorConfig] = Field(default_factory=dict)
 
     @field_validator("appliance_id", "site")
@@ -555,6 +597,23 @@ class AppConfig(_Strict):
             if len(parts) != 3 or not all(NAME_RE.match(p) for p in parts):
                 raise ValueError(f"sensor key {key!r} must be \"site/machine/sensor\" with names [A-Za-z0-9_-]+")
         return v
+
+    @model_validator(mode="after")
+    def _cluster(self) -> AppConfig:
+        if self.cluster.enabled:
+            if self.mqtt.protocol != "5":
+                raise ValueError("[cluster] enabled needs [mqtt] protocol = \"5\" (will delay, session expiry)")
+            if self.ingest.unknown_streams == "accept":
+                raise ValueError("[cluster] enabled serves configured streams only: set [ingest] unknown_streams = "
+                                 "\"reject\" (an unconfigured stream has no owner)")
+            if not self.sensors:
+                raise ValueError("[cluster] enabled needs the group's [sensors] tables (the streams to share)")
+        return self
+
+    @property
+    def cluster_instance(self) -> str:
+        """This instance's id in its cluster group (``[cluster] instance`` or ``appliance_id``)."""
+        return self.cluster.instance or self.appliance_id
 
     def sensor(self, site: str, machine: str, sensor: str) -> SensorConfig | None:
         """The configured settings of one stream, or ``None`` when it has no table."""
@@ -652,6 +711,7 @@ def resolve_paths(cfg: AppConfig, base_dir: str | os.PathLike[str] | None = None
         "feedback": cfg.feedback.model_copy(update={"state_dir": r(cfg.feedback.state_dir)}),
         "registry": cfg.registry.model_copy(update={"dir": r(cfg.registry.dir), "verify_key": vk}),
         "dashboard": cfg.dashboard.model_copy(update={"users_file": r(cfg.dashboard.users_file)}),
+        "cluster": cfg.cluster.model_copy(update={"signing_key": r(cfg.cluster.signing_key)}),
     })
 
 

@@ -214,6 +214,8 @@ class ListenerStats:
     rejected_fields: Mapping[str, int]
     connected: bool
     connects: int
+    not_owned: int = 0
+    """Valid labels left to another cluster instance (``accept`` said no)."""
 
     @property
     def deadlettered(self) -> int:
@@ -242,12 +244,17 @@ class LabelListener:
             docstring); the appliance sets it from ``[feedback] mqtt_label_identity``.
         max_payload_bytes: larger messages are refused.
         client_id: overrides the client id (tests).
+        accept: ``(site, machine, sensor or None) -> bool``; a valid label it refuses is
+            acknowledged and left alone (counted ``not_owned``): in a cluster
+            (:mod:`pdm_edge.runtime.cluster`) another instance owns that machine's streams.
     """
 
     def __init__(self, mqtt_cfg: MqttConfig, appliance_id: str, on_label: OnLabel, *, deadletter: bool = True,
                  max_payload_bytes: int = MAX_LABEL_PAYLOAD_BYTES, client_id: str | None = None,
-                 require_identity: bool = False) -> None:
+                 require_identity: bool = False, accept: Callable[[str, str, str | None], bool] | None = None) -> None:
         self.mqtt_cfg = mqtt_cfg
+        self.accept = accept
+        self._not_owned = 0
         self.client_id = client_id or f"{appliance_id}-labels"
         self.on_label = on_label
         self.deadletter = deadletter
@@ -327,6 +334,10 @@ class LabelListener:
         try:
             fields = decode_label_payload(msg.topic, payload, max_bytes=self.max_payload_bytes,
                                           require_identity=self.require_identity)
+            if self.accept is not None and not self.accept(fields["site"], fields["machine"], fields.get("sensor")):
+                with self._lock:
+                    self._not_owned += 1
+                return
             label, created = self.on_label(**fields)
         except LabelError as err:
             with self._lock:
@@ -360,4 +371,4 @@ class LabelListener:
         """A consistent snapshot of the counters."""
         with self._lock:
             return ListenerStats(self._received, self._created, self._duplicates, dict(self._deadletters),
-                                 dict(self._fields), self._connected.is_set(), self._connects)
+                                 dict(self._fields), self._connected.is_set(), self._connects, self._not_owned)

@@ -37,6 +37,19 @@ Threads and queues (DESIGN.md section 1)::
   ``time_backwards`` with the stream and logged, so stored scores are never overwritten and no
   alert is raised for a span already scored. The stream's later windows flow once its clock
   has passed that point.
+- **Cluster** (``clustered=True``, :mod:`pdm_edge.runtime.cluster`): no wildcard subscription;
+  the owner of the subscription state (the ``cluster`` thread) gives the streams this instance
+  owns with :meth:`Ingestor.assign` (one exact subscription per stream) and renews them after
+  every (re)connect with :meth:`Ingestor.resubscribe`, which ``on_connect`` asks for through
+  :attr:`Ingestor.on_connected` (a hand-off). A chunk of a stream not owned (in flight at a
+  handover, or queued by the broker for an earlier session) is dropped and counted
+  (``not_owned``), not dead-lettered: another instance scores it.
+  **Handover without a gap**: a stream taken from an instance that is leaving cleanly is
+  *held* (its chunks kept in arrival order, not windowed) until the leaver says where its
+  windows ended (:meth:`Ingestor.handover`: its newest window start); then the held chunks
+  before the next window start are skipped, the one across it is cut there, and the stream is
+  windowed from exactly the leaver's next window on (``handed_over``). Without word within the
+  hold time the held chunks are windowed as a fresh stream.
 - **Supervised worker** (:mod:`pdm_edge.supervision`): an exception while windowing one chunk
   is recorded with the stream (:attr:`Ingestor.errors`, stage ``ingest-window``), the chunk is
   dead-lettered as ``internal_error``, the stream restarts, and the worker goes on; the loop
@@ -53,7 +66,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -154,7 +167,8 @@ class IngestStats:
     """MQTT messages seen on the waveform topics."""
     accepted: int
     """Chunks decoded and put in the chunk queue, less those the worker's validation
-    dead-lettered (``accepted + deadlettered == received`` once the queue is empty)."""
+    dead-lettered and those of streams not owned (``accepted + deadlettered + not_owned ==
+    received`` once the queue is empty)."""
     windowed: int
     """Chunks the windowing worker has finished with (their windows are in the window queue)."""
     windows: int
@@ -169,6 +183,10 @@ class IngestStats:
     disconnects: int
     windows_dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)
     """Windows cut but not emitted, by reason (``time_backwards``)."""
+    not_owned: int = 0
+    """Chunks dropped because another cluster instance owns their stream (``clustered`` only)."""
+    handed_over: int = 0
+    """Streams taken from a leaving instance that continue exactly at its next window."""
     chunk_queue_bytes: int = 0
     window_queue_bytes: int = 0
 
@@ -212,9 +230,12 @@ class Ingestor:
             ``ingest.window_queue_size`` is created when None.
         client_id: MQTT client id; ``"{appliance_id}-ingest"`` by default. It must stay the same
             across restarts for the persistent session to survive them.
+        clustered: subscribe only to the streams given to :meth:`assign` (none at first)
+            instead of every waveform topic.
     """
 
-    def __init__(self, config: AppConfig, windows: queue.Queue[Window] | None = None, client_id: str | None = None) -> None:
+    def __init__(self, config: AppConfig, windows: queue.Queue[Window] | None = None, client_id: str | None = None,
+                 *, clustered: bool = False) -> None:
         self.config = config
         self.icfg = config.ingest
         self.windows: queue.Queue[Window] = windows if windows is not None else BytesBoundedQueue(
@@ -250,6 +271,19 @@ class Ingestor:
         self._abort = threading.Event()
         self._worker: threading.Thread | None = None
         self._client: mqtt.Client | None = None
+        self._owned: frozenset[str] | None = frozenset() if clustered else None  # None: every stream
+        self._subscribed_streams: frozenset[str] = frozenset()  # the assigning thread's view
+        self._released: set[str] = set()  # streams whose windower the worker must drop
+        self._not_owned = 0
+        self._holds: dict[str, dict[str, Any]] = {}  # stream -> {"chunks", "until", "newest"?} (worker thread)
+        self._hold_requests: dict[str, float] = {}  # stream -> hold until (monotonic), from assign()
+        self._handovers: dict[str, int | None] = {}  # stream -> the leaver's newest window start, from handover()
+        self._handed_over = 0
+        self._unsub_acked = threading.Condition()
+        self._unsub_mids: set[int] = set()
+        self.on_connected: Callable[[], None] | None = None
+        """Clustered: called (paho network thread; it must only hand off) after every connect,
+        so that the owner of the subscriptions calls :meth:`resubscribe`."""
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -266,8 +300,12 @@ class Ingestor:
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
+        client.on_unsubscribe = self._on_unsubscribe
         self._client = client
-        mqtt_util.connect(client, self.config.mqtt, persistent=True)
+        mqtt_cfg = self.config.mqtt
+        if self._owned is not None:  # a session outlives a reconnect within the takeover delay, no more
+            mqtt_cfg = mqtt_cfg.model_copy(update={"session_expiry_s": self.config.cluster.takeover_delay_s})
+        mqtt_util.connect(client, mqtt_cfg, persistent=True)
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until connected and subscribed; ``False`` on timeout."""
@@ -322,14 +360,95 @@ class Ingestor:
             self._connects += 1
         self._connected.set()
         log.info("connected to %s (session present: %s)", self.config.mqtt.broker, getattr(flags, "session_present", None))
-        client.subscribe(WAVEFORM_TOPIC_FILTER, qos=self.config.mqtt.qos)
+        if self._owned is None:
+            client.subscribe(WAVEFORM_TOPIC_FILTER, qos=self.config.mqtt.qos)
+        else:  # the cluster thread subscribes; ready as soon as connected
+            self._subscribed.set()
+            if self.on_connected is not None:
+                self.on_connected()
         client.publish(self.status_topic, "online", qos=1, retain=True)
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
         if any(rc.is_failure for rc in reason_codes):
-            log.error("subscription to %s refused: %s", WAVEFORM_TOPIC_FILTER, reason_codes)
+            log.error("waveform subscription refused: %s", reason_codes)
             return
         self._subscribed.set()
+
+    def _on_unsubscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_codes: Any, properties: Any) -> None:
+        with self._unsub_acked:
+            if len(self._unsub_mids) > 1024:  # acknowledgements nobody waited for
+                self._unsub_mids.clear()
+            self._unsub_mids.add(mid)
+            self._unsub_acked.notify_all()
+
+    # -- cluster: the owned streams (called by the one thread that owns the subscriptions) ----
+    def assign(self, streams: frozenset[str], *, wait_s: float = 0.0, hold: Collection[str] = (),
+               hold_s: float = 0.0) -> None:
+        """Own exactly ``streams`` (``site/machine/sensor``, configured ones): subscribe to the
+        waveform topic of each new one (QoS ``mqtt.qos``), unsubscribe from each one lost; the
+        windowing worker drops a lost stream's partial window and its later chunks
+        (``not_owned``). Only for an ingestor built with ``clustered=True``; call it from one
+        thread (the ``cluster`` thread), never from a paho callback. ``wait_s``: wait up to
+        that long for the broker to acknowledge the unsubscription (a handover: the next owner
+        subscribes only after). ``hold``: new streams whose chunks are held until
+        :meth:`handover` tells where their windows continue (at most ``hold_s`` seconds).
+
+        Raises:
+            RuntimeError: the ingestor is not clustered.
+        """
+        if self._owned is None:
+            raise RuntimeError("Ingestor.assign needs clustered=True")
+        streams = frozenset(streams)
+        with self._lock:
+            old, self._owned = self._owned, streams
+            self._released.update(old - streams)
+            self._released.difference_update(streams)
+            until = time.monotonic() + hold_s
+            for stream in set(hold) & (streams - old):
+                self._hold_requests[stream] = until
+        client = self._client
+        if client is None or not self._connected.is_set():
+            return  # resubscribe() after the connection
+        lost = sorted(self._subscribed_streams - streams)
+        gained = sorted(streams - self._subscribed_streams)
+        if lost:
+            rc, mid = client.unsubscribe([waveform_topic(*s.split("/")) for s in lost])
+            if wait_s > 0 and rc == mqtt.MQTT_ERR_SUCCESS:
+                with self._unsub_acked:
+                    self._unsub_acked.wait_for(lambda: mid in self._unsub_mids, wait_s)
+                    self._unsub_mids.discard(mid)
+        if gained:
+            client.subscribe([(waveform_topic(*s.split("/")), self.config.mqtt.qos) for s in gained])
+        self._subscribed_streams = streams
+
+    def handover(self, stream: str, newest_start_ns: int | None) -> None:
+        """The previous owner of ``stream`` emitted its last window at ``newest_start_ns``
+        (``None``: none); the held chunks continue from its next window (see the module
+        docstring). Same thread as :meth:`assign`."""
+        with self._lock:
+            self._handovers[stream] = newest_start_ns
+
+    def newest_window_start(self, stream: str) -> int | None:
+        """Start (ns) of the newest window emitted for ``stream``; ``None`` before the first.
+        Stable once :meth:`wait_idle` returned after the stream's subscription ended."""
+        return self._newest_start.get(stream)
+
+    def resubscribe(self) -> None:
+        """After a (re)connect: subscribe to every owned stream's topic and unsubscribe from
+        every other configured stream's topic and the wildcard filter (a persistent session may
+        still hold them from an earlier run). Same thread as :meth:`assign`."""
+        if self._owned is None:
+            raise RuntimeError("Ingestor.resubscribe needs clustered=True")
+        client = self._client
+        if client is None:
+            return
+        with self._lock:
+            owned = self._owned
+        stale = [waveform_topic(*s.split("/")) for s in sorted(set(self.config.sensors) - owned)]
+        client.unsubscribe([WAVEFORM_TOPIC_FILTER, *stale])
+        if owned:
+            client.subscribe([(waveform_topic(*s.split("/")), self.config.mqtt.qos) for s in sorted(owned)])
+        self._subscribed_streams = owned
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._connected.clear()
@@ -420,11 +539,18 @@ class Ingestor:
 
     def _work(self) -> None:
         while True:
-            item = self._chunks.get()
+            try:
+                item = self._chunks.get(timeout=0.2 if self._holds or self._hold_requests else None)
+            except queue.Empty:
+                self._release_holds()
+                continue
             if item is _STOP:
+                self._release_holds(force=True)
                 return
             received: _Received = item
             chunk = received.chunk
+            if self._owned is not None and not self._owns(chunk.stream):
+                continue
             try:
                 chunk = self._validate(chunk)
             except PayloadError as err:  # counted as dead-lettered, no longer as accepted
@@ -432,15 +558,95 @@ class Ingestor:
                     self._accepted -= 1
                 self._deadletter(self._client, received.topic, received.head, err, size=chunk.payload_bytes)
                 continue
-            try:
-                self._window_one(chunk)
-            except Exception as exc:  # never let one chunk or stream stop the others
-                self.errors.record("ingest-window", exc, chunk.stream)
-                self._windowers.pop(chunk.stream, None)
+            if self._owned is not None and (self._holds or self._hold_requests):
+                self._release_holds()
+                hold = self._holds.get(chunk.stream)
+                if hold is not None:
+                    hold["chunks"].append(chunk)
+                    self._release_holds()
+                    continue
+            self._window_safely(chunk)
+
+    def _release_holds(self, force: bool = False) -> None:
+        """Worker thread: take the hold requests and handovers given by :meth:`assign` and
+        :meth:`handover`; window each held stream whose handover is known, whose hold time is
+        over, or all of them (``force``, at stop)."""
+        with self._lock:
+            requests, self._hold_requests = self._hold_requests, {}
+            handovers, self._handovers = self._handovers, {}
+        for stream, until in requests.items():
+            self._holds.setdefault(stream, {"chunks": [], "until": until})
+        for stream, newest in handovers.items():
+            if stream in self._holds:
+                self._holds[stream]["newest"] = newest
+        now = time.monotonic()
+        for stream in [s for s, h in self._holds.items() if force or "newest" in h or now >= h["until"]]:
+            hold = self._holds.pop(stream)
+            newest = hold.get("newest")
+            chunks = hold["chunks"]
+            if newest is not None and chunks:
+                self._newest_start[stream] = max(newest, self._newest_start.get(stream, newest))
+                chunks = self._continue_at(stream, chunks, newest)
+            elif "newest" not in hold:
+                self._log_limited.log(logging.WARNING, f"handover:{stream}", "no handover of %s within the hold time; "
+                                      "windowing it as a new stream", stream)
+            for chunk in chunks:
+                self._window_safely(chunk)
+
+    def _continue_at(self, stream: str, chunks: list[Chunk], newest: int) -> list[Chunk]:
+        """The held chunks of ``stream`` from the previous owner's next window start (the one
+        after ``newest``) on: earlier chunks are skipped (counted windowed), the chunk across
+        that start is cut there (same seq: the windower anchors the stream at it)."""
+        sc = self.config.sensors.get(stream)
+        if sc is None:
+            return chunks
+        fs = chunks[0].sample_rate_hz
+        nxt = newest + round(sc.hop_samples * 1e9 / fs)
+        out: list[Chunk] = []
+        skipped = 0
+        for c in chunks:
+            end = c.ts_ns + round(c.samples.size * 1e9 / fs)
+            if out or c.ts_ns >= nxt:
+                out.append(c)
+            elif end > nxt:
+                k = round((nxt - c.ts_ns) * fs / 1e9)
+                out.append(dataclasses.replace(c, ts_ns=c.ts_ns + round(k * 1e9 / fs), samples=c.samples[k:]))
+            else:
+                skipped += 1
+        with self._lock:
+            self._windowed += skipped
+            if out and out[0].ts_ns <= nxt + round(1e9 / fs):
+                self._handed_over += 1
+        return out
+
+    def _window_safely(self, chunk: Chunk) -> None:
+        try:
+            self._window_one(chunk)
+        except Exception as exc:  # never let one chunk or stream stop the others
+            self.errors.record("ingest-window", exc, chunk.stream)
+            self._windowers.pop(chunk.stream, None)
+            with self._lock:
+                self._windowed += 1
+            self._deadletter(self._client, waveform_topic(chunk.site, chunk.machine, chunk.sensor), b"",
+                             PayloadError("internal_error", f"windowing failed: {exc!r}"[:200]), logged=True)
+
+    def _owns(self, stream: str) -> bool:
+        """Clustered: whether ``stream`` is owned; a chunk that is not is counted and dropped,
+        and the windower of every stream lost since the last call is dropped (worker thread)."""
+        with self._lock:
+            owned = stream in self._owned  # type: ignore[operator]
+            released, self._released = self._released, set()
+            if not owned:
+                self._accepted -= 1
+                self._not_owned += 1
+        for s in released:
+            self._windowers.pop(s, None)
+            hold = self._holds.pop(s, None)
+            if hold is not None:  # lost again before its handover: its held chunks are another's
                 with self._lock:
-                    self._windowed += 1
-                self._deadletter(self._client, waveform_topic(chunk.site, chunk.machine, chunk.sensor), b"",
-                                 PayloadError("internal_error", f"windowing failed: {exc!r}"[:200]), logged=True)
+                    self._accepted -= len(hold["chunks"])
+                    self._not_owned += len(hold["chunks"])
+        return owned
 
     def _window_one(self, chunk: Chunk) -> None:
         windower = self._windowers.get(chunk.stream)
@@ -515,6 +721,8 @@ class Ingestor:
                 connects=self._connects,
                 disconnects=self._disconnects,
                 windows_dropped=dict(self._dropped),
+                not_owned=self._not_owned,
+                handed_over=self._handed_over,
                 chunk_queue_bytes=getattr(self._chunks, "nbytes", 0),
                 window_queue_bytes=getattr(self.windows, "nbytes", 0),
             )

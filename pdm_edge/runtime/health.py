@@ -163,6 +163,11 @@ def health_document(svc: Any) -> dict[str, Any]:
     if lost and now - svc.probe.losses[1] <= RECENT_S:
         reasons.append(f"overload losses: {ing.deadletters.get('queue_full', 0)} chunk(s) dead-lettered as queue_full, "
                        f"{svc.streams.dropped_backlog if svc.streams else 0} calibration-backlog window(s) dropped")
+    cluster = svc.cluster.status() if getattr(svc, "cluster", None) is not None else None
+    if cluster is not None and not cluster["connected"]:
+        reasons.append(f"cluster membership connection to {svc.config.mqtt.broker} down (group {cluster['group']})")
+    elif cluster is not None and not cluster["settled"]:
+        reasons.append(f"cluster group {cluster['group']} not joined yet: no stream owned")
     for stage_errors in (svc.ingestor.errors, svc.writer.errors, svc.errors):
         reasons.extend(stage_errors.reasons())
     streams: dict[str, Any] = {}
@@ -182,6 +187,8 @@ def health_document(svc: Any) -> dict[str, Any]:
             "scored": scored.get(name, 0),
             "last_sample_ns": s.last_chunk_ns if s else None,
         }
+        if cluster is not None:
+            streams[name]["owned"] = name in cluster["owned"]
     alive = svc.worker_alive()
     if not alive:
         status = "down"
@@ -214,9 +221,11 @@ def health_document(svc: Any) -> dict[str, Any]:
         "memory": memory_snapshot(svc),
         "ingest": {"received": ing.received, "accepted": ing.accepted, "windows": ing.windows,
                    "deadlettered": ing.deadlettered, "deadletters": dict(ing.deadletters),
-                   "windows_dropped": dict(ing.windows_dropped), "events": dict(ing.events)},
+                   "windows_dropped": dict(ing.windows_dropped), "events": dict(ing.events),
+                   "not_owned": ing.not_owned, "handed_over": ing.handed_over},
         "alerts": {"raised": res.alerts_raised, "cleared": res.alerts_cleared,
                    "open": res.alerts_raised - res.alerts_cleared},
+        "cluster": cluster,
         "streams": streams,
         "streams_not_listed": max(0, len(all_streams) - HEALTH_MAX_STREAMS),
         "training": svc.learning.status() if svc.learning is not None else None,

@@ -75,6 +75,12 @@ Decisions:
   full disk; scores are shed first.
 - **Free space**: the health probe checks the free space of every state directory (spool,
   SQLite store, registry, label book) every few seconds.
+- **Cluster** (``[cluster] enabled``, :mod:`pdm_edge.runtime.cluster`): the ingestion stage
+  subscribes only to the streams this instance owns (the ``cluster`` thread assigns them), the
+  label listener acts only on labels of machines whose streams it owns, and a stop begins by
+  releasing every stream and leaving the group, so another instance takes them at once.
+  ``/healthz`` has a ``cluster`` block; ``/metrics`` ``pdm_edge_cluster_owned_streams``,
+  ``pdm_edge_cluster_members`` and ``pdm_edge_cluster_ownership_changes_total``.
 - **Stop within the budget**: when the scoring worker has not emptied the window queue when
   the budget is spent, it is told to abandon the rest (counted as dropped, reason ``stop``) and
   joined, so the process never exits with the worker inside torch.
@@ -197,6 +203,7 @@ class Service:
         self.registry: Any = None
         self.learning: Any = None
         self.streams: Any = None
+        self.cluster: Any = None
         self.sink: RecordSink | None = None
         self.worker: ScoringWorker | None = None
         self.probe: Probe | None = None
@@ -267,11 +274,14 @@ class Service:
             self.scoring = self._make_scoring()
             self.feedback.subscribe(self.learning.take_label)  # one cursor over the label book: the feedback stage's
             self.feedback.start()
-            self.ingestor = Ingestor(cfg)
+            self.ingestor = Ingestor(cfg, clustered=cfg.cluster.enabled)
+            if cfg.cluster.enabled:
+                self.cluster = self._make_cluster()
             self.results = ResultPublisher(cfg.mqtt, cfg.alerts, cfg.appliance_id).start()
             self.labels = LabelListener(cfg.mqtt, cfg.appliance_id, self.feedback.submit,
                                         deadletter=cfg.ingest.deadletter,
-                                        require_identity=cfg.feedback.mqtt_label_identity).start()
+                                        require_identity=cfg.feedback.mqtt_label_identity,
+                                        accept=self.cluster.owns_label if self.cluster is not None else None).start()
             self.worker = ScoringWorker(self.ingestor.windows, cfg, scoring=self.scoring, streams=self.streams,
                                         feedback=self.feedback, results=self.results, metrics=self.metrics,
                                         sink=self.sink, hooks=self.hooks, errors=self.errors)
@@ -285,6 +295,8 @@ class Service:
                 target=lambda: run_supervised("score-worker", worker.run, self.errors, stopped=worker.stop_requested.is_set),
                 name="score-worker", daemon=True)
             self._worker.start()
+            if self.cluster is not None:
+                self.cluster.start()  # before ingestion: it hands the ingestor's (re)connects to the cluster thread
             self.ingestor.start()  # last: windows start to flow
             probe = self.probe
             self._spawn(lambda: probe.run(self._closed), "health-probe")
@@ -302,6 +314,26 @@ class Service:
         log_event(log, logging.INFO, "http_listening", address=f"{host}:{self.http.port}")
         sd_notify(f"READY=1\nSTATUS=running, /healthz on {self.http.url}\nMAINPID={os.getpid()}")
         return self
+
+    def _make_cluster(self) -> Any:
+        """The cluster membership (not started) and its metrics on the service's registry."""
+        from prometheus_client import Counter, Gauge
+
+        from pdm_edge.runtime.cluster import Cluster
+
+        changes = Counter("pdm_edge_cluster_ownership_changes", "Streams gained or lost by this cluster instance.",
+                          ["change"], registry=self.metrics.registry)
+
+        def on_change(owned: frozenset[str], gained: frozenset[str], lost: frozenset[str]) -> None:
+            changes.labels("gained").inc(len(gained))
+            changes.labels("lost").inc(len(lost))
+
+        cluster = Cluster(self.config, self.ingestor, on_change=on_change, registry=self.registry, encoder_sha256=self._sha)
+        Gauge("pdm_edge_cluster_owned_streams", "Streams this cluster instance owns (scores) now.",
+              registry=self.metrics.registry).set_function(lambda: len(cluster.owned))
+        Gauge("pdm_edge_cluster_members", "Live instances of this instance's cluster group.",
+              registry=self.metrics.registry).set_function(lambda: len(cluster.status()["members"]))
+        return cluster
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -328,6 +360,8 @@ class Service:
         def left(reserve_s: float = 0.0) -> float:
             return max(0.5, deadline - reserve_s - time.monotonic())
 
+        if self.cluster is not None:  # first: the other instances take this one's streams at once
+            self.cluster.release(timeout=min(2.0, left(reserve)))
         self.labels.stop()
         self.feedback.stop()  # after one last sync: every label is in the spool before it drains
         self.ingestor.stop(timeout=left(reserve))  # retained "offline"; queued chunks windowed
@@ -379,7 +413,7 @@ class Service:
         self._closed.set()
         if self.worker is not None:
             self.worker.stop_requested.set()
-        for name in ("labels", "ingestor"):
+        for name in ("cluster", "labels", "ingestor"):
             comp = getattr(self, name)
             if comp is not None and not self._stopping.is_set():
                 try:
@@ -443,12 +477,20 @@ class Service:
             call_hook(self.hooks.on_model_event, stream, name, detail)
 
     def _on_model_change(self, rec: Any) -> None:
-        """Registry listener: a promotion or rollback becomes a model event in the store.
+        """Registry listener: a promotion or rollback becomes a model event in the store (not one
+        made from the cluster group's package; an owned stream's is handed to the cluster).
         The first version of a stream (trigger ``initial``, nothing active before) is stored as
         ``calibrated`` with a summary of its training; later ones as ``promoted`` /
         ``rolled_back``."""
+        from pdm_edge.runtime.cluster import CLUSTER_REASON
         from pdm_edge.store.base import ModelEvent
 
+        if self.cluster is not None:
+            self.cluster.model_changed(rec)  # hand-off: the owner publishes the package to the group
+        if (rec.reason or "").startswith(CLUSTER_REASON):  # the group's version: the owner stored the event
+            self.metrics.set_active_model(rec.site, rec.machine, rec.sensor, rec.id)
+            log_event(log, logging.INFO, "cluster_model", stream=rec.stream, version=rec.id, detail=rec.reason)
+            return
         if (rec.reason or "").startswith("rolled back"):
             event, detail = "rolled_back", rec.reason or ""
         elif rec.trigger == "initial" and rec.previous_active is None:
