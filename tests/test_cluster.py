@@ -151,6 +151,7 @@ def test_two_instances_split_streams_by_exact_subscription_and_one_takes_over_wh
             ings[n].stop()
 
 
+@pytest.mark.slow  # 7 s of real-time streams; the end-to-end test below checks the same with two services
 def test_a_clean_stop_hands_each_stream_over_at_its_next_window(mosquitto, tmp_path: Path) -> None:
     """Make before break, without scoring: six streams published in real time; edge-a leaves
     while they flow; every window (stream, start) is cut exactly once by one of the two
