@@ -936,8 +936,27 @@ def stream_rows(healthz: Mapping[str, Any] | None, prev: Mapping[str, Any] | Non
             row[f"{key}/s"] = round((c - p) / dt, 2) if ok else None
         last = info.get("last_sample_ns")
         row["newest sample"] = fmt_age((now_ns - last) / NS) if isinstance(last, int) else "never"
+        if "owned" in info:  # a cluster instance (pdm_edge.runtime.cluster): which streams it scores
+            row["owned here"] = bool(info["owned"])
         rows.append(row)
     return rows
+
+
+def cluster_text(healthz: Mapping[str, Any] | None) -> str | None:
+    """The service's cluster line from ``/healthz``'s ``cluster`` block, e.g. ``"cluster plant1:
+    instance edge-a of 2 (edge-a, edge-b), owns 3 of 6 streams"``; ``None`` when the service is
+    not clustered."""
+    c = (healthz or {}).get("cluster")
+    if not isinstance(c, Mapping):
+        return None
+    members = [str(m) for m in c.get("members") or []]
+    text = (f"cluster {c.get('group')}: instance {c.get('instance')} of {len(members)} ({', '.join(members)}), "
+            f"owns {c.get('owned_count', len(c.get('owned') or []))} of {c.get('streams')} streams")
+    if not c.get("connected", True):
+        text += ", membership connection DOWN"
+    elif not c.get("settled", True):
+        text += ", not joined yet"
+    return text
 
 
 def find_metric(samples: Iterable[Sample], *words: str) -> float | None:

@@ -393,6 +393,15 @@ def test_service_health_reads_healthz_and_metrics(tmp_path, fake_service):
     assert data.memory_text(sh.healthz) == "memory 452.3 MB, of it recent windows 12.1 MB (8 streams)"
     assert data.memory_text({"memory": {"rss_bytes": 2_000_000, "recent_windows": None}}) == "memory 2.0 MB"
     assert data.memory_text({"status": "ok"}) is None  # an older service without the block
+    assert data.cluster_text(sh.healthz) is None and "owned here" not in rows[0]  # not clustered
+    clustered = {"cluster": {"group": "plant1", "instance": "edge-a", "connected": True, "settled": True,
+                             "members": ["edge-a", "edge-b"], "owned": ["s/m/acc"], "owned_count": 1, "streams": 2},
+                 "streams": {"s/m/acc": dict(HEALTHZ["streams"]["s/m/acc"], owned=True),
+                             "s/m/mic": dict(HEALTHZ["streams"]["s/m/acc"], owned=False)}}
+    assert data.cluster_text(clustered) == "cluster plant1: instance edge-a of 2 (edge-a, edge-b), owns 1 of 2 streams"
+    assert [r["owned here"] for r in data.stream_rows(clustered, None, None, NOW)] == [True, False]
+    clustered["cluster"]["connected"] = False
+    assert data.cluster_text(clustered).endswith("membership connection DOWN")
 
 
 # -- users and roles -----------------------------------------------------------------------------
@@ -522,7 +531,7 @@ def test_app_on_a_fresh_install(tmp_path, monkeypatch):
 
 
 def test_health_page_with_a_running_service(tmp_path, monkeypatch, fake_service):
-    address, _ = fake_service
+    address, doc = fake_service
     cfg = _write_toml(tmp_path / "c.toml", _cfg_dict(tmp_path, service={"http": address}))
     at = _app(monkeypatch, cfg)
     at.switch_page("pages/health.py").run()
@@ -535,6 +544,15 @@ def test_health_page_with_a_running_service(tmp_path, monkeypatch, fake_service)
     tables = [df.value for df in at.dataframe]
     assert any(list(t.columns[:3]) == ["stream", "state", "model version"] and t["scored"].tolist() == [90] for t in tables)
     assert any("label/bad_label" in t.get("reason", pd.Series(dtype=str)).tolist() for t in tables)
+    # a clustered instance says so, and which streams it scores
+    doc["healthz"] = dict(HEALTHZ, cluster={"group": "plant1", "instance": "edge-a", "connected": True, "settled": True,
+                                            "members": ["edge-a", "edge-b"], "owned": ["s/m/acc"], "owned_count": 1,
+                                            "streams": 2},
+                          streams={"s/m/acc": dict(HEALTHZ["streams"]["s/m/acc"], owned=True)})
+    at.run()
+    assert not at.exception, at.exception
+    assert "instance edge-a of 2 (edge-a, edge-b), owns 1 of 2 streams" in _texts(at)
+    assert any("owned here" in df.value.columns and df.value["owned here"].tolist() == [True] for df in at.dataframe)
 
 
 def test_fleet_page_statuses_and_stale_flag(tmp_path, monkeypatch):

@@ -95,6 +95,8 @@ def health_view() -> None:
         _card(cols[3], "Spool", depth is not None and depth < c.cfg.spool.max_records // 2,
               f"{depth} record(s) waiting for the store{age} (bound {c.cfg.spool.max_records})")
 
+    if (cluster := data.cluster_text(sh.healthz)) is not None:
+        st.caption(common.md(cluster) + " — this page shows this instance only (`[service] http`)")
     if not sh.reachable:
         st.error(f"**Service not reachable** at {common.md(sh.base_url)} ({common.md(sh.healthz_error)}). Ingest rates, dead letters and "
                  "training status come from the running appliance (`pdm-edge run`, `[service] http`). The checks above "
