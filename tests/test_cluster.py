@@ -556,10 +556,10 @@ def test_two_services_score_each_window_once_split_the_streams_and_take_over_on_
     print(f"\ncluster handover ({how}): {n_moved} streams moved; windows lost {lost_total} ({lost_total / n_moved:.1f} per "
           f"stream at 1 s window / 0.5 s hop; gap between the two owners' window starts {min(coverage_s):.2f}-"
           f"{max(coverage_s):.2f} s); new owner's first score {min(takeover_s):.2f}-{max(takeover_s):.2f} s after "
-          f"{how.upper()}; windows scored {len(by)}, each once, {len(unstored)} of them not stored (in the killed "
-          f"instance's spool)")
-    if how == "sigkill":  # Will after 1.5 x heartbeat_s (7.5 s) + takeover_delay_s (2 s)
-        assert max(takeover_s) < 15.0
+          f"{how.upper()}; windows scored {len(by)}, each once"
+          + (f", {len(unstored)} of them not stored (left in the killed instance's spool)" if how == "sigkill" else ""))
+    if how == "sigkill":  # the broker sees the socket close at once: Will after takeover_delay_s (2 s); a
+        assert max(takeover_s) < 15.0  # silent link (power cut) after the keep-alive, 1.5 x heartbeat_s (7.5 s), too
         return
     assert max(takeover_s) < 10.0
     assert lost_total == 0  # the clean handover: edge-b continues at edge-a's next window
