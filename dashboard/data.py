@@ -129,14 +129,20 @@ def fmt_bytes(n: int | None) -> str:
 
 
 def fmt_duration(s: float) -> str:
-    """Seconds as ``"30 s"``, ``"5 min"``, ``"2 h"``, ``"1 d"``."""
+    """Seconds as ``"30 s"``, ``"5 min"``, ``"2 h"``, ``"1 d"``; a duration that is not a whole
+    number of its unit in two units, rounded to the smaller: ``"2 h 16 min"``, ``"3 d 4 h"``."""
     if s < 60:
         return f"{s:g} s"
-    if s < 3600:
-        return f"{s / 60:g} min"
-    if s < 86400:
-        return f"{s / 3600:g} h"
-    return f"{s / 86400:g} d"
+    for big, name, small, small_name in ((86400, "d", 3600, "h"), (3600, "h", 60, "min"), (60, "min", 1, "s")):
+        if s >= big:
+            if s % big == 0:
+                return f"{s / big:g} {name}"
+            r = round(s / small) * small
+            if r != s:  # rounded to the smaller unit, which may reach the next larger one
+                return fmt_duration(r)
+            n, rest = divmod(round(s / small), big // small)
+            return f"{n} {name} {rest} {small_name}"
+    raise AssertionError("unreachable")
 
 
 def split_stream(key: str) -> tuple[str, str, str]:

@@ -393,6 +393,8 @@ def test_service_health_reads_healthz_and_metrics(tmp_path, fake_service):
     assert data.memory_text(sh.healthz) == "memory 452.3 MB, of it recent windows 12.1 MB (8 streams)"
     assert data.memory_text({"memory": {"rss_bytes": 2_000_000, "recent_windows": None}}) == "memory 2.0 MB"
     assert data.memory_text({"status": "ok"}) is None  # an older service without the block
+    assert [data.fmt_duration(x) for x in (30, 300, 7200, 86400, 8130, 90, 3599.9, 97200)] == \
+        ["30 s", "5 min", "2 h", "1 d", "2 h 16 min", "1 min 30 s", "1 h", "1 d 3 h"]
     assert data.cluster_text(sh.healthz) is None and "owned here" not in rows[0]  # not clustered
     clustered = {"cluster": {"group": "plant1", "instance": "edge-a", "connected": True, "settled": True,
                              "members": ["edge-a", "edge-b"], "owned": ["s/m/acc"], "owned_count": 1, "streams": 2},
