@@ -888,10 +888,12 @@ class Registry:
         atomic_write(out, write_package_zip(members))
         return out
 
-    def import_package(self, path: str | os.PathLike[str], *, encoder_sha256: str,
+    def import_package(self, path: str | os.PathLike[str] | bytes, *, encoder_sha256: str,
                        trusted_public_keys: Iterable[Any] | None = None,
-                       require_signature: bool = False) -> RegisteredVersion:
-        """Verify a package and add its version as a candidate.
+                       require_signature: bool = False, name: str | None = None,
+                       stream: tuple[str, str, str] | None = None) -> RegisteredVersion:
+        """Verify a package (a file, or its bytes as received, named ``name`` in messages) and
+        add its version as a candidate.
 
         Checks, in order (the first failure raises and nothing is stored): the zip is readable
         and holds only the known files; the manifest is a known format; every file's sha256 and
@@ -899,7 +901,8 @@ class Registry:
         given, it must verify with one of them; when ``require_signature``, a package without a
         signature or with no trusted key to check it against is refused); the version was made
         for ``encoder_sha256`` (manifest and file agree); the manifest's fields have valid types
-        and ranges (id, parent, trigger, created_ns within int64).
+        and ranges (id, parent, trigger, created_ns within int64); with ``stream`` ``(site,
+        machine, sensor)``, the package is of that stream.
 
         ``trusted_public_keys``: ``Ed25519PublicKey`` objects or paths of PEM files, added to the
         registry's own (from the configuration). When the registry has keys of its own, a
@@ -911,9 +914,11 @@ class Registry:
         Raises:
             RegistryError: naming the check that failed.
         """
-        name = Path(path).name
-        if not Path(path).exists():
-            raise RegistryError(f"package {path} does not exist")
+        if not isinstance(path, bytes):
+            name = name or Path(path).name
+            if not Path(path).exists():
+                raise RegistryError(f"package {path} does not exist")
+        name = name or "(bytes)"
         files = read_package_zip(f"package {name}", path, required=(PACKAGE_MANIFEST, PACKAGE_VERSION_FILE),
                                  optional=(PACKAGE_SIGNATURE,), max_member_bytes=MAX_PACKAGE_MEMBER_BYTES)
         manifest_bytes = files[PACKAGE_MANIFEST]
@@ -952,6 +957,8 @@ class Registry:
                 _check_name(what, val)  # type: ignore[arg-type]
             except RegistryError as exc:
                 raise RegistryError(f"package {name}: manifest {exc}") from None
+        if stream is not None and (site, machine, sensor) != tuple(stream):
+            raise RegistryError(f"package {name} is of {site}/{machine}/{sensor}, not {'/'.join(stream)}")
         src_id = manifest.get("id")
         try:
             check_version_id(src_id)

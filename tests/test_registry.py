@@ -266,8 +266,11 @@ def test_export_import_round_trip(tmp_path: Path, env: types.SimpleNamespace) ->
         assert "signed by" in imported.origin
         x = env.held[:20]
         np.testing.assert_array_equal(dst.load(imported.id, env.enc, ENCODER_SHA).score_windows(x), env.v2.score_windows(x))
-        # importing the same package again is idempotent
+        # importing the same package again is idempotent, also from its bytes (as received over MQTT)
         assert dst.import_package(pkg, encoder_sha256=ENCODER_SHA).id == imported.id
+        assert dst.import_package(pkg.read_bytes(), encoder_sha256=ENCODER_SHA, stream=(v.site, v.machine, v.sensor)).id == imported.id
+        with pytest.raises(RegistryError, match="is of .* not s/other/x"):  # a package of another stream
+            dst.import_package(pkg.read_bytes(), name="pkg", encoder_sha256=ENCODER_SHA, stream=("s", "other", "x"))
         assert len(dst.list()) == 1
 
 

@@ -460,11 +460,7 @@ class Cluster:
 
     def _receive_model(self, stream: str, data: bytes) -> None:
         """Import the group's package of ``stream`` and make it active here (cluster thread)."""
-        import tempfile
-
         from pdm_edge.errors import PdmEdgeError
-        from pdm_edge.registry import (MAX_PACKAGE_MEMBER_BYTES, PACKAGE_MANIFEST, PACKAGE_SIGNATURE,
-                                       PACKAGE_VERSION_FILE, read_package_zip)
 
         if stream not in self.streams:
             log.warning("ignoring the model package of %s: not a configured stream", stream[:200])
@@ -475,29 +471,15 @@ class Cluster:
         self._group_models.add(stream)
         site, machine, sensor = stream.split("/")
         try:
-            files = read_package_zip(f"cluster package of {stream}", data, required=(PACKAGE_MANIFEST, PACKAGE_VERSION_FILE),
-                                     optional=(PACKAGE_SIGNATURE,), max_member_bytes=MAX_PACKAGE_MEMBER_BYTES)
-            manifest = json.loads(files[PACKAGE_MANIFEST])
-            if not isinstance(manifest, dict):
-                raise ValueError("manifest.json is not a JSON object")
-            sha = hashlib.sha256(files[PACKAGE_VERSION_FILE]).hexdigest()
-            if (manifest.get("site"), manifest.get("machine"), manifest.get("sensor")) != (site, machine, sensor):
-                raise PdmEdgeError(f"the package is of {manifest.get('site')}/{manifest.get('machine')}/{manifest.get('sensor')}")
-            have = [v for v in self.registry.list(site, machine, sensor) if v.sha256 == sha]
-            if have and have[-1].status == "active":
+            known = {v.id for v in self.registry.list(site, machine, sensor)}
+            rec = self.registry.import_package(data, name=f"cluster package of {stream}", encoder_sha256=self.encoder_sha256,
+                                               stream=(site, machine, sensor))  # the same file again: the version we have
+            if rec.status == "active":
                 return  # ours, or already applied (a retained message is delivered at every start)
-            reason = f"{CLUSTER_REASON}the group's active version (package {manifest.get('id')})"
-            if have:
-                self.registry.promote(have[-1].id, reason, force=True)
-            else:
-                with tempfile.TemporaryDirectory(prefix="pdm-cluster-") as d:
-                    path = f"{d}/cluster-{site}-{machine}-{sensor}.zip"
-                    with open(path, "wb") as f:
-                        f.write(data)
-                    rec = self.registry.import_package(path, encoder_sha256=self.encoder_sha256)
+            if rec.id not in known:
                 with self._lock:
                     self._models["imported"] += 1
-                self.registry.promote(rec.id, reason, force=True)
+            self.registry.promote(rec.id, f"{CLUSTER_REASON}the group's active version ({rec.id})", force=True)
         except (PdmEdgeError, ValueError, OSError) as exc:
             with self._lock:
                 self._models["failed"] += 1
@@ -505,7 +487,7 @@ class Cluster:
             return
         with self._lock:
             self._models["activated"] += 1
-        log_event(log, logging.INFO, "cluster_model_activated", stream=stream, version=manifest.get("id"))
+        log_event(log, logging.INFO, "cluster_model_activated", stream=stream, version=rec.id)
 
     # -- questions -----------------------------------------------------------------------------
     @property
