@@ -1,6 +1,8 @@
 """Detection v2: the parts of the detector that make it more than a spectral peer.
 
-- synthetic anomalies for outlier exposure add deviation and leave their input alone;
+- synthetic anomalies for outlier exposure change every copy and leave their input alone
+  (vibration: added energy only; acoustic: also losses of sound);
+- the acoustic adapter's anomaly logit rises for a quieter machine as for a louder one;
 - the clip / sequence statistic of the evaluation is exactly what the k-of-n alert rule sees;
 - the trained adapter (outlier exposure + anomaly logit) detects a weak simulated bearing
   fault at its threshold where the frozen encoder misses more of it (the shipped encoder);
@@ -8,8 +10,8 @@
   model version is saved and reloaded;
 - the compact FEMTO loader reads the set-A bearings (skipped without the recordings).
 
-Quality on the real recordings is asserted by the slow tests at the end (DCASE valve subset
-against the Mahalanobis peer, one FEMTO bearing without a first-half alarm).
+Quality on the real recordings is what ``pdm-edge eval`` measures; ``tests/test_eval.py`` runs
+its protocol on subsets (slow tests).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from pdm_edge.alerts.debounce import KOfN, alert_statistic
 from pdm_edge.model import load_encoder
 from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
 from pdm_edge.model.synthetic import synthetic_anomalies
-from sensors.simulator import FaultSpec, VibrationSimulator
+from scipy.signal import butter, sosfiltfilt
+
+from sensors.simulator import AcousticSimulator, FaultSpec, VibrationSimulator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,18 +35,46 @@ N = 3000  # 0.25 s windows
 
 
 @pytest.mark.parametrize("kind", ["vibration", "acoustic"])
-def test_synthetic_anomalies_add_deviation_and_leave_the_input(kind: str) -> None:
+def test_synthetic_anomalies_change_every_copy_and_leave_the_input(kind: str) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.asinh(torch.randn(64, 2, 64, 32, generator=g).clamp_min(0 if kind == "vibration" else -9))
     before = x.clone()
     y = synthetic_anomalies(x, kind, torch.Generator().manual_seed(1))
     assert torch.equal(x, before), "the normal windows were modified"
     assert y.shape == x.shape and y.dtype == torch.float32
-    added = (y - x).flatten(1)
-    assert (added >= -1e-5).all(), "a synthetic anomaly removed deviation"
-    assert (added.max(dim=1).values > 0.5).all(), "some copies got no anomaly"
+    change = (y - x).flatten(1)
+    assert (change.abs().max(dim=1).values > 0.5).all(), "some copies got no anomaly"
+    removed = (change < -0.5).any(dim=1)
+    added = (change > 0.5).any(dim=1)
+    assert not (removed & added).any(), "one copy got energy both added and removed"
+    if kind == "vibration":  # one-sided images: a vibration defect only adds energy
+        assert (change >= -1e-5).all(), "a vibration anomaly removed deviation"
+    else:  # two-sided images: a loss of sound is a defect too (attenuation), about a third of them
+        assert 0.15 < float(removed.float().mean()) < 0.55, f"share of attenuations {float(removed.float().mean()):.2f}"
     again = synthetic_anomalies(x, kind, torch.Generator().manual_seed(1))
     assert torch.equal(y, again), "not reproducible from the generator"
+
+
+def test_acoustic_logit_scores_a_loss_of_sound_like_an_added_one() -> None:
+    """With added-energy defects only, the logit learnt that a quieter window is more normal than
+    the machine's own (on this case its median score for 3 dB less was -3.1, below every normal
+    window's); with the attenuation defect a loss of sound scores high as well."""
+    fs = 16000.0
+    x = AcousticSimulator(sample_rate_hz=fs, seed=3).generate(int(30 * fs)).astype(np.float32)
+    cal, later = x[: int(20 * fs)], x[int(20 * fs):]
+    band = sosfiltfilt(butter(4, (1000.0, 3000.0), btype="bandpass", fs=fs, output="sos"), later)
+
+    def windows(v: np.ndarray) -> np.ndarray:
+        return np.stack([v[s:s + 16000] for s in range(0, len(v) - 16000 + 1, 8000)]).astype(np.float32)
+
+    enc, sha = load_encoder()
+    s = Scorer(enc, sha, ScorerConfig(kind="acoustic", sample_rate_hz=fs, hop_s=0.5, min_windows=10, components=("logit",)))
+    s.learn_many(windows(cal)).calibrate()
+    normal = s.score_windows(windows(later))
+    quieter = s.score_windows(windows(later - (1 - 10 ** (-3 / 20)) * band))  # 3 dB less in 1-3 kHz
+    louder = s.score_windows(windows(later + (10 ** (3 / 20) - 1) * band))
+    assert np.median(quieter) > normal.max(), (np.median(quieter), normal.max())
+    assert np.median(louder) > normal.max(), (np.median(louder), normal.max())
 
 
 def test_alert_statistic_is_what_the_k_of_n_rule_sees() -> None:

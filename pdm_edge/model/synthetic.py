@@ -15,10 +15,18 @@ and their size is in units of the machine's own normal spread:
 - **envelope harmonics** (vibration, channel 1, the squared-envelope spectrum): a series of
   peaks at a fundamental bin and its harmonics, the signature of a repetitive bearing impact
   at BPFO / BPFI / BSF (Randall & Antoni 2011) whatever the bearing's geometry and speed.
+- **attenuation** (acoustic): energy *removed* from a run of 2-64 bands over a run of 1-32
+  frames: a valve that no longer seats with a click, a blocked or leaking flow path, a missing
+  blade pass, a muffled component. Acoustic images are standardised two-sided, so a loss of
+  sound is as much a deviation as an added one; with added-energy defects alone the anomaly
+  logit would learn that a quieter window is *more* normal than the machine's own. Vibration
+  images are one-sided (a bearing defect adds energy; less vibration is not a fault the
+  appliance names), so vibration has no attenuation defect.
 
 The added deviation ``a`` is drawn uniformly in ``[0.8, 3.0]`` asinh units (a z-score of about
 0.9 to 10) and added as ``asinh(sinh(x) + sinh(a))``, i.e. as added deviation before the
-compression. Everything is drawn from a ``torch.Generator`` so a training run is reproducible.
+compression (``-a`` for an attenuation). Each kind's defects are drawn with equal probability:
+burst, tone and envelope harmonics for vibration; burst, tone and attenuation for acoustic. Everything is drawn from a ``torch.Generator`` so a training run is reproducible.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ def synthetic_anomalies(xs: torch.Tensor, kind: str, generator: torch.Generator)
     b, _, n_bands, n_frames = xs.shape
     out = xs.clone()
     u = torch.rand(b, 6, generator=generator)
-    kinds = (u[:, 0] * (3 if kind == "vibration" else 2)).long()  # 0 burst, 1 tone, 2 envelope harmonics
+    kinds = (u[:, 0] * 3).long()  # 0 burst, 1 tone, 2 envelope harmonics (vibration) or attenuation (acoustic)
     amp = MIN_ADDED + (MAX_ADDED - MIN_ADDED) * u[:, 1]
     band_idx = torch.arange(n_bands)
     frame_idx = torch.arange(n_frames)
@@ -66,6 +74,13 @@ def synthetic_anomalies(xs: torch.Tensor, kind: str, generator: torch.Generator)
             lo = int(u[i, 3] * (n_bands - 1))
             sel = (band_idx >= lo) & (band_idx < lo + 1 + int(u[i, 2] * 2))
             out[i, 0, sel] = _add(out[i, 0, sel], a)
+        elif kind != "vibration":
+            width = 2 + int(u[i, 2] * (n_bands - 1))  # a narrow dip up to a whole-band dropout
+            lo = int(u[i, 3] * (n_bands - width + 1))
+            length = 1 + int(u[i, 4] ** 2 * n_frames)
+            t0 = int(u[i, 5] * (n_frames - length + 1))
+            sel = ((band_idx >= lo) & (band_idx < lo + width))[:, None] & ((frame_idx >= t0) & (frame_idx < t0 + length))[None, :]
+            out[i, 0] = torch.where(sel, _add(out[i, 0], -a), out[i, 0])
         else:
             f0 = 3 + int(u[i, 3] * 14)  # fundamental bin: 3-16 of 64 (30-160 Hz at 640 Hz / 64 bins)
             sel = (band_idx % f0 == 0) & (band_idx > 0)
