@@ -27,7 +27,7 @@ from pdm_edge.model import version as version_mod
 from pdm_edge.model.adapter import Adapter, AdapterConfig, trainable_fraction
 from pdm_edge.model.encoder import Encoder, EncoderConfig
 from pdm_edge.model.postprocess import exceedance_probability
-from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
+from pdm_edge.model.scorer import MAX_FAULT_PROTOTYPES, Scorer, ScorerConfig, TrainConfig
 from pdm_edge.model.version import load_version, save_version
 from pdm_edge.types import Window
 from sensors.simulator import FaultSpec, VibrationSimulator
@@ -577,12 +577,29 @@ def test_known_fault_prototypes_saved_and_reloaded_bit_identical(tmp_path: Path,
     r = load_version(tmp_path / "v.pt", frozen.encoder, frozen.sha)
     assert np.array_equal(r.score_windows(windows), before)
     assert np.array_equal(r.fault_prototypes, s.fault_prototypes)
-    # the most prototypes a version keeps still fit a 256 KiB version file
-    s._faults = [s._faults[i % 10] for i in range(400)]
-    s._fault_event_of = [s._fault_event_of[i % 10] for i in range(400)]
-    assert s.calibrate()["fault_prototypes"] == 256
-    size = len(save_version(tmp_path / "big.pt", s)) and (tmp_path / "big.pt").stat().st_size
-    assert size < 256 * 1024, size
+
+
+def test_a_default_version_with_the_most_fault_prototypes_fits_256_kib(tmp_path: Path, frozen: types.SimpleNamespace,
+                                                                       data: types.SimpleNamespace) -> None:
+    """The default components (embedding and spectral baselines, logit) and 256 known-fault
+    prototypes: the baselines' precision matrices are stored as one triangle, so the file stays
+    under 256 KiB; a version file written before (full matrices) loads to the same scores."""
+    s = Scorer(frozen.encoder, frozen.sha, ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=WIN_S,
+                                                        train=TrainConfig(max_epochs=1, max_seconds=30.0)))
+    assert s.config.components == ("mahalanobis", "spectral", "logit")
+    s.learn_many(data.calib)
+    s.learn_many([data.fault[i % 10] for i in range(400)], "fault")
+    assert s.calibrate()["fault_prototypes"] == MAX_FAULT_PROTOTYPES
+    save_version(tmp_path / "big.pt", s)
+    assert (tmp_path / "big.pt").stat().st_size < 256 * 1024, (tmp_path / "big.pt").stat().st_size
+    windows = data.held[:8] + data.fault[10:14]
+    before = s.score_windows(windows)
+    assert np.array_equal(load_version(tmp_path / "big.pt", frozen.encoder, frozen.sha).score_windows(windows), before)
+    old = s.state()
+    for key in ("baseline", "spectral_baseline"):
+        b = getattr(s, key)
+        old[key] = {"mean": torch.from_numpy(b.mean.astype(np.float32)), "precision": torch.from_numpy(b.precision.astype(np.float32))}
+    assert np.array_equal(Scorer.from_state(frozen.encoder, frozen.sha, old).score_windows(windows), before)
 
 
 def test_lora_in_the_last_blocks_only(frozen: types.SimpleNamespace) -> None:
@@ -591,7 +608,8 @@ def test_lora_in_the_last_blocks_only(frozen: types.SimpleNamespace) -> None:
     assert {k.split("_")[0] for k in full.lora_a} == {str(i) for i in range(depth)}
     assert {k.split("_")[0] for k in last.lora_a} == {str(depth - 1)}
     assert trainable_fraction(last, frozen.encoder) < trainable_fraction(full, frozen.encoder)
-    assert last.delta(0, "qkv", torch.ones(1, frozen.encoder.cfg.dim)) == 0.0
+    out = torch.ones(1, 3 * frozen.encoder.cfg.dim)
+    assert torch.equal(last.add_delta(0, "qkv", torch.ones(1, frozen.encoder.cfg.dim), out.clone()), out)
     with pytest.raises(ValueError):
         AdapterConfig(layers=-1)
     # the frozen blocks before the LoRA block build no autograd graph (nothing kept for backprop)

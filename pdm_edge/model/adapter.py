@@ -5,7 +5,10 @@
   block) the adapter adds ``(alpha / rank) * B A x`` with ``A`` of shape ``(rank, in)`` (Kaiming
   init) and ``B`` of shape ``(out, rank)`` (zeros), so a fresh adapter is exactly the frozen
   encoder. The encoder's tensors are never modified: :class:`~pdm_edge.model.encoder.Block`
-  asks the adapter for ``delta(layer, name, h)`` and adds it.
+  hands the adapter each targeted layer's input and output (``add_delta(layer, name, h,
+  out)``), and the update is added into the output with one fused ``addmm`` (the rank-r
+  product ``A x`` is the only temporary: the ``(tokens, out)`` update is never materialised,
+  which made LoRA cost more than the int8 layers it sits on, ``benchmarks/score_throughput.py``).
 - **Bottleneck head** (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP"):
   ``t + up(GELU(down(t)))`` on every token state, ``down: dim -> bottleneck``, ``up`` zero-
   initialised. The head's output tokens are pooled into the machine's embedding and decoded by
@@ -104,12 +107,23 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.logit.weight)
         nn.init.zeros_(self.logit.bias)
 
-    def delta(self, layer: int, name: str, h: torch.Tensor) -> torch.Tensor | float:
-        """The LoRA update of ``name`` in block ``layer`` for input ``h`` (0 where not targeted)."""
+    def add_delta(self, layer: int, name: str, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus the LoRA update ``scale * B A h`` of ``name`` in block ``layer``.
+
+        Args:
+            h: the layer's input ``(..., in)``; out: its output ``(..., out)``, contiguous,
+                which receives the update in place (autograd records it; the frozen layer's
+                backward does not need its output).
+
+        Returns:
+            ``out`` (unchanged where ``name`` in block ``layer`` carries no LoRA).
+        """
         key = f"{layer}_{name}"
         if key not in self.lora_a:
-            return 0.0
-        return (h @ self.lora_a[key].t() @ self.lora_b[key].t()) * self.scale
+            return out
+        low = nn.functional.linear(h.reshape(-1, h.shape[-1]), self.lora_a[key])  # (tokens, rank)
+        out.view(-1, out.shape[-1]).addmm_(low, self.lora_b[key].t(), alpha=self.scale)
+        return out
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Residual bottleneck on token states ``(B, N, dim)`` -> same shape."""
@@ -152,12 +166,13 @@ class StackedAdapters:
             self.up_w = gather(lambda a: a.up.weight).transpose(1, 2)  # (B, bottleneck, dim)
             self.up_b = gather(lambda a: a.up.bias)[:, None, :]
 
-    def delta(self, layer: int, name: str, h: torch.Tensor) -> torch.Tensor | float:
-        """Each sample's LoRA update of ``name`` in block ``layer``, ``h`` of shape ``(B, N, in)``."""
+    def add_delta(self, layer: int, name: str, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` ``(B, N, out)`` plus each sample's LoRA update of ``name`` in block ``layer``
+        for ``h`` ``(B, N, in)``, added in place (as :meth:`Adapter.add_delta`)."""
         key = f"{layer}_{name}"
         if key not in self.a:
-            return 0.0
-        return torch.bmm(torch.bmm(h, self.a[key]), self.b[key]) * self.scale
+            return out
+        return out.baddbmm_(torch.bmm(h, self.a[key]), self.b[key], alpha=self.scale)
 
     def head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Each sample's residual bottleneck on token states ``(B, N, dim)`` -> same shape."""

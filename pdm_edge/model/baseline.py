@@ -10,8 +10,10 @@ every calibration window a held-out distance (K-fold cross-fitting in time order
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
+import torch
 from scipy import linalg
 
 __all__ = ["CROSSFIT_FOLDS", "Baseline", "crossfit_distances", "ledoit_wolf"]
@@ -60,9 +62,30 @@ class Baseline:
         """Fit on embeddings ``(N, D)``, ``N >= 2`` (:func:`ledoit_wolf`)."""
         mean, cov = ledoit_wolf(np.asarray(emb, dtype=np.float64))
         precision = linalg.pinvh(cov, check_finite=False)
+        precision = 0.5 * (precision + precision.T)  # exactly symmetric: a version stores one triangle
         # rounded to float32 so that a model version stores them in half the bytes and a
         # reloaded scorer computes exactly what the live one does
         return cls(mean.astype(np.float32).astype(np.float64), precision.astype(np.float32).astype(np.float64))
+
+    def to_state(self) -> dict[str, torch.Tensor]:
+        """What a model version stores: the mean ``(D,)`` and the precision's upper triangle
+        (row by row, ``D (D + 1) / 2`` values), float32: exactly what :meth:`fit` computed,
+        in about half the bytes of the full matrix."""
+        d = len(self.mean)
+        return {"mean": torch.from_numpy(self.mean.astype(np.float32)),
+                "precision_triu": torch.from_numpy(self.precision[np.triu_indices(d)].astype(np.float32))}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Baseline:
+        """The baseline of :meth:`to_state` (or of a version file written before it, which
+        stored the full ``precision`` matrix)."""
+        mean = state["mean"].numpy().astype(np.float64)
+        if "precision" in state:
+            return cls(mean, state["precision"].numpy().astype(np.float64))
+        d = len(mean)
+        precision = np.zeros((d, d))
+        precision[np.triu_indices(d)] = state["precision_triu"].numpy()
+        return cls(mean, precision + np.triu(precision, 1).T)
 
     def distance(self, emb: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of embeddings ``(B, D)`` to the mean, ``(B,)`` float64."""

@@ -74,8 +74,8 @@ class Block(nn.Module):
     """Pre-norm transformer block.
 
     ``qkv``, ``proj``, ``fc1`` and ``fc2`` are plain ``nn.Linear`` layers. An adapter (LoRA)
-    adds its low-rank update to their outputs through ``delta(layer, name, x)`` without
-    touching their tensors, so one frozen encoder is shared by every machine's adapter.
+    adds its low-rank update to their outputs through ``add_delta(layer, name, x, out)``
+    without touching their tensors, so one frozen encoder is shared by every machine's adapter.
     """
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
@@ -93,7 +93,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, adapter: Any = None, layer: int = 0) -> torch.Tensor:
         def lin(name: str, h: torch.Tensor) -> torch.Tensor:
             out = getattr(self, name)(h)
-            return out if adapter is None else out + adapter.delta(layer, name, h)
+            return out if adapter is None else adapter.add_delta(layer, name, h, out)
 
         b, n, d = x.shape
         h = self.norm1(x)
@@ -156,7 +156,7 @@ class Encoder(nn.Module):
             kind: 0 (vibration) / 1 (acoustic), an int or a ``(B,)`` LongTensor.
             mask: optional ``(B, n_tokens)`` bool, True where a patch is hidden (replaced by the
                 mask token) for the masked-reconstruction objective.
-            adapter: optional object with ``delta(layer, name, h)`` (see :class:`Block`).
+            adapter: optional object with ``add_delta(layer, name, h, out)`` (see :class:`Block`).
         """
         return self.norm(self.run_blocks(self.embed_patches(x, kind, mask), 0, adapter))
 

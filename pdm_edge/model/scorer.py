@@ -89,7 +89,9 @@ NO_GRAD_BATCH = 64
 """Windows per inference pass (embedding, validation loss): bounds the activation memory."""
 MAX_FAULT_PROTOTYPES = 256
 """Most known-fault embeddings a model version keeps (evenly subsampled in time order beyond
-it); stored as float16 (64 KiB at most), so a version file stays under 256 KiB."""
+it); stored as float16 (64 KiB at most), so a version file with the default components stays
+under 256 KiB (about 155 KB without prototypes: the baselines store one triangle of their
+precision matrices)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -720,11 +722,8 @@ class Scorer:
             "adapter": {k: v.detach().clone() for k, v in self.adapter.state_dict().items()},
             "standardizer": {"mean": torch.from_numpy(self.standardizer.mean), "std": torch.from_numpy(self.standardizer.std),  # type: ignore[union-attr]
                              "one_sided": self.standardizer.one_sided},  # type: ignore[union-attr]
-            "baseline": {"mean": torch.from_numpy(self.baseline.mean.astype(np.float32)),  # type: ignore[union-attr]
-                         "precision": torch.from_numpy(self.baseline.precision.astype(np.float32))},  # type: ignore[union-attr]
-            "spectral_baseline": None if self.spectral_baseline is None else {
-                "mean": torch.from_numpy(self.spectral_baseline.mean.astype(np.float32)),
-                "precision": torch.from_numpy(self.spectral_baseline.precision.astype(np.float32))},
+            "baseline": self.baseline.to_state(),  # type: ignore[union-attr]
+            "spectral_baseline": None if self.spectral_baseline is None else self.spectral_baseline.to_state(),
             "component_stats": {c: list(v) for c, v in self.component_stats.items()},
             "threshold": self.threshold,
             "calibration": {k: v for k, v in self.calibration.items() if k != "adapter_history"},
@@ -749,10 +748,10 @@ class Scorer:
             raise ModelError(f"model version's adapter does not match: missing {missing}, unexpected {unexpected}")
         s.standardizer = Standardizer(state["standardizer"]["mean"].numpy(), state["standardizer"]["std"].numpy(),
                                       bool(state["standardizer"]["one_sided"]))
-        s.baseline = Baseline(state["baseline"]["mean"].numpy().astype(np.float64), state["baseline"]["precision"].numpy().astype(np.float64))
+        s.baseline = Baseline.from_state(state["baseline"])
         sb = state.get("spectral_baseline")
         if sb is not None:
-            s.spectral_baseline = Baseline(sb["mean"].numpy().astype(np.float64), sb["precision"].numpy().astype(np.float64))
+            s.spectral_baseline = Baseline.from_state(sb)
         s.component_stats = {c: (float(v[0]), float(v[1])) for c, v in state["component_stats"].items()}
         s.threshold = float(state["threshold"])
         s.calibration = dict(state["calibration"])
