@@ -19,13 +19,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from scipy.signal import butter, sosfiltfilt
 
 from pdm_edge.alerts.debounce import KOfN, alert_statistic
 from pdm_edge.model import load_encoder
 from pdm_edge.model.scorer import Scorer, ScorerConfig, TrainConfig
 from pdm_edge.model.synthetic import synthetic_anomalies
-from scipy.signal import butter, sosfiltfilt
-
 from sensors.simulator import AcousticSimulator, FaultSpec, VibrationSimulator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

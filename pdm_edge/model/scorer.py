@@ -21,8 +21,8 @@ Calibration (the machine's baseline, from its own normal windows):
    summed: the self-supervised masked-patch reconstruction through the frozen decoder, and
    **outlier exposure** (Hendrycks et al. 2019): the anomaly logit separates the machine's
    normal windows from synthetic anomalies made from them (band bursts, tones, envelope
-   harmonics, attenuations; :mod:`pdm_edge.model.synthetic`) and from windows a technician confirmed as
-   faults. Only adapter parameters have gradients; the encoder stays bit-identical.
+   harmonics, attenuations; :mod:`pdm_edge.model.synthetic`) and from windows a technician
+   confirmed as faults. Only adapter parameters have gradients; the encoder stays bit-identical.
 3. Raw anomaly measures of a window (:data:`COMPONENTS`, :attr:`ScorerConfig.components`):
    ``mahalanobis``, the distance of its embedding to the normal embeddings (Ledoit-Wolf
    shrinkage covariance, Ledoit & Wolf 2004); ``spectral``, the same distance for its spectral

@@ -26,7 +26,8 @@ and their size is in units of the machine's own normal spread:
 The added deviation ``a`` is drawn uniformly in ``[0.8, 3.0]`` asinh units (a z-score of about
 0.9 to 10) and added as ``asinh(sinh(x) + sinh(a))``, i.e. as added deviation before the
 compression (``-a`` for an attenuation). Each kind's defects are drawn with equal probability:
-burst, tone and envelope harmonics for vibration; burst, tone and attenuation for acoustic. Everything is drawn from a ``torch.Generator`` so a training run is reproducible.
+burst, tone and envelope harmonics for vibration; burst, tone and attenuation for acoustic.
+Everything is drawn from a ``torch.Generator`` so a training run is reproducible.
 """
 
 from __future__ import annotations
