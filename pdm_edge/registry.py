@@ -854,8 +854,22 @@ class Registry:
 
     # -- export / import -------------------------------------------------------------------
     def export(self, version_id: str, path: str | os.PathLike[str], signing_key: Any | None = None) -> Path:
-        """Write ``version_id`` as one package (zip) at ``path``: the version file, a manifest
-        and, with ``signing_key`` (an ``Ed25519PrivateKey``), the manifest's signature.
+        """Write ``version_id`` as one package (zip, :meth:`package`) at ``path``, atomically.
+
+        Raises:
+            RegistryError: no such version.
+            ModelError: the version file does not match its recorded sha256.
+        """
+        from pdm_edge._util.fs import atomic_write
+
+        out = Path(path)
+        atomic_write(out, self.package(version_id, signing_key))
+        return out
+
+    def package(self, version_id: str, signing_key: Any | None = None) -> bytes:
+        """``version_id`` as one package (zip bytes, what :meth:`import_package` takes): the
+        version file, a manifest and, with ``signing_key`` (an ``Ed25519PrivateKey``), the
+        manifest's signature.
 
         Raises:
             RegistryError: no such version.
@@ -882,11 +896,7 @@ class Registry:
         members = [(PACKAGE_MANIFEST, manifest_bytes), (PACKAGE_VERSION_FILE, data)]
         if signing_key is not None:
             members.append((PACKAGE_SIGNATURE, signing_key.sign(manifest_bytes)))
-        out = Path(path)
-        from pdm_edge._util.fs import atomic_write
-
-        atomic_write(out, write_package_zip(members))
-        return out
+        return write_package_zip(members)
 
     def import_package(self, path: str | os.PathLike[str] | bytes, *, encoder_sha256: str,
                        trusted_public_keys: Iterable[Any] | None = None,

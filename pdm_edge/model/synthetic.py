@@ -64,24 +64,18 @@ def synthetic_anomalies(xs: torch.Tensor, kind: str, generator: torch.Generator)
     frame_idx = torch.arange(n_frames)
     for i in range(b):
         a = amp[i]
-        if kinds[i] == 0:
-            width = 2 + int(u[i, 2] * 11)
+        attenuation = kinds[i] == 2 and kind != "vibration"
+        if kinds[i] == 0 or attenuation:  # a run of bands over a run of frames, energy added or removed
+            width = 2 + int(u[i, 2] * (n_bands - 1 if attenuation else 11))  # burst 2-12 bands, attenuation up to all
             lo = int(u[i, 3] * (n_bands - width + 1))
-            length = 1 + int(u[i, 4] ** 2 * n_frames)  # short bursts are as likely as long ones
+            length = 1 + int(u[i, 4] ** 2 * n_frames)  # short runs are as likely as long ones
             t0 = int(u[i, 5] * (n_frames - length + 1))
             sel = ((band_idx >= lo) & (band_idx < lo + width))[:, None] & ((frame_idx >= t0) & (frame_idx < t0 + length))[None, :]
-            out[i, 0] = torch.where(sel, _add(out[i, 0], a), out[i, 0])
+            out[i, 0] = torch.where(sel, _add(out[i, 0], -a if attenuation else a), out[i, 0])
         elif kinds[i] == 1:
             lo = int(u[i, 3] * (n_bands - 1))
             sel = (band_idx >= lo) & (band_idx < lo + 1 + int(u[i, 2] * 2))
             out[i, 0, sel] = _add(out[i, 0, sel], a)
-        elif kind != "vibration":
-            width = 2 + int(u[i, 2] * (n_bands - 1))  # a narrow dip up to a whole-band dropout
-            lo = int(u[i, 3] * (n_bands - width + 1))
-            length = 1 + int(u[i, 4] ** 2 * n_frames)
-            t0 = int(u[i, 5] * (n_frames - length + 1))
-            sel = ((band_idx >= lo) & (band_idx < lo + width))[:, None] & ((frame_idx >= t0) & (frame_idx < t0 + length))[None, :]
-            out[i, 0] = torch.where(sel, _add(out[i, 0], -a), out[i, 0])
         else:
             f0 = 3 + int(u[i, 3] * 14)  # fundamental bin: 3-16 of 64 (30-160 Hz at 640 Hz / 64 bins)
             sel = (band_idx % f0 == 0) & (band_idx > 0)

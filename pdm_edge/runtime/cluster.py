@@ -439,14 +439,10 @@ class Cluster:
                 self._publish_model(rec)
 
     def _publish_model(self, rec: Any) -> None:
-        import tempfile
-
         if rec.stream not in self.owned or self._client is None:
             return
         try:
-            with tempfile.TemporaryDirectory(prefix="pdm-cluster-") as d:
-                path = self.registry.export(rec.id, f"{d}/{rec.id}.zip", self._signing_key)
-                data = path.read_bytes()
+            data = self.registry.package(rec.id, self._signing_key)
         except Exception as exc:
             with self._lock:
                 self._models["failed"] += 1
