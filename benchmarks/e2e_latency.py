@@ -42,8 +42,10 @@ yet, sampled every 0.5 s from the recorded times) does not grow from the first t
 third of the run by more than 0.5 s of windows, and the publishers kept real time (p99
 lateness < 50 ms; otherwise the load generator, not the service, was the limit).
 
-**Memory**: ``VmRSS`` of the service process sampled every second (max and at the end) and its
-``VmHWM`` (peak), and the most the feedback ring of recent windows held (``/healthz``
+**Memory**: the service runs with the systemd unit's glibc malloc settings, as deployed
+(``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``: :func:`pdm_edge._util.procs.unit_malloc_env`;
+runs before that change measured glibc's defaults). ``VmRSS`` of the service process sampled
+every second (max and at the end) and its ``VmHWM`` (peak), and the most the feedback ring of recent windows held (``/healthz``
 ``memory``). CPU: the service process's user + system time over the measurement, as % of
 one core.
 

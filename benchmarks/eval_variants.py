@@ -9,8 +9,8 @@ in the same run, so every table is complete):
 - ``default``: the configuration as shipped (float32 scoring, ``TrainConfig()`` training);
 - ``int8``: ``inference = "int8"`` (the encoder's linear layers quantised dynamically; the
   threshold is calibrated on the int8 path);
-- ``memory``: the appliance's ``[learning]`` memory defaults (gradient checkpointing of the
-  adapted blocks, micro-batches of 8).
+- ``memory``: the ``[learning]`` memory options (gradient checkpointing of the adapted blocks,
+  micro-batches of 8).
 
 Usage::
 

@@ -20,14 +20,17 @@ memory does not mix:
   epoch, without an autograd graph);
 - ``adapter_gc`` / ``adapter_gc_micro8``: LoRA in every block with gradient checkpointing of the
   adapted blocks, and with it micro-batches of 8 (gradients accumulated over the batch of 32);
+- ``adapter_micro8``: micro-batches of 8 without gradient checkpointing (the ``[learning]``
+  defaults' training step);
 - ``adapter_last_block_gc_micro8``: last block, cache, checkpointing and micro-batches of 8;
 - ``adapter_int8``: the default adapter on the int8 inference path (calibrated and validated
   through the dynamically quantised encoder);
 - ``appliance``: the calibration the appliance runs, with the ``[learning]`` defaults as
-  shipped (gradient checkpointing, micro-batches of 8, the ``max_train_seconds`` budget and
-  early stopping, not ``--epochs``): its ``wall_s`` is the calibration time of issue 14's target.
+  shipped (micro-batches of 8, the ``max_train_steps`` budget, the ``max_train_seconds`` safety
+  net and early stopping, not ``--epochs``): its ``wall_s`` is the calibration time of issue
+  14's target.
 
-All but ``appliance`` run a fixed number of epochs (no early stopping), so the comparison is per equal work.
+All but ``appliance`` run a fixed number of epochs (no early stopping, no step budget), so the comparison is per equal work.
 Before measuring, each variant's process runs one small calibration of its own configuration
 (the appliance measured is an idle, *calibrated* service). Reported: training time (s, and per epoch) and whole calibration time; peak training memory
 (the process's high-water mark ``VmHWM``, reset through ``/proc/self/clear_refs`` when training
@@ -128,6 +131,7 @@ VARIANTS: dict[str, tuple[AdapterConfig, dict]] = {
     "adapter": (AdapterConfig(), {}),
     "adapter_gc": (AdapterConfig(), {"grad_checkpointing": True}),
     "adapter_gc_micro8": (AdapterConfig(), {"grad_checkpointing": True, "micro_batch": 8}),
+    "adapter_micro8": (AdapterConfig(), {"micro_batch": 8}),
     "adapter_last_block_nocache": (AdapterConfig(layers=1), {}),
     "adapter_last_block": (AdapterConfig(layers=1), {"prefix_cache": True}),
     "adapter_last_block_gc_micro8": (AdapterConfig(layers=1), {"prefix_cache": True, "grad_checkpointing": True, "micro_batch": 8}),
@@ -153,7 +157,7 @@ def run_variant(variant: str, feats_path: Path, epochs: int, out_dir: Path) -> d
 
         train = train_config_for(SimpleNamespace(learning=LearningConfig()))
     else:
-        train = TrainConfig(max_epochs=epochs, patience=epochs + 1, max_seconds=1e9, **opts)
+        train = TrainConfig(max_epochs=epochs, patience=epochs + 1, max_seconds=1e9, max_steps=10**9, **opts)
     cfg = ScorerConfig(kind="vibration", sample_rate_hz=FS, hop_s=0.5, adapter=adapter, inference=inference, train=train)
     cls = FullFineTune if variant == "full" else Scorer
     # the idle *calibrated* process: one small calibration first, so that what a process pays

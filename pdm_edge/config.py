@@ -357,10 +357,15 @@ class LearningConfig(_Strict):
     confirm_silenced_alerts: bool = True
     """Label rule of the gate: a retrain that would stop alerting on a labelled ``normal`` span
     the active version alerts on needs an engineer's confirmation."""
+    max_train_steps: int = Field(48, ge=1)
+    """Optimiser steps (batches of 32 windows) of one adapter training, checked before every
+    batch (an epoch cut short by it is validated and kept): the budget that decides how much a
+    large calibration trains, the same on every machine. 48 steps are 1.6 epochs of a 10 min
+    calibration (959 training windows); on the development data they detect as well as the
+    earlier 120 s budget's 7-8 epochs (``models/README.md``, "Calibration time")."""
     max_train_seconds: float = Field(120.0, gt=0)
-    """Wall-time budget of one adapter training, checked before every batch (an epoch cut short
-    by it is validated and kept). A calibration of 10 min of windows uses all of it
-    (``models/README.md``: shorter budgets cost detection on the development data)."""
+    """Wall-time budget of one adapter training, checked before every batch like
+    ``max_train_steps``: the safety net of a slow or loaded machine."""
     lora_rank: int = Field(4, ge=1, le=64)
     """Rank of the LoRA modules."""
     target_false_alerts_per_h: float = Field(0.1, gt=0)
@@ -372,12 +377,13 @@ class LearningConfig(_Strict):
     optimiser states are not offered (see :mod:`pdm_edge.learning.trainer`)."""
     micro_batch: int = Field(8, ge=0)
     """Windows per forward/backward pass, gradients accumulated over a batch of 32 (the same
-    update to float rounding, ``tests/test_trainer.py``); 0: the whole batch in one pass. With
-    ``grad_checkpointing`` the default keeps training memory about 10x below full fine-tuning's
-    for about 1.3x the training time (``benchmarks/train_memory.py``)."""
-    grad_checkpointing: bool = True
+    update to float rounding, ``tests/test_trainer.py``); 0: the whole batch in one pass. The
+    default keeps training memory more than 5x below full fine-tuning's
+    (``benchmarks/train_memory.py``)."""
+    grad_checkpointing: bool = False
     """Recompute the adapted blocks' activations in the backward pass instead of keeping them
-    (the same gradients; less training memory, more training time)."""
+    (the same gradients; a little less training memory with micro-batches of 8, about 1.3x the
+    training time: off by default since the step budget made calibrations short)."""
     prefix_cache: bool = False
     """Run the frozen blocks below the first LoRA block once per window per training job and
     keep their outputs (only matters when LoRA is not in every block; saves time, costs memory)."""

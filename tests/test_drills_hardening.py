@@ -327,8 +327,7 @@ def test_drill_overload_16_channels_at_4x_bounded_memory_truthful_health_clean_s
                                               extra=extra).replace("score_batch = 16\n", "score_batch = 16\nbacklog_max_bytes = 16777216\n")
                           .replace("[learning]\n", "[learning]\nreplay_normal_windows = 500\n")
                           .replace(f'[feedback]\nstate_dir = "{tmp_path}/state"\n',
-                                   f'[feedback]\nstate_dir = "{tmp_path}/state"\nrecent_max_bytes_per_stream = 1048576\n'),
-                          env={"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "65536"})  # as the systemd unit
+                                   f'[feedback]\nstate_dir = "{tmp_path}/state"\nrecent_max_bytes_per_stream = 1048576\n'))
     assert wait_until(lambda: svc.health()["status"] == "ok", 30), svc.health()
     rss_idle = svc.rss_kib()
     t0 = time.time_ns()

@@ -210,6 +210,26 @@ def test_wall_time_budget_ends_the_epoch_at_the_next_batch(env: Any) -> None:
     assert np.isfinite(info["adapter_history"][1]["train_loss"])
 
 
+def test_step_budget_ends_training_after_that_many_steps_also_across_a_resume(env: Any) -> None:
+    """``max_steps`` counts optimiser steps over the whole job: 7 steps of 5 an epoch are
+    epoch 1 and two batches of epoch 2 (validated and kept); a job interrupted in epoch 2 and
+    resumed from its checkpoint counts the steps it had done and ends with the same adapter."""
+    polls: list[int] = []
+    ref = _scorer(env, max_epochs=5, max_steps=7)
+    info = ref.calibrate(should_stop=lambda: polls.append(1) and False)
+    assert info["train_windows"] == 40  # 5 batches of 8 an epoch
+    assert len(polls) == 7 and [h["epoch"] for h in info["adapter_history"]] == [0, 1, 2]
+    ckpts: list[dict[str, Any]] = []
+    calls = iter(range(1000))
+    with pytest.raises(TrainingInterrupted):
+        _scorer(env, max_epochs=5, max_steps=7).calibrate(checkpoint=ckpts.append, should_stop=lambda: next(calls) >= 6)
+    assert ckpts[-1]["epoch"] == 1 and ckpts[-1]["steps"] == 5
+    resumed = _scorer(env, max_epochs=5, max_steps=7)
+    info2 = resumed.calibrate(resume=ckpts[-1])
+    _assert_same(_adapter(resumed), _adapter(ref))
+    assert [h["val_loss"] for h in info2["adapter_history"]] == [h["val_loss"] for h in info["adapter_history"]]
+
+
 def test_int8_path_trains_quantisation_aware(env: Any) -> None:
     """On the int8 path the adapter trains through the fake-quantised encoder: its forward pass
     is the int8 path's to float rounding (much nearer than the float encoder's), gradients reach

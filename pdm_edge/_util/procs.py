@@ -22,10 +22,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pdm_edge._util.repo import REPO
 from pdm_edge.broker import free_port
 from pdm_edge.errors import BrokerError, PdmEdgeError, StoreError
 
-__all__ = ["InfluxD", "Mosquitto", "ServiceProcess", "find_influxd", "find_mosquitto", "free_port"]
+__all__ = ["InfluxD", "Mosquitto", "ServiceProcess", "find_influxd", "find_mosquitto", "free_port", "unit_malloc_env"]
+
+SERVICE_UNIT = REPO / "deploy" / "systemd" / "pdm-edge.service"
 
 INFLUXD_CANDIDATES = ("/usr/bin/influxd", "/usr/local/bin/influxd")
 MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
@@ -227,11 +230,23 @@ class InfluxD:
 
 
 
+def unit_malloc_env(unit: Path = SERVICE_UNIT) -> dict[str, str]:
+    """The glibc malloc settings (``Environment=MALLOC_...=...`` lines) of the appliance's systemd
+    unit, ``{}`` when the unit file is absent."""
+    try:
+        text = unit.read_text()
+    except OSError:
+        return {}
+    return dict(m.groups() for m in re.finditer(r"^Environment=(MALLOC_\w+)=(\S+)\s*$", text, re.M))
+
+
 class ServiceProcess:
     """``pdm-edge run`` (``python -m pdm_edge.cli --config {workdir}/pdm-edge.toml run``) in a
     subprocess, its log in ``{workdir}/service.log``, with helpers to read /healthz, /metrics,
     the log and its resident memory. The configuration must serve HTTP (``[service] http``,
-    port 0 is read back from the ``http_listening`` log event).
+    port 0 is read back from the ``http_listening`` log event). The process allocates as the
+    deployed service does: the systemd unit's malloc settings (:func:`unit_malloc_env`) go into
+    its environment, then ``env``.
 
     Raises:
         PdmEdgeError: from :meth:`start`, the service exited or did not serve HTTP in time.
@@ -242,7 +257,7 @@ class ServiceProcess:
         self.config = workdir / "pdm-edge.toml"
         self.config.write_text(config_text)
         self.log = workdir / "service.log"
-        self.env = env or {}
+        self.env = {**unit_malloc_env(), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
 

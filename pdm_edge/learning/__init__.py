@@ -51,12 +51,12 @@ def scorer_config_for(cfg: Any, train: Any = None) -> Any:
 
 def train_config_for(cfg: Any) -> Any:
     """The adapter training settings (``TrainConfig``) of an :class:`~pdm_edge.config.AppConfig`'s
-    ``[learning]``: wall-time budget, optimiser, micro-batch, gradient checkpointing, frozen-prefix
+    ``[learning]``: step and wall-time budgets, optimiser, micro-batch, gradient checkpointing, frozen-prefix
     cache, memory envelope and augmentation of replay windows."""
     from pdm_edge.model.scorer import TrainConfig
 
     lc = cfg.learning
-    return TrainConfig(max_seconds=lc.max_train_seconds, optimizer=lc.optimizer, micro_batch=lc.micro_batch,
+    return TrainConfig(max_steps=lc.max_train_steps, max_seconds=lc.max_train_seconds, optimizer=lc.optimizer, micro_batch=lc.micro_batch,
                        grad_checkpointing=lc.grad_checkpointing, prefix_cache=lc.prefix_cache, max_memory_mb=lc.max_memory_mb,
                        aug_gain_db=lc.aug_gain_db, aug_noise_snr_db=lc.aug_noise_snr_db, aug_shift_frames=lc.aug_shift_frames,
                        aug_speed_pct=lc.aug_speed_pct)

@@ -3,9 +3,9 @@
 One function, :func:`train_adapter`, that reads top to bottom (as nanoGPT's ``train.py``):
 set-up (optimiser, generators, memory plan, frozen-prefix cache, validation masks and
 synthetic anomalies), resume from a checkpoint when given one, then epochs of shuffled batches
-with early stopping on the validation loss and a wall-time budget (checked before every
-batch: when it is spent the epoch ends early, is validated, and training stops), a checkpoint
-after every epoch, and the best state loaded back at the end.
+with early stopping on the validation loss, a budget of optimiser steps and a wall-time budget
+(both checked before every batch: when one is spent the epoch ends early, is validated, and
+training stops), a checkpoint after every epoch, and the best state loaded back at the end.
 
 The objective, summed per batch:
 
@@ -176,7 +176,7 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
         faults: standardised feature images of labelled fault windows (outlier-exposure
             positives), or None.
         checkpoint: called after every epoch with the training state (``epoch``, ``adapter``,
-            ``optimizer``, ``best``, ``best_state``, ``bad``, ``history``, ``elapsed_s``,
+            ``optimizer``, ``best``, ``best_state``, ``bad``, ``history``, ``elapsed_s``, ``steps``,
             ``torch_rng``, ``numpy_rng``; tensors and plain values) for the caller to write
             atomically.
         resume: such a state: training continues after its epoch, with its generator states.
@@ -326,21 +326,24 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
             total += float(loss.detach())
         return total
 
-    def snapshot(epoch: int, rng_states: tuple[torch.Tensor, dict[str, Any]]) -> dict[str, Any]:
+    def snapshot(epoch: int, rng_states: tuple[torch.Tensor, dict[str, Any]], steps_done: int) -> dict[str, Any]:
         return {"epoch": epoch, "adapter": copy.deepcopy(adapter.state_dict()), "optimizer": copy.deepcopy(opt.state_dict()),
                 "best": best, "best_state": best_state, "bad": bad, "history": list(history),
-                "elapsed_s": elapsed0 + time.monotonic() - t0, "torch_rng": rng_states[0], "numpy_rng": rng_states[1]}
+                "elapsed_s": elapsed0 + time.monotonic() - t0, "steps": steps_done,
+                "torch_rng": rng_states[0], "numpy_rng": rng_states[1]}
 
     def rng_now() -> tuple[torch.Tensor, dict[str, Any]]:
         return gen.get_state(), copy.deepcopy(rng.bit_generator.state)
 
     # -- start or resume ---------------------------------------------------------------------
-    start, elapsed0 = 1, 0.0
+    start, elapsed0, steps = 1, 0.0, 0
     if resume is not None:
         adapter.load_state_dict(resume["adapter"])
         opt.load_state_dict(resume["optimizer"])
         best, best_state, bad = float(resume["best"]), resume["best_state"], int(resume["bad"])
         history, start, elapsed0 = list(resume["history"]), int(resume["epoch"]) + 1, float(resume["elapsed_s"])
+        # a checkpoint written before steps were counted: every finished epoch was a whole one
+        steps = int(resume.get("steps", (start - 1) * -(-len(xt) // tc.batch)))
         if "torch_rng" in resume:
             gen.set_state(resume["torch_rng"])
             rng.bit_generator.state = resume["numpy_rng"]
@@ -354,22 +357,22 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
 
     # -- epochs --------------------------------------------------------------------------------
     try:
-        stopped = bad >= tc.patience or elapsed0 > tc.max_seconds
+        stopped = bad >= tc.patience or steps >= tc.max_steps or elapsed0 > tc.max_seconds
         for ep in range(start, tc.max_epochs + 1):
             if stopped:
                 break
-            epoch_start = copy.deepcopy(adapter.state_dict()), copy.deepcopy(opt.state_dict()), rng_now()
+            epoch_start = copy.deepcopy(adapter.state_dict()), copy.deepcopy(opt.state_dict()), rng_now(), steps
             perm = rng.permutation(len(xt))
             tot, seen = 0.0, 0
             for b in range(0, len(perm), tc.batch):
-                if b and elapsed0 + time.monotonic() - t0 > tc.max_seconds:
-                    break  # the wall-time budget ends the epoch early: it is validated, and training stops
+                if b and (steps >= tc.max_steps or elapsed0 + time.monotonic() - t0 > tc.max_seconds):
+                    break  # a spent budget ends the epoch early: it is validated, and training stops
                 if should_stop is not None and should_stop():
                     # resume from the last finished epoch: roll back the half-done one
                     adapter.load_state_dict(epoch_start[0])
                     opt.load_state_dict(epoch_start[1])
                     if checkpoint is not None:
-                        checkpoint(snapshot(ep - 1, epoch_start[2]))
+                        checkpoint(snapshot(ep - 1, epoch_start[2], epoch_start[3]))
                     raise TrainingInterrupted(f"adapter training stopped at epoch {ep} of {tc.max_epochs} (checkpoint kept)")
                 j = perm[b:b + tc.batch]
                 opt.zero_grad(set_to_none=True)
@@ -379,6 +382,7 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
                         g = tc.proximal_mu * (p.detach() - p0)
                         p.grad = g if p.grad is None else p.grad.add_(g)
                 opt.step()
+                steps += 1
                 tot, seen = tot + loss * len(j), seen + len(j)
             vl = val_loss()
             history.append({"epoch": ep, "train_loss": tot / seen, "val_loss": vl})
@@ -386,9 +390,9 @@ def train_adapter(scorer: Scorer, tr: np.ndarray, va: np.ndarray, faults: np.nda
                 best, best_state, bad = vl, copy.deepcopy(adapter.state_dict()), 0
             else:
                 bad += 1
-            stopped = bad >= tc.patience or elapsed0 + time.monotonic() - t0 > tc.max_seconds
+            stopped = bad >= tc.patience or steps >= tc.max_steps or elapsed0 + time.monotonic() - t0 > tc.max_seconds
             if checkpoint is not None:
-                checkpoint(snapshot(ep, rng_now()))
+                checkpoint(snapshot(ep, rng_now(), steps))
     finally:
         for c in cache.values():
             if isinstance(c, _Rows):

@@ -105,10 +105,18 @@ class TrainConfig:
     mask_ratio: float = 0.5
     patience: int = 5
     """Epochs without improvement of the validation loss before stopping."""
+    max_steps: int = 48
+    """Optimiser steps (batches of ``batch`` windows) per training job, checked before every
+    batch like ``max_seconds``: when they are spent the running epoch ends early, is validated,
+    and training stops. The budget that decides the work of a large calibration, the same on
+    every machine (10 min of 1 s windows with 0.5 s hop: 959 training windows, 30 steps an
+    epoch, so 48 steps are 1.6 epochs); small calibrations mostly stop on early stopping first
+    (``models/README.md``, "Calibration time")."""
     max_seconds: float = 120.0
-    """Wall-time budget of the adapter training, s: checked before every batch; when it is spent
-    the running epoch ends early, is validated, and training stops (so a calibration overruns
-    it by one batch, one validation pass and the baseline fit, not by a whole epoch)."""
+    """Wall-time budget of the adapter training, s, the safety net of a slow or loaded machine:
+    checked before every batch; when it is spent the running epoch ends early, is validated, and
+    training stops (so a calibration overruns it by one batch, one validation pass and the
+    baseline fit, not by a whole epoch)."""
     val_fraction: float = 0.2
     seed: int = 0
     outlier_exposure: float = 1.0
