@@ -42,10 +42,10 @@ yet, sampled every 0.5 s from the recorded times) does not grow from the first t
 third of the run by more than 0.5 s of windows, and the publishers kept real time (p99
 lateness < 50 ms; otherwise the load generator, not the service, was the limit).
 
-**Memory**: the service runs with the systemd unit's glibc malloc settings, as deployed
-(``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``: :func:`pdm_edge._util.procs.unit_malloc_env`;
-runs before that change measured glibc's defaults). ``VmRSS`` of the service process sampled
-every second (max and at the end) and its ``VmHWM`` (peak), and the most the feedback ring of recent windows held (``/healthz``
+**Memory**: with ``--unit-env`` the service runs with the systemd unit's glibc malloc settings
+(``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``: :func:`pdm_edge._util.procs.unit_malloc_env`),
+otherwise with glibc's defaults. ``VmRSS`` of the service process sampled every second (max and
+at the end) and its ``VmHWM`` (peak), and the most the feedback ring of recent windows held (``/healthz``
 ``memory``). CPU: the service process's user + system time over the measurement, as % of
 one core.
 
@@ -87,6 +87,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
+
+from pdm_edge._util.procs import unit_malloc_env  # noqa: E402
 
 FS = 25600.0
 CHUNK = 2560  # 0.1 s
@@ -369,7 +371,7 @@ def measure(args: argparse.Namespace, svc: Any, broker: str, store_path: Path, f
         reasons.append(f"publishers fell behind real time (p99 lateness {late_p99 * 1e3:.0f} ms): the load generator was the limit")
     rss = [s["rss_kb"] for s in samples] or [rss_end_kb]
     return {
-        "channels": n_ch, "phases": args.phases, "duration_s": args.duration, "warmup_s": args.warmup, "chunks_published": n_chunks * n_ch,
+        "channels": n_ch, "phases": args.phases, "unit_malloc_env": unit_malloc_env() if args.unit_env else {}, "duration_s": args.duration, "warmup_s": args.warmup, "chunks_published": n_chunks * n_ch,
         "publish_wall_s": round(publish_wall_s, 2), "windows_expected": len(published), "windows_stored": stored,
         "warmup_windows": len(warm), "warmup_windows_stored": warm_stored,
         "latency_publish_to_stored": _stats_ms(lat),
@@ -445,7 +447,7 @@ def search(args: argparse.Namespace) -> int:
     for n in counts:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--json", "--channels", str(n), "--duration", str(args.duration),
                "--phases", args.phases, "--calibration-s", str(args.calibration_s), "--max-train-s", str(args.max_train_s),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup)] + (["--unit-env"] if args.unit_env else [])
         _progress(args, f"search: {n} channels ...")
         res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if res.returncode != 0:
@@ -495,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=None,
                     help="seconds published first whose windows are not in the statistics (each stream loads its "
                          "model version with its first window; default 3, --quick 2)")
+    ap.add_argument("--unit-env", action="store_true",
+                    help="run the service with the systemd unit's malloc settings (deploy/systemd/pdm-edge.service)")
     ap.add_argument("--phases", choices=("aligned", "spread"), default="aligned",
                     help="aligned: every stream on the same 0.1 s grid (windows complete together; worst case); "
                          "spread: streams offset evenly over the 0.5 s hop (independent sensors)")
@@ -533,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             broker.start()
             _progress(args, f"mosquitto on {broker.address}; starting pdm-edge run with {args.channels} streams ...")
-            svc = ServiceProcess(work, config_text(work, broker.address, args.channels, args.calibration_s, args.max_train_s))
+            svc = ServiceProcess(work, config_text(work, broker.address, args.channels, args.calibration_s, args.max_train_s),
+                                 env=unit_malloc_env() if args.unit_env else None)
             svc.start()
             deadline = time.monotonic() + 30
             while not svc.health()["broker"]["connected"]:

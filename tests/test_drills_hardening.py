@@ -17,7 +17,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from pdm_edge.config import load_config
-from pdm_edge._util.procs import Mosquitto
+from pdm_edge._util.procs import Mosquitto, unit_malloc_env
 from tests.conftest import REPO, wait_until
 
 DEPLOY = REPO / "deploy"
@@ -327,7 +327,8 @@ def test_drill_overload_16_channels_at_4x_bounded_memory_truthful_health_clean_s
                                               extra=extra).replace("score_batch = 16\n", "score_batch = 16\nbacklog_max_bytes = 16777216\n")
                           .replace("[learning]\n", "[learning]\nreplay_normal_windows = 500\n")
                           .replace(f'[feedback]\nstate_dir = "{tmp_path}/state"\n',
-                                   f'[feedback]\nstate_dir = "{tmp_path}/state"\nrecent_max_bytes_per_stream = 1048576\n'))
+                                   f'[feedback]\nstate_dir = "{tmp_path}/state"\nrecent_max_bytes_per_stream = 1048576\n'),
+                          env=unit_malloc_env())  # as the systemd unit
     assert wait_until(lambda: svc.health()["status"] == "ok", 30), svc.health()
     rss_idle = svc.rss_kib()
     t0 = time.time_ns()

@@ -244,9 +244,8 @@ class ServiceProcess:
     """``pdm-edge run`` (``python -m pdm_edge.cli --config {workdir}/pdm-edge.toml run``) in a
     subprocess, its log in ``{workdir}/service.log``, with helpers to read /healthz, /metrics,
     the log and its resident memory. The configuration must serve HTTP (``[service] http``,
-    port 0 is read back from the ``http_listening`` log event). The process allocates as the
-    deployed service does: the systemd unit's malloc settings (:func:`unit_malloc_env`) go into
-    its environment, then ``env``.
+    port 0 is read back from the ``http_listening`` log event). ``env`` is added to the
+    environment (:func:`unit_malloc_env` gives the systemd unit's malloc settings).
 
     Raises:
         PdmEdgeError: from :meth:`start`, the service exited or did not serve HTTP in time.
@@ -257,7 +256,7 @@ class ServiceProcess:
         self.config = workdir / "pdm-edge.toml"
         self.config.write_text(config_text)
         self.log = workdir / "service.log"
-        self.env = {**unit_malloc_env(), **(env or {})}
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url: str | None = None
 
