@@ -371,7 +371,8 @@ def measure(args: argparse.Namespace, svc: Any, broker: str, store_path: Path, f
         reasons.append(f"publishers fell behind real time (p99 lateness {late_p99 * 1e3:.0f} ms): the load generator was the limit")
     rss = [s["rss_kb"] for s in samples] or [rss_end_kb]
     return {
-        "channels": n_ch, "phases": args.phases, "unit_malloc_env": unit_malloc_env() if args.unit_env else {}, "duration_s": args.duration, "warmup_s": args.warmup, "chunks_published": n_chunks * n_ch,
+        "channels": n_ch, "phases": args.phases, "unit_malloc_env": unit_malloc_env() if args.unit_env else {},
+        "duration_s": args.duration, "warmup_s": args.warmup, "chunks_published": n_chunks * n_ch,
         "publish_wall_s": round(publish_wall_s, 2), "windows_expected": len(published), "windows_stored": stored,
         "warmup_windows": len(warm), "warmup_windows_stored": warm_stored,
         "latency_publish_to_stored": _stats_ms(lat),

@@ -382,8 +382,8 @@ class LearningConfig(_Strict):
     (``benchmarks/train_memory.py``)."""
     grad_checkpointing: bool = False
     """Recompute the adapted blocks' activations in the backward pass instead of keeping them
-    (the same gradients; a little less training memory with micro-batches of 8, about 1.3x the
-    training time: off by default since the step budget made calibrations short)."""
+    (the same gradients; with micro-batches of 8 about 4 MB less training memory for about 1.5x
+    the training time, ``benchmarks/train_memory.py``: off by default)."""
     prefix_cache: bool = False
     """Run the frozen blocks below the first LoRA block once per window per training job and
     keep their outputs (only matters when LoRA is not in every block; saves time, costs memory)."""
